@@ -1,0 +1,99 @@
+"""Telemetry: what a worker reports about one adapter session.
+
+A session produces ``session.opened`` (seq 0), one ``step`` per adapter call (seq 1..n), and
+``session.closed`` (seq n+1, with ``steps == n``). ``(adapter_session_id, seq)`` identifies a message,
+so a consumer detects duplicates, and a close tells it how many steps to wait for.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+from pydantic import AwareDatetime, Field, JsonValue, model_validator
+
+from schemas._base import SCHEMA_VERSION, Identifier, JsonObject, WireModel
+from schemas._task import ExecutionMode, utcnow
+from schemas._usage import Event, NonNegative, Usage
+
+Phase = Literal["plan", "execute", "synthesize"]
+SessionStatus = Literal["succeeded", "failed", "abandoned"]
+StepStatus = Literal["ok", "error"]
+
+ROUTING_KEYS: Final = ("session.opened", "step", "session.closed")
+
+
+class _TelemetryBase(WireModel):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    adapter_session_id: Identifier
+    task_id: Identifier
+    seq: NonNegative
+    emitted_at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class SessionOpened(_TelemetryBase):
+    """The adapter session is open; the ingestor records it as ``running``."""
+
+    kind: Literal["session.opened"] = "session.opened"
+    seq: Literal[0] = 0
+    adapter: Identifier
+    task: str = Field(max_length=200_000)
+    execution_mode: ExecutionMode = "stepwise"
+    attempt: Annotated[int, Field(ge=1)] = 1
+    """1 for the first run of a task, +1 for each retry after a failure or a lost worker."""
+    metadata: JsonObject = Field(default_factory=dict)
+    """The adapter session's own metadata (what ``session.metadata`` held after open)."""
+    task_metadata: JsonObject = Field(default_factory=dict)
+    opened_at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class StepRecorded(_TelemetryBase):
+    """One adapter call inside the session: the plan, one execute per plan step, or the synthesis."""
+
+    kind: Literal["step"] = "step"
+    seq: Annotated[int, Field(ge=1)]
+    step_id: NonNegative
+    phase: Phase
+    description: str = Field(default="", max_length=200_000)
+    output: JsonValue = None
+    trace: str = Field(default="", max_length=1_000_000)
+    usage: Usage = Field(default_factory=Usage)
+    events: list[Event] = Field(default_factory=list)
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
+    status: StepStatus = "ok"
+    error: str | None = None
+    attempts: Annotated[int, Field(ge=1)] = 1
+
+    @model_validator(mode="after")
+    def _timings_in_order(self) -> StepRecorded:
+        if self.finished_at < self.started_at:
+            raise ValueError("finished_at is before started_at")
+        if self.status == "error" and not self.error:
+            raise ValueError("a step with status 'error' must say what the error was")
+        return self
+
+
+class SessionClosed(_TelemetryBase):
+    """The session is over; ``steps`` says how many step messages precede it (seq 1..steps)."""
+
+    kind: Literal["session.closed"] = "session.closed"
+    seq: Annotated[int, Field(ge=1)]
+    status: SessionStatus
+    reason: str | None = Field(default=None, max_length=20_000)
+    final_answer: str = Field(default="", max_length=1_000_000)
+    plan: JsonObject | None = None
+    totals: Usage = Field(default_factory=Usage)
+    events: list[Event] = Field(default_factory=list)
+    """Every adapter event of the session, in order (the ``adapter_events`` column)."""
+    close_metadata: JsonObject = Field(default_factory=dict)
+    steps: NonNegative
+    closed_at: AwareDatetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _seq_follows_steps(self) -> SessionClosed:
+        if self.seq != self.steps + 1:
+            raise ValueError(f"seq {self.seq} of a close must be steps + 1 = {self.steps + 1}")
+        return self
+
+
+TelemetryMessage = Annotated[SessionOpened | StepRecorded | SessionClosed, Field(discriminator="kind")]

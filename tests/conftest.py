@@ -1,0 +1,81 @@
+"""Service fixtures shared by every test.
+
+Service URLs come from ``AMQP_URL`` / ``DATABASE_URL`` when set (this machine and CI run real services on
+loopback); otherwise a testcontainers RabbitMQ / PostgreSQL is started for the whole test session. Each
+test session works in a database of its own (created here, dropped at the end), and tests that need an
+empty database ask ``make_database`` for one, so tests run in any order.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import asyncpg
+import pytest
+
+
+def _dsn_with_database(dsn: str, database: str) -> str:
+    base, _, _ = dsn.rpartition("/")
+    return f"{base}/{database}"
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """A RabbitMQ URL: $AMQP_URL, else a testcontainers broker for this session."""
+    url = os.environ.get("AMQP_URL")
+    if url:
+        yield url
+        return
+    from testcontainers.rabbitmq import RabbitMqContainer
+
+    with RabbitMqContainer("rabbitmq:3.13-management") as container:
+        params = container.get_connection_params()
+        yield f"amqp://guest:guest@{params.host}:{params.port}/"
+
+
+@pytest.fixture(scope="session")
+def admin_database_url() -> Iterator[str]:
+    """A PostgreSQL URL with rights to create databases: $DATABASE_URL, else a testcontainers server."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    from testcontainers.postgres import PostgresContainer
+
+    with PostgresContainer("postgres:16-alpine", driver=None) as container:
+        yield container.get_connection_url()
+
+
+MakeDatabase = Callable[[], Awaitable[str]]
+
+
+@pytest.fixture(scope="session")
+async def make_database(admin_database_url: str) -> AsyncIterator[MakeDatabase]:
+    """Create empty databases on demand; every one is dropped when the test session ends."""
+    created: list[str] = []
+
+    async def make() -> str:
+        name = f"atlas_test_{uuid.uuid4().hex[:12]}"
+        conn = await asyncpg.connect(admin_database_url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        created.append(name)
+        return _dsn_with_database(admin_database_url, name)
+
+    yield make
+    conn = await asyncpg.connect(admin_database_url)
+    try:
+        for name in created:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url(make_database: MakeDatabase) -> str:
+    """The test session's own database (empty, no migrations applied)."""
+    return await make_database()
