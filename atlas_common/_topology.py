@@ -1,0 +1,146 @@
+"""The broker topology, declared idempotently by every service at start.
+
+::
+
+    producer --(task)--> [<p>.tasks  direct] --> <p>.tasks (quorum)  --> workers
+                                ^                     |  x-delivery-limit exceeded (crash loop)
+                                |                     v
+    worker --(retry.<ms>)--> [<p>.retry direct] --> <p>.retry.<ms> (TTL) --dead-letter--+
+    worker --(task)--------> [<p>.dead  direct] --> <p>.tasks.dead   (reason in headers)
+    worker --(session.opened | step | session.closed)--> [<p>.telemetry topic]
+                  --> <p>.telemetry.ingestor --> ingestors  (+ any queue a trainer binds)
+    ingestor --(telemetry)--> [<p>.dead direct] --> <p>.telemetry.dead
+
+Delay queues are one classic queue per backoff tier with a queue-wide TTL, so expiry is FIFO and no
+plugin is needed; expired messages dead-letter back into the tasks exchange.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+TASK_ROUTING_KEY: Final = "task"
+DEAD_TASK_ROUTING_KEY: Final = "task"
+DEAD_TELEMETRY_ROUTING_KEY: Final = "telemetry"
+TELEMETRY_ROUTING_KEYS: Final = ("session.opened", "step", "session.closed")
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Names and arguments of every exchange and queue, derived from a prefix and the retry policy."""
+
+    prefix: str = "atlas"
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    max_attempts: int = 3
+    retry_backoff_s: float = 1.0
+    retry_backoff_max_s: float = 300.0
+    delivery_limit: int = 10
+
+    @property
+    def tasks_exchange(self) -> str:
+        return f"{self.prefix}.tasks"
+
+    @property
+    def tasks_queue(self) -> str:
+        return f"{self.prefix}.tasks"
+
+    @property
+    def retry_exchange(self) -> str:
+        return f"{self.prefix}.retry"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def dead_tasks_queue(self) -> str:
+        return f"{self.prefix}.tasks.dead"
+
+    @property
+    def telemetry_exchange(self) -> str:
+        return f"{self.prefix}.telemetry"
+
+    @property
+    def ingestor_queue(self) -> str:
+        return f"{self.prefix}.telemetry.ingestor"
+
+    @property
+    def dead_telemetry_queue(self) -> str:
+        return f"{self.prefix}.telemetry.dead"
+
+    def retry_delay_ms(self, attempt: int) -> int:
+        """Backoff before attempt ``attempt + 1`` after attempt ``attempt`` failed (1-based, exponential)."""
+        delay: float = min(self.retry_backoff_s * 2.0 ** (attempt - 1), self.retry_backoff_max_s)
+        return max(1, round(delay * 1000))
+
+    def retry_queue(self, delay_ms: int) -> str:
+        return f"{self.prefix}.retry.{delay_ms}ms"
+
+    def retry_delays_ms(self) -> list[int]:
+        return sorted({self.retry_delay_ms(a) for a in range(1, self.max_attempts)})
+
+    def _durable_args(self) -> dict[str, aio_pika.abc.FieldValue]:
+        return {"x-queue-type": self.queue_type}
+
+    async def declare_dead_letters(self, channel: AbstractChannel) -> AbstractExchange:
+        dead = await channel.declare_exchange(self.dead_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        tasks_dead = await channel.declare_queue(
+            self.dead_tasks_queue, durable=True, arguments=self._durable_args()
+        )
+        await tasks_dead.bind(dead, DEAD_TASK_ROUTING_KEY)
+        tel_dead = await channel.declare_queue(
+            self.dead_telemetry_queue, durable=True, arguments=self._durable_args()
+        )
+        await tel_dead.bind(dead, DEAD_TELEMETRY_ROUTING_KEY)
+        return dead
+
+    async def declare_tasks(self, channel: AbstractChannel) -> tuple[AbstractExchange, AbstractQueue]:
+        """Tasks exchange and queue, the retry tiers and the dead-letter queues."""
+        await self.declare_dead_letters(channel)
+        exchange = await channel.declare_exchange(
+            self.tasks_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        args = self._durable_args()
+        # A message that keeps killing its worker (so it is never acked nor rejected) would loop forever;
+        # past delivery_limit the broker dead-letters it (quorum queues only: classic ones have no limit).
+        args["x-dead-letter-exchange"] = self.dead_exchange
+        args["x-dead-letter-routing-key"] = DEAD_TASK_ROUTING_KEY
+        if self.queue_type == "quorum":
+            args["x-delivery-limit"] = self.delivery_limit
+        queue = await channel.declare_queue(self.tasks_queue, durable=True, arguments=args)
+        await queue.bind(exchange, TASK_ROUTING_KEY)
+        retry = await channel.declare_exchange(
+            self.retry_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        for delay_ms in self.retry_delays_ms():
+            name = self.retry_queue(delay_ms)
+            tier = await channel.declare_queue(
+                name,
+                durable=True,
+                arguments={
+                    "x-queue-type": "classic",
+                    "x-message-ttl": delay_ms,
+                    "x-dead-letter-exchange": self.tasks_exchange,
+                    "x-dead-letter-routing-key": TASK_ROUTING_KEY,
+                },
+            )
+            await tier.bind(retry, name)
+        return exchange, queue
+
+    async def declare_telemetry(self, channel: AbstractChannel) -> AbstractExchange:
+        return await channel.declare_exchange(
+            self.telemetry_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+
+    async def declare_ingestor(self, channel: AbstractChannel) -> AbstractQueue:
+        """The telemetry exchange, the ingestor's durable queue bound to every telemetry key, the DLQs."""
+        await self.declare_dead_letters(channel)
+        exchange = await self.declare_telemetry(channel)
+        queue = await channel.declare_queue(self.ingestor_queue, durable=True, arguments=self._durable_args())
+        for key in TELEMETRY_ROUTING_KEYS:
+            await queue.bind(exchange, key)
+        return queue
