@@ -1,0 +1,26 @@
+"""How a dead letter carries its reason: the original body, untouched, plus these headers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Final
+
+from aio_pika.abc import FieldValue
+
+REASON_HEADER: Final = "x-atlas-reason"
+SOURCE_HEADER: Final = "x-atlas-source"
+ROUTING_KEY_HEADER: Final = "x-atlas-original-routing-key"
+DEAD_AT_HEADER: Final = "x-atlas-dead-at"
+_MAX_REASON_CHARS: Final = 4000
+
+
+def dead_letter_headers(
+    reason: str, *, source: str, routing_key: str, extra: dict[str, FieldValue] | None = None
+) -> dict[str, FieldValue]:
+    """Headers for a dead letter: why (bounded length), who sent it there, where it was going, when."""
+    headers: dict[str, FieldValue] = dict(extra or {})
+    headers[REASON_HEADER] = reason[:_MAX_REASON_CHARS]
+    headers[SOURCE_HEADER] = source
+    headers[ROUTING_KEY_HEADER] = routing_key
+    headers[DEAD_AT_HEADER] = datetime.now(UTC).isoformat()
+    return headers
