@@ -1,0 +1,48 @@
+"""Prometheus metrics of a worker (served on ``--metrics-port`` when set)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from worker._policy import Ack, DeadLetter, Outcome, Requeue, Retry
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+
+
+class WorkerMetrics:
+    """Counters and histograms in a registry of their own (tests can build many workers per process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.tasks = Counter(
+            "atlas_worker_tasks", "Tasks settled, by outcome", ["outcome"], registry=self.registry
+        )
+        self.task_seconds = Histogram(
+            "atlas_worker_task_seconds",
+            "Task wall time from delivery to settle",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.infra_errors = Counter(
+            "atlas_worker_infrastructure_errors",
+            "Tasks left unacked after a broker/ledger failure",
+            registry=self.registry,
+        )
+
+    def observe(self, outcome: Outcome, seconds: float) -> None:
+        match outcome:
+            case Ack(duplicate=True):
+                label = "duplicate"
+            case Ack():
+                label = "succeeded"
+            case Retry():
+                label = "retried"
+            case DeadLetter():
+                label = "dead_lettered"
+            case Requeue():
+                label = "requeued"
+        self.tasks.labels(outcome=label).inc()
+        self.task_seconds.observe(seconds)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)

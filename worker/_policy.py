@@ -1,0 +1,128 @@
+"""What happens to a task message after its handler ran: decided here, in one place.
+
+Handlers return an :data:`Outcome`; :func:`settle` publishes whatever must be published (a delayed
+retry, a dead letter), waits for the broker's confirm, and only then acks. If that publish fails the
+message is not acked: the broker redelivers it, and the ledger keeps the re-run honest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, FieldValue
+from aio_pika.exceptions import AMQPError
+
+from atlas_common import DEAD_TASK_ROUTING_KEY, Topology, dead_letter_headers
+
+log = structlog.get_logger("worker")
+
+RETRY_HEADER: Final = "x-atlas-retry"
+"""How many times this task was sent back through the retry path (0 on first submission)."""
+LAST_ERROR_HEADER: Final = "x-atlas-last-error"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Done (succeeded, or a duplicate of a task that already succeeded)."""
+
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Failed; run again after the backoff for ``attempt`` (1-based retry count so far + 1)."""
+
+    reason: str
+    retries: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Cannot or must not run: to the dead-letter queue with the reason and the original body."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Requeue:
+    """Not finished here (the worker is stopping): give the task back to the queue as it is."""
+
+    reason: str
+
+
+Outcome = Ack | Retry | DeadLetter | Requeue
+
+
+def retries_so_far(message: AbstractIncomingMessage) -> int:
+    value = (message.headers or {}).get(RETRY_HEADER, 0)
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def after_failure(topology: Topology, reason: str, retries: int) -> Retry | DeadLetter:
+    """Retry with backoff while attempts remain (``max_attempts`` runs in all), then dead-letter."""
+    if retries + 1 < topology.max_attempts:
+        return Retry(reason, retries)
+    return DeadLetter(f"failed {retries + 1} time(s); last error: {reason}")
+
+
+class SettleError(Exception):
+    """The retry or dead-letter publish was not confirmed; the task stays unacked."""
+
+
+class Settler:
+    def __init__(
+        self, topology: Topology, *, retry_exchange: AbstractExchange, dead_exchange: AbstractExchange
+    ) -> None:
+        self._topology = topology
+        self._retry = retry_exchange
+        self._dead = dead_exchange
+
+    async def settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+        match outcome:
+            case Ack():
+                await message.ack()
+            case Requeue():
+                await message.nack(requeue=True)
+            case Retry(reason=reason, retries=retries):
+                delay_ms = self._topology.retry_delay_ms(retries + 1)
+                headers: dict[str, FieldValue] = dict(message.headers or {})
+                headers[RETRY_HEADER] = retries + 1
+                headers[LAST_ERROR_HEADER] = reason[:2000]
+                await self._publish(self._retry, message, self._topology.retry_queue(delay_ms), headers)
+                await message.ack()
+            case DeadLetter(reason=reason):
+                headers = dead_letter_headers(
+                    reason,
+                    source="worker",
+                    routing_key=message.routing_key or "",
+                    extra=dict(message.headers or {}),
+                )
+                await self._publish(self._dead, message, DEAD_TASK_ROUTING_KEY, headers)
+                await message.ack()
+
+    async def _publish(
+        self,
+        exchange: AbstractExchange,
+        original: AbstractIncomingMessage,
+        routing_key: str,
+        headers: dict[str, FieldValue],
+    ) -> None:
+        copy = aio_pika.Message(
+            original.body,
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type=original.content_type,
+            message_id=original.message_id,
+            timestamp=original.timestamp,
+            type=original.type,
+        )
+        try:
+            confirm = await exchange.publish(copy, routing_key, mandatory=True)
+        except (AMQPError, aiormq.exceptions.AMQPError, OSError) as exc:
+            raise SettleError(f"publish to {exchange.name}/{routing_key} failed: {exc!r}") from exc
+        if not isinstance(confirm, aiormq.spec.Basic.Ack):
+            raise SettleError(f"publish to {exchange.name}/{routing_key} not confirmed")

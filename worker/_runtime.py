@@ -1,0 +1,272 @@
+"""The worker process: consume tasks, run each in one adapter session, stream telemetry, settle.
+
+Per task: decode -> resolve the adapter (only the configured ones) -> claim in the task ledger ->
+``Student.run`` with a :class:`TelemetryPublisher` observer -> wait for every telemetry confirm ->
+record success in the ledger -> publish the close -> ack. Failures go through :mod:`worker._policy`.
+
+Shutdown (SIGTERM/SIGINT set ``stop``): cancel the consumer (no new tasks), let in-flight tasks finish
+within ``shutdown_grace_s``, cancel the rest (their sessions close as ``abandoned`` and the tasks are
+requeued for another worker), then close the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Final
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import AMQPError
+from structlog.contextvars import bound_contextvars
+
+from atlas_common import Topology, redact_url
+from schemas import DecodeError, TaskMessage, decode_task, encode
+from worker._errors import AdapterError, WorkerError
+from worker._ledger import LedgerUnavailable, TaskLedger
+from worker._metrics import WorkerMetrics
+from worker._policy import (
+    Ack,
+    DeadLetter,
+    Outcome,
+    Requeue,
+    Retry,
+    SettleError,
+    Settler,
+    after_failure,
+    retries_so_far,
+)
+from worker._registry import AdapterRegistry
+from worker._settings import WorkerSettings
+from worker._student import Student
+from worker._telemetry import TelemetryError, TelemetryPublisher, republish_close
+
+log = structlog.get_logger("worker")
+
+_INFRA_ERRORS: Final = (
+    TelemetryError,
+    SettleError,
+    LedgerUnavailable,
+    AMQPError,
+    aiormq.exceptions.AMQPError,
+    OSError,
+)
+_CLEANUP_TIMEOUT_S: Final = 5.0
+_INFRA_BACKOFF_S: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Live:
+    """What exists only while the worker runs: the ledger and the exchanges it publishes to."""
+
+    ledger: TaskLedger
+    telemetry: AbstractExchange
+    settler: Settler
+
+
+class BrokerUnavailable(WorkerError):
+    """RabbitMQ cannot be reached at start-up."""
+
+
+class Worker:
+    """One worker process; ``await Worker(settings, registry).run(stop)`` returns after a clean shutdown."""
+
+    def __init__(
+        self, settings: WorkerSettings, registry: AdapterRegistry, *, metrics: WorkerMetrics | None = None
+    ) -> None:
+        self._settings = settings
+        self._topology: Topology = settings.topology()
+        self._registry = registry
+        self._metrics = metrics or WorkerMetrics()
+        self._inflight: set[asyncio.Task[object]] = set()
+        self._stopping = asyncio.Event()
+        self._live: _Live | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self._settings
+        async with AsyncExitStack() as stack:
+            ledger = await stack.enter_async_context(
+                TaskLedger(
+                    settings.database_url, pool_size=settings.ledger_pool_size, stopping=self._stopping
+                )
+            )
+            try:
+                connection = await aio_pika.connect_robust(settings.amqp_url, timeout=10)
+            except (OSError, AMQPError, TimeoutError) as exc:
+                raise BrokerUnavailable(
+                    f"cannot reach RabbitMQ at {redact_url(settings.amqp_url)}: {exc!r}"
+                ) from exc
+            stack.push_async_callback(connection.close)
+            publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            consume_channel = await connection.channel(publisher_confirms=False)
+            await consume_channel.set_qos(prefetch_count=settings.concurrency)
+            queue = await self._declare(ledger, publish_channel, consume_channel)
+            consumer_tag = await queue.consume(self._on_message)
+            log.info(
+                "worker_started",
+                worker_id=settings.worker_id,
+                queue=queue.name,
+                concurrency=settings.concurrency,
+                adapters=self._registry.names(),
+                default_adapter=self._registry.default,
+            )
+            await stop.wait()
+            await self._shutdown(queue, consumer_tag)
+
+    async def _declare(
+        self, ledger: TaskLedger, publish_channel: AbstractChannel, consume_channel: AbstractChannel
+    ) -> AbstractQueue:
+        topology = self._topology
+        await topology.declare_tasks(publish_channel)
+        # The ingestor's queue too: telemetry published before any ingestor started is kept, not dropped
+        # (publishes are mandatory, so a topology with no queue bound fails loudly instead).
+        await topology.declare_ingestor(publish_channel)
+        self._live = _Live(
+            ledger=ledger,
+            telemetry=await topology.declare_telemetry(publish_channel),
+            settler=Settler(
+                topology,
+                retry_exchange=await publish_channel.get_exchange(topology.retry_exchange, ensure=False),
+                dead_exchange=await publish_channel.get_exchange(topology.dead_exchange, ensure=False),
+            ),
+        )
+        return await consume_channel.get_queue(topology.tasks_queue, ensure=False)
+
+    async def _shutdown(self, queue: AbstractQueue, consumer_tag: str) -> None:
+        """Stop intake, drain within the grace period, cancel the rest (they requeue themselves)."""
+        self._stopping.set()
+        with contextlib.suppress(AMQPError, aiormq.exceptions.AMQPError, OSError):
+            await queue.cancel(consumer_tag)
+        inflight = set(self._inflight)
+        log.info("worker_draining", inflight=len(inflight), grace_s=self._settings.shutdown_grace_s)
+        if inflight:
+            _, still_running = await asyncio.wait(inflight, timeout=self._settings.shutdown_grace_s)
+            if still_running:
+                log.warning("worker_grace_expired_cancelling", tasks=len(still_running))
+                for task in still_running:
+                    task.cancel()
+                await asyncio.wait(still_running, timeout=_CLEANUP_TIMEOUT_S * 2)
+        log.info("worker_stopped", worker_id=self._settings.worker_id)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - aio-pika always runs consumers in a task
+            return
+        self._inflight.add(task)
+        try:
+            await self._handle(message)
+        finally:
+            self._inflight.discard(task)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        settler = self._running().settler
+        started = time.perf_counter()
+        try:
+            outcome = await self._process(message)
+            await settler.settle(message, outcome)
+        except _INFRA_ERRORS as exc:
+            # The broker or the ledger failed us: leave the task unacked (requeue if the channel lives);
+            # the ledger makes the re-run safe.
+            log.warning("task_infrastructure_error_requeued", error=repr(exc), message_id=message.message_id)
+            # A pause before handing it back, so an outage is not a hot redelivery loop.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), _INFRA_BACKOFF_S)
+            await _requeue_quietly(message)
+            self._metrics.infra_errors.inc()
+            return
+        except asyncio.CancelledError:
+            await _requeue_quietly(message)
+            raise
+        self._metrics.observe(outcome, time.perf_counter() - started)
+
+    async def _process(self, message: AbstractIncomingMessage) -> Outcome:
+        retries = retries_so_far(message)
+        try:
+            task = decode_task(message.body, max_bytes=self._settings.max_message_bytes)
+        except DecodeError as exc:
+            log.warning("task_invalid_dead_lettered", error=str(exc), message_id=message.message_id)
+            return DeadLetter(f"invalid task message: {exc}")
+        resolved = self._registry.resolve(task.adapter)
+        if resolved is None:
+            reason = f"unknown adapter {task.adapter!r}; this worker has {self._registry.names()}"
+            log.warning("task_unknown_adapter_dead_lettered", task_id=task.task_id, adapter=task.adapter)
+            return DeadLetter(reason)
+        adapter_name, adapter = resolved
+        with bound_contextvars(task_id=task.task_id):
+            return await self._run_task(task, adapter_name, Student(adapter), retries)
+
+    async def _run_task(
+        self, task: TaskMessage, adapter_name: str, student: Student, retries: int
+    ) -> Outcome:
+        live = self._running()
+        ledger, exchange = live.ledger, live.telemetry
+        claim = await ledger.claim(task.task_id, self._settings.worker_id)
+        if claim.done:
+            if claim.close_message is not None:
+                await republish_close(exchange, claim.close_message, f"{task.task_id}:close")
+            log.info("task_already_succeeded_skipped")
+            return Ack(duplicate=True)
+        publisher = TelemetryPublisher(exchange, task, adapter=adapter_name, attempt=claim.attempt)
+        try:
+            async with asyncio.timeout(self._settings.task_timeout_s):
+                result = await student.run(
+                    task.task, task.execution_mode, task_id=task.task_id, observer=publisher
+                )
+        except AdapterError as exc:
+            return await self._failed(task, publisher, exc.reason, retries)
+        except TimeoutError:
+            publisher.close_instead("failed", f"timed out after {self._settings.task_timeout_s:g}s")
+            return await self._failed(task, publisher, "task timed out", retries)
+        except asyncio.CancelledError:
+            await self._abandon(publisher)
+            raise
+        with bound_contextvars(adapter_session_id=result.adapter_session_id):
+            await publisher.flush()
+            close = publisher.close
+            if close is None:
+                raise TelemetryError("the Student finished without reporting a close")
+            await ledger.succeed(task.task_id, result.adapter_session_id, encode(close))
+            publisher.publish_close()
+            await publisher.flush()
+            log.debug("task_succeeded", steps=publisher.steps)
+        return Ack()
+
+    async def _failed(
+        self, task: TaskMessage, publisher: TelemetryPublisher, reason: str, retries: int
+    ) -> Outcome:
+        publisher.publish_close()
+        await publisher.flush()
+        outcome = after_failure(self._topology, reason, retries)
+        state = "retrying" if isinstance(outcome, Retry) else "dead"
+        await self._running().ledger.settle(task.task_id, state, reason)
+        with bound_contextvars(adapter_session_id=publisher.adapter_session_id):
+            log.info("task_failed", reason=reason, retries=retries, next=state)
+        return outcome
+
+    def _running(self) -> _Live:
+        if self._live is None:
+            raise RuntimeError("the worker is not running")
+        return self._live
+
+    async def _abandon(self, publisher: TelemetryPublisher) -> None:
+        """Cancelled (shutdown past its grace): report the session abandoned; the task is requeued."""
+        if publisher.close_instead("abandoned", "worker stopped before the task finished") is None:
+            publisher.cancel()
+            return
+        publisher.publish_close()
+        with contextlib.suppress(*_INFRA_ERRORS, TimeoutError):
+            async with asyncio.timeout(_CLEANUP_TIMEOUT_S):
+                await publisher.flush()
+
+
+async def _requeue_quietly(message: AbstractIncomingMessage) -> None:
+    with contextlib.suppress(AMQPError, aiormq.exceptions.AMQPError, OSError, RuntimeError):
+        await message.nack(requeue=True)
+
+
+__all__ = ["BrokerUnavailable", "Requeue", "Worker"]

@@ -1,0 +1,32 @@
+"""Worker settings: one object, built in ``main`` and passed down."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field
+
+from atlas_common import BrokerSettings
+from schemas import MAX_MESSAGE_BYTES
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BrokerSettings):
+    """Read from the environment (``AMQP_URL``, ``DATABASE_URL``, ``WORKER_*``); CLI flags override."""
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    concurrency: int = Field(default=16, ge=1, le=10_000, validation_alias="WORKER_CONCURRENCY")
+    adapters: tuple[str, ...] = Field(default=(), validation_alias="WORKER_ADAPTERS")
+    """``name=module:attr`` specs; the first is the default. Empty: the built-in demo adapter."""
+    shutdown_grace_s: float = Field(default=30.0, ge=0, validation_alias="WORKER_SHUTDOWN_GRACE_S")
+    task_timeout_s: float = Field(default=1500.0, gt=0, validation_alias="WORKER_TASK_TIMEOUT_S")
+    """Must stay below RabbitMQ's ``consumer_timeout`` (30 min by default); see the README."""
+    demo_latency_s: float = Field(default=0.0, ge=0, validation_alias="WORKER_DEMO_LATENCY_S")
+    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=1024)
+    worker_id: str = Field(default_factory=default_worker_id, validation_alias="WORKER_ID")
+    ledger_pool_size: int = Field(default=4, ge=1, le=100)
+    metrics_port: int | None = Field(default=None, validation_alias="WORKER_METRICS_PORT")
