@@ -1,7 +1,15 @@
 """The atlas-pipeline wire contract: task and telemetry messages, and the one way to decode them."""
 
 from schemas._base import MAX_MESSAGE_BYTES, SCHEMA_VERSION, JsonObject
-from schemas._codec import decode_task, decode_telemetry, encode
+from schemas._codec import (
+    DecodedBatch,
+    RejectedRecord,
+    decode_task,
+    decode_telemetry,
+    decode_telemetry_batch,
+    encode,
+    encode_telemetry_batch,
+)
 from schemas._errors import DecodeError
 from schemas._export import json_schemas, write_json_schemas
 from schemas._task import TaskMessage, new_task_id, utcnow
@@ -12,6 +20,7 @@ from schemas._telemetry import (
     SessionOpened,
     SessionStatus,
     StepRecorded,
+    TelemetryBatch,
     TelemetryMessage,
 )
 from schemas._usage import Event, Usage
@@ -21,19 +30,24 @@ __all__ = [
     "ROUTING_KEYS",
     "SCHEMA_VERSION",
     "DecodeError",
+    "DecodedBatch",
     "Event",
     "JsonObject",
     "Phase",
+    "RejectedRecord",
     "SessionClosed",
     "SessionOpened",
     "SessionStatus",
     "StepRecorded",
     "TaskMessage",
+    "TelemetryBatch",
     "TelemetryMessage",
     "Usage",
     "decode_task",
     "decode_telemetry",
+    "decode_telemetry_batch",
     "encode",
+    "encode_telemetry_batch",
     "json_schemas",
     "new_task_id",
     "utcnow",

@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     directory = Path(args[0]) if args else JSONSCHEMA_DIR
     for path in write_json_schemas(directory):
-        print(path)  # noqa: T201 - the command's output is the list of files it wrote
+        print(path)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -10,7 +12,7 @@ from pydantic import TypeAdapter, ValidationError
 from schemas._base import MAX_MESSAGE_BYTES, SCHEMA_VERSION, WireModel
 from schemas._errors import DecodeError
 from schemas._task import TaskMessage
-from schemas._telemetry import TelemetryMessage
+from schemas._telemetry import ROUTING_KEYS, SessionClosed, SessionOpened, StepRecorded, TelemetryMessage
 
 _TELEMETRY: Final[TypeAdapter[TelemetryMessage]] = TypeAdapter(TelemetryMessage)
 _MAX_ERRORS_SHOWN: Final = 5
@@ -58,8 +60,85 @@ def decode_task(body: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> TaskMessa
 
 
 def decode_telemetry(body: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> TelemetryMessage:
-    """Decode one telemetry message (any kind), or raise :class:`DecodeError` saying what is wrong."""
+    """Decode one telemetry record (any kind), or raise :class:`DecodeError` saying what is wrong."""
+    return _validate_record(_load(body, max_bytes))
+
+
+def encode_telemetry_batch(records: Sequence[SessionOpened | StepRecorded | SessionClosed]) -> bytes:
+    """One AMQP body for records of one kind (see :class:`schemas.TelemetryBatch`)."""
+    if not records:
+        raise ValueError("a telemetry batch needs at least one record")
+    kind = records[0].kind
+    return orjson.dumps(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "kind": kind,
+            "records": [r.model_dump(mode="json") for r in records],
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRecord:
+    """One record of a batch that failed validation: its position, its own JSON, and why."""
+
+    index: int
+    body: bytes
+    error: DecodeError
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    kind: str
+    records: list[TelemetryMessage]
+    rejects: list[RejectedRecord]
+
+
+def decode_telemetry_batch(body: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> DecodedBatch:
+    """Decode a telemetry AMQP body: a batch envelope (or, leniently, one bare record).
+
+    The envelope itself being wrong (not JSON, wrong version, no records) raises :class:`DecodeError`;
+    a bad record inside a good envelope is returned in ``rejects`` with its own JSON, so the caller
+    dead-letters just that record and keeps the rest.
+    """
     data = _load(body, max_bytes)
+    if "records" not in data:
+        record = _validate_record(data)
+        return DecodedBatch(kind=record.kind, records=[record], rejects=[])
+    kind = data.get("kind")
+    records = data.get("records")
+    extra = set(data) - {"schema_version", "kind", "records"}
+    if kind not in ROUTING_KEYS:
+        raise DecodeError("invalid", f"kind: batch kind must be one of {list(ROUTING_KEYS)}, got {kind!r}")
+    if not isinstance(records, list) or not records:
+        raise DecodeError("invalid", "records: a batch needs a non-empty list of records")
+    if extra:
+        raise DecodeError("invalid", f"unknown batch field(s): {sorted(extra)}")
+    good: list[TelemetryMessage] = []
+    rejects: list[RejectedRecord] = []
+    for index, item in enumerate(records):
+        try:
+            record = _batch_record(item, str(kind))
+        except DecodeError as exc:
+            rejects.append(RejectedRecord(index, orjson.dumps(item), exc))
+            continue
+        good.append(record)
+    return DecodedBatch(kind=str(kind), records=good, rejects=rejects)
+
+
+def _batch_record(item: object, kind: str) -> TelemetryMessage:
+    if not isinstance(item, dict):
+        raise DecodeError("not_an_object", f"record is a {type(item).__name__}, not an object")
+    record = _validate_record(item)
+    if record.kind != kind:
+        raise DecodeError("invalid", f"a {kind!r} batch holds a {record.kind!r} record")
+    return record
+
+
+def _validate_record(data: dict[str, Any]) -> TelemetryMessage:
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise DecodeError("unsupported_version", f"schema_version {version!r} is not supported")
     try:
         return _TELEMETRY.validate_python(data)
     except ValidationError as exc:

@@ -9,7 +9,7 @@ import orjson
 from pydantic import TypeAdapter
 
 from schemas._task import TaskMessage
-from schemas._telemetry import SessionClosed, SessionOpened, StepRecorded, TelemetryMessage
+from schemas._telemetry import SessionClosed, SessionOpened, StepRecorded, TelemetryBatch, TelemetryMessage
 
 JSONSCHEMA_DIR: Final = Path(__file__).parent / "jsonschema"
 
@@ -22,6 +22,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         "step.schema.json": StepRecorded.model_json_schema(),
         "session_closed.schema.json": SessionClosed.model_json_schema(),
         "telemetry.schema.json": TypeAdapter(TelemetryMessage).json_schema(),
+        "telemetry_batch.schema.json": TelemetryBatch.model_json_schema(),
     }
 
 

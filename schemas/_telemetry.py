@@ -97,3 +97,23 @@ class SessionClosed(_TelemetryBase):
 
 
 TelemetryMessage = Annotated[SessionOpened | StepRecorded | SessionClosed, Field(discriminator="kind")]
+
+
+class TelemetryBatch(WireModel):
+    """What one AMQP telemetry message carries: one or more records of ONE kind (the routing key).
+
+    Workers coalesce the records of many concurrent sessions into one broker message per kind and
+    flush window, so a task costs a fraction of a publish instead of one publish per record; every
+    record still carries its own ``adapter_session_id`` / ``task_id`` / ``seq``.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["session.opened", "step", "session.closed"]
+    records: list[TelemetryMessage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TelemetryBatch:
+        for record in self.records:
+            if record.kind != self.kind:
+                raise ValueError(f"a {self.kind!r} batch holds a {record.kind!r} record")
+        return self
