@@ -21,12 +21,13 @@ from typing import Final
 import aio_pika
 import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError
 from structlog.contextvars import bound_contextvars
 
 from atlas_common import Topology, redact_url
 from schemas import DecodeError, TaskMessage, decode_task, encode
+from worker._batcher import TelemetryBatcher
 from worker._errors import AdapterError, WorkerError
 from worker._ledger import LedgerUnavailable, TaskLedger
 from worker._metrics import WorkerMetrics
@@ -65,7 +66,7 @@ class _Live:
     """What exists only while the worker runs: the ledger and the exchanges it publishes to."""
 
     ledger: TaskLedger
-    telemetry: AbstractExchange
+    telemetry: TelemetryBatcher
     settler: Settler
 
 
@@ -86,10 +87,12 @@ class Worker:
         self._inflight: set[asyncio.Task[object]] = set()
         self._stopping = asyncio.Event()
         self._live: _Live | None = None
+        self._stack = AsyncExitStack()
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self._settings
         async with AsyncExitStack() as stack:
+            self._stack = stack
             ledger = await stack.enter_async_context(
                 TaskLedger(
                     settings.database_url, pool_size=settings.ledger_pool_size, stopping=self._stopping
@@ -126,9 +129,13 @@ class Worker:
         # The ingestor's queue too: telemetry published before any ingestor started is kept, not dropped
         # (publishes are mandatory, so a topology with no queue bound fails loudly instead).
         await topology.declare_ingestor(publish_channel)
+        telemetry = await topology.declare_telemetry(publish_channel)
+        batcher = await self._stack.enter_async_context(
+            TelemetryBatcher(telemetry, linger_s=self._settings.telemetry_linger_s)
+        )
         self._live = _Live(
             ledger=ledger,
-            telemetry=await topology.declare_telemetry(publish_channel),
+            telemetry=batcher,
             settler=Settler(
                 topology,
                 retry_exchange=await publish_channel.get_exchange(topology.retry_exchange, ensure=False),
@@ -208,7 +215,7 @@ class Worker:
         claim = await ledger.claim(task.task_id, self._settings.worker_id)
         if claim.done:
             if claim.close_message is not None:
-                await republish_close(exchange, claim.close_message, f"{task.task_id}:close")
+                await republish_close(exchange, claim.close_message)
             log.info("task_already_succeeded_skipped")
             return Ack(duplicate=True)
         publisher = TelemetryPublisher(exchange, task, adapter=adapter_name, attempt=claim.attempt)

@@ -8,39 +8,37 @@ then publishes the close (see ``worker._runtime``), so a lost ack never re-runs 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
 
-import aio_pika
 import aiormq
-from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import AMQPError
 
-from schemas import SessionClosed, SessionOpened, SessionStatus, StepRecorded, TaskMessage, encode
+from schemas import (
+    DecodeError,
+    SessionClosed,
+    SessionOpened,
+    SessionStatus,
+    StepRecorded,
+    TaskMessage,
+    decode_telemetry,
+)
+from worker._batcher import TelemetryBatcher
 from worker._errors import WorkerError
 from worker._observer import CloseReport, OpenedInfo, StepReport
-
-_PERSISTENT: Final = aio_pika.DeliveryMode.PERSISTENT
 
 
 class TelemetryError(WorkerError):
     """The broker did not confirm a telemetry message: the task must not be acked."""
 
 
-def telemetry_message(body: bytes, message_id: str) -> aio_pika.Message:
-    return aio_pika.Message(
-        body, delivery_mode=_PERSISTENT, content_type="application/json", message_id=message_id
-    )
-
-
 class TelemetryPublisher:
     """A :class:`worker.SessionObserver` that turns reports into wire messages on the telemetry exchange."""
 
-    def __init__(self, exchange: AbstractExchange, task: TaskMessage, *, adapter: str, attempt: int) -> None:
-        self._exchange = exchange
+    def __init__(self, batcher: TelemetryBatcher, task: TaskMessage, *, adapter: str, attempt: int) -> None:
+        self._batcher = batcher
         self._task = task
         self._adapter = adapter
         self._attempt = attempt
-        self._pending: list[asyncio.Future[object]] = []
+        self._pending: list[asyncio.Future[None]] = []
         self.adapter_session_id: str | None = None
         self.steps = 0
         self.close: SessionClosed | None = None
@@ -81,9 +79,7 @@ class TelemetryPublisher:
             self._send(self.close)
 
     def _send(self, message: SessionOpened | StepRecorded | SessionClosed) -> None:
-        body = encode(message)
-        amqp = telemetry_message(body, f"{message.adapter_session_id}:{message.seq}")
-        self._pending.append(asyncio.ensure_future(self._exchange.publish(amqp, message.kind)))
+        self._pending.append(self._batcher.send(message))
 
     async def flush(self) -> None:
         """Wait until the broker confirmed everything sent so far; raise :class:`TelemetryError` if not."""
@@ -94,8 +90,6 @@ class TelemetryPublisher:
         for result in results:
             if isinstance(result, BaseException):
                 raise TelemetryError(f"telemetry not confirmed by the broker: {result!r}") from result
-            if not isinstance(result, aiormq.spec.Basic.Ack):
-                raise TelemetryError(f"telemetry not confirmed by the broker: {type(result).__name__}")
 
     def cancel(self) -> None:
         for fut in self._pending:
@@ -103,11 +97,12 @@ class TelemetryPublisher:
         self._pending = []
 
 
-async def republish_close(exchange: AbstractExchange, close_body: bytes, message_id: str) -> None:
+async def republish_close(batcher: TelemetryBatcher, close_body: bytes) -> None:
     """Send again the stored close of a task that already succeeded (its first send may have been lost)."""
     try:
-        confirm = await exchange.publish(telemetry_message(close_body, message_id), "session.closed")
-    except (AMQPError, aiormq.exceptions.AMQPError, OSError) as exc:
+        close = decode_telemetry(close_body)
+        await batcher.send(close)
+    except DecodeError as exc:
+        raise TelemetryError(f"the ledger's stored close does not decode: {exc}") from exc
+    except (AMQPError, aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
         raise TelemetryError(f"stored close not confirmed: {exc!r}") from exc
-    if not isinstance(confirm, aiormq.spec.Basic.Ack):
-        raise TelemetryError(f"stored close not confirmed: {type(confirm).__name__}")

@@ -1,0 +1,149 @@
+"""Coalescing telemetry records into few broker messages.
+
+Every record a worker emits (opened, step, close) is queued here and goes out in a
+:class:`schemas.TelemetryBatch` with the other records of the same kind queued in the same short window
+(``linger_s``), so the broker sees one publish per kind per window instead of one per record. Each
+``send`` returns a future that resolves when the broker has confirmed the batch holding that record:
+the runtime still acks a task only after all of its records are confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Final
+
+import aio_pika
+import aiormq
+import orjson
+import structlog
+from aio_pika.abc import AbstractExchange
+from aio_pika.exceptions import AMQPError
+
+from schemas import SCHEMA_VERSION, SessionClosed, SessionOpened, StepRecorded
+
+log = structlog.get_logger("worker.telemetry")
+
+Record = SessionOpened | StepRecorded | SessionClosed
+_HEAD: Final = b'{"schema_version":%d,"kind":"%s","records":['
+
+
+class _Buffer:
+    __slots__ = ("bytes", "futures", "parts")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.futures: list[asyncio.Future[None]] = []
+        self.bytes = 0
+
+
+class TelemetryBatcher:
+    """``async with TelemetryBatcher(exchange) as b: await b.send(record)``; ``close()`` is safe twice."""
+
+    def __init__(
+        self,
+        exchange: AbstractExchange,
+        *,
+        linger_s: float = 0.002,
+        max_records: int = 500,
+        max_bytes: int = 256 * 1024,
+    ) -> None:
+        self._exchange = exchange
+        self._linger_s = linger_s
+        self._max_records = max_records
+        self._max_bytes = max_bytes
+        self._buffers: dict[str, _Buffer] = {}
+        self._wake = asyncio.Event()
+        self._publishing: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.batches_sent = 0
+        self.records_sent = 0
+
+    async def __aenter__(self) -> TelemetryBatcher:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._run(), name="telemetry-batcher")
+
+    def send(self, record: Record) -> asyncio.Future[None]:
+        """Queue one record; the future resolves once the broker confirmed it (or fails with why not)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(RuntimeError("the telemetry batcher is closed"))
+            return future
+        part = orjson.dumps(record.model_dump(mode="json"))
+        buffer = self._buffers.get(record.kind)
+        if buffer is None:
+            buffer = self._buffers[record.kind] = _Buffer()
+        buffer.parts.append(part)
+        buffer.futures.append(future)
+        buffer.bytes += len(part) + 1
+        if len(buffer.parts) >= self._max_records or buffer.bytes >= self._max_bytes:
+            self._flush(record.kind)
+        else:
+            self._wake.set()
+        return future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            # Linger a moment so records of concurrent sessions share a publish.
+            await asyncio.sleep(self._linger_s)
+            self._wake.clear()
+            for kind in list(self._buffers):
+                self._flush(kind)
+
+    def _flush(self, kind: str) -> None:
+        buffer = self._buffers.pop(kind, None)
+        if buffer is None or not buffer.parts:
+            return
+        body = (_HEAD % (SCHEMA_VERSION, kind.encode())) + b",".join(buffer.parts) + b"]}"
+        task = asyncio.create_task(self._publish(kind, body, buffer.futures))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def _publish(self, kind: str, body: bytes, futures: list[asyncio.Future[None]]) -> None:
+        message = aio_pika.Message(
+            body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, content_type="application/json"
+        )
+        error: BaseException | None = None
+        try:
+            confirm = await self._exchange.publish(message, kind)
+            if not isinstance(confirm, aiormq.spec.Basic.Ack):
+                error = RuntimeError(f"broker answered {type(confirm).__name__}, not Ack")
+        except (AMQPError, aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
+            error = exc
+        except asyncio.CancelledError as exc:
+            error = exc
+        for future in futures:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+        if error is None:
+            self.batches_sent += 1
+            self.records_sent += len(futures)
+        else:
+            log.warning("telemetry_batch_not_confirmed", kind=kind, records=len(futures), error=repr(error))
+
+    async def close(self) -> None:
+        """Send what is queued, wait for those confirms, stop. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for kind in list(self._buffers):
+            self._flush(kind)
+        if self._publishing:
+            await asyncio.wait(set(self._publishing))
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task

@@ -1,0 +1,62 @@
+"""Turning arbitrary adapter values into JSON-able values and text, without surprises."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from datetime import date, datetime, time
+from typing import Any, Final
+
+import orjson
+from pydantic import BaseModel, JsonValue
+
+_MAX_DEPTH: Final = 64
+
+
+def to_jsonable(value: Any, _depth: int = 0) -> JsonValue:  # noqa: PLR0911 -- one return per kind
+    """A JSON-able copy of ``value``: strings stay strings, models/dataclasses become objects.
+
+    Mappings get string keys, sequences and sets become lists, bytes are decoded as UTF-8 (with
+    replacement), dates become ISO strings, enums their value; anything else (and anything nested
+    deeper than 64 levels, e.g. a cycle) becomes ``str(value)``.
+    """
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if _depth >= _MAX_DEPTH:
+        return str(value)
+    depth = _depth + 1
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v, depth) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [to_jsonable(v, depth) for v in value]
+    if isinstance(value, BaseModel):
+        return to_jsonable(value.model_dump(mode="json"), depth)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name), depth) for f in dataclasses.fields(value)}
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return to_jsonable(value.value, depth)
+    return str(value)
+
+
+def to_json_object(value: Mapping[str, Any] | None) -> dict[str, JsonValue]:
+    """A JSON-able copy of a mapping (``{}`` for ``None``)."""
+    if not value:
+        return {}
+    return {str(k): to_jsonable(v, 1) for k, v in value.items()}
+
+
+def to_text(value: Any) -> str:
+    """Text for prompts, traces and final answers: strings as is, ``None`` as ``""``, else compact JSON."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    try:  # fast path: already JSON-able (the common case)
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return orjson.dumps(to_jsonable(value)).decode()
