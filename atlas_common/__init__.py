@@ -1,5 +1,6 @@
 """What every atlas-pipeline service shares: logging, settings base, broker topology, URL redaction."""
 
+from atlas_common._broker import BROKER_ERRORS, BrokerConnection, sleep_unless
 from atlas_common._deadletter import (
     DEAD_AT_HEADER,
     REASON_HEADER,
@@ -19,6 +20,7 @@ from atlas_common._topology import (
 from atlas_common._urls import redact_url
 
 __all__ = [
+    "BROKER_ERRORS",
     "DEAD_AT_HEADER",
     "DEAD_TASK_ROUTING_KEY",
     "DEAD_TELEMETRY_ROUTING_KEY",
@@ -27,10 +29,12 @@ __all__ = [
     "SOURCE_HEADER",
     "TASK_ROUTING_KEY",
     "TELEMETRY_ROUTING_KEYS",
+    "BrokerConnection",
     "BrokerSettings",
     "LogFormat",
     "Topology",
     "configure_logging",
     "dead_letter_headers",
     "redact_url",
+    "sleep_unless",
 ]

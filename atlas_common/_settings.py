@@ -14,7 +14,9 @@ from atlas_common._topology import Topology
 class BrokerSettings(BaseSettings):
     """Base of each service's settings; each field reads the upper-case environment variable of its name."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", env_ignore_empty=True, populate_by_name=True)
+    model_config = SettingsConfigDict(
+        frozen=True, extra="ignore", env_ignore_empty=True, populate_by_name=True
+    )
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     prefix: str = Field(default="atlas", pattern=r"^[A-Za-z0-9_.-]+$", validation_alias="ATLAS_PREFIX")

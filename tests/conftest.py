@@ -9,11 +9,15 @@ empty database ask ``make_database`` for one, so tests run in any order.
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
+
+from tests._pipeline import PipelineStack
 
 
 def _dsn_with_database(dsn: str, database: str) -> str:
@@ -79,3 +83,30 @@ async def make_database(admin_database_url: str) -> AsyncIterator[MakeDatabase]:
 async def database_url(make_database: MakeDatabase) -> str:
     """The test session's own database (empty, no migrations applied)."""
     return await make_database()
+
+
+@pytest.fixture
+async def migrated_database(make_database: MakeDatabase) -> str:
+    """A fresh database with every migration applied."""
+    from migrations import apply_migrations
+
+    url = await make_database()
+    await apply_migrations(url)
+    return url
+
+
+@pytest.fixture
+async def pipeline(amqp_url: str, migrated_database: str, tmp_path: Path) -> AsyncIterator[PipelineStack]:
+    """A pipeline of its own: unique topology prefix, fresh migrated database; processes and queues
+    are removed afterwards."""
+    stack = PipelineStack(
+        amqp_url=amqp_url,
+        database_url=migrated_database,
+        prefix=f"t{uuid.uuid4().hex[:10]}",
+        workdir=tmp_path,
+    )
+    try:
+        yield stack
+    finally:
+        stack.stop_all(signal.SIGKILL, timeout_s=10)
+        await stack.delete_topology()

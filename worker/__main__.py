@@ -63,7 +63,10 @@ async def _serve(settings: WorkerSettings, registry: AdapterRegistry) -> None:
     metrics = WorkerMetrics()
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port)
-    await Worker(settings, registry, metrics=metrics).run(stop)
+    try:
+        await Worker(settings, registry, metrics=metrics).run(stop)
+    finally:
+        await registry.aclose()
 
 
 def main(argv: list[str] | None = None) -> int:

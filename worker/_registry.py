@@ -45,3 +45,10 @@ class AdapterRegistry:
 
     def names(self) -> list[str]:
         return list(self.adapters)
+
+    async def aclose(self) -> None:
+        """Release what adapters hold (HTTP connection pools); adapters without ``aclose`` hold nothing."""
+        for adapter in self.adapters.values():
+            closer = getattr(adapter, "aclose", None)
+            if closer is not None:
+                await closer()

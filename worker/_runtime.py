@@ -14,18 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Final
 
-import aio_pika
 import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError
 from structlog.contextvars import bound_contextvars
 
-from atlas_common import Topology, redact_url
+from atlas_common import BROKER_ERRORS, BrokerConnection, Topology, sleep_unless
 from schemas import DecodeError, TaskMessage, decode_task, encode
 from worker._batcher import TelemetryBatcher
 from worker._errors import AdapterError, WorkerError
@@ -87,28 +85,60 @@ class Worker:
         self._inflight: set[asyncio.Task[object]] = set()
         self._stopping = asyncio.Event()
         self._live: _Live | None = None
-        self._stack = AsyncExitStack()
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set. A lost broker connection ends an epoch: in-flight tasks are
+        cancelled (the broker redelivers them; the ledger gives the re-run a new attempt number), and
+        the worker reconnects with backoff. Only the first connection failing is fatal."""
         settings = self._settings
-        async with AsyncExitStack() as stack:
-            self._stack = stack
-            ledger = await stack.enter_async_context(
-                TaskLedger(
-                    settings.database_url, pool_size=settings.ledger_pool_size, stopping=self._stopping
-                )
+        async with TaskLedger(
+            settings.database_url, pool_size=settings.ledger_pool_size, stopping=self._stopping
+        ) as ledger:
+            delay = 0.5
+            epoch = 0
+            while not stop.is_set():
+                broker = BrokerConnection(settings.amqp_url, name=f"atlas-worker {settings.worker_id}")
+                try:
+                    await broker.open()
+                except BROKER_ERRORS as exc:
+                    if epoch == 0:
+                        raise BrokerUnavailable(
+                            f"cannot reach RabbitMQ at {broker.safe_url}: {exc!r}"
+                        ) from exc
+                    log.warning("broker_unreachable_retrying", error=repr(exc), retry_in_s=delay)
+                    await sleep_unless(stop, delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                epoch += 1
+                delay = 0.5
+                async with broker:
+                    try:
+                        await self._serve_epoch(broker, ledger, stop)
+                    except BROKER_ERRORS as exc:
+                        log.warning("broker_epoch_failed", error=repr(exc))
+                        await self._cancel_inflight("broker connection lost")
+        log.info("worker_stopped", worker_id=settings.worker_id)
+
+    async def _serve_epoch(self, broker: BrokerConnection, ledger: TaskLedger, stop: asyncio.Event) -> None:
+        settings, topology = self._settings, self._topology
+        publish_channel = await broker.channel(publisher_confirms=True)
+        consume_channel = await broker.channel(publisher_confirms=False, prefetch_count=settings.concurrency)
+        await topology.declare_tasks(publish_channel)
+        # The ingestor's queue too: telemetry published before any ingestor started is kept, not dropped
+        # (publishes are mandatory, so a topology with no queue bound fails loudly instead).
+        await topology.declare_ingestor(publish_channel)
+        telemetry = await topology.declare_telemetry(publish_channel)
+        async with TelemetryBatcher(telemetry, linger_s=settings.telemetry_linger_s) as batcher:
+            self._live = _Live(
+                ledger=ledger,
+                telemetry=batcher,
+                settler=Settler(
+                    topology,
+                    retry_exchange=await publish_channel.get_exchange(topology.retry_exchange, ensure=False),
+                    dead_exchange=await publish_channel.get_exchange(topology.dead_exchange, ensure=False),
+                ),
             )
-            try:
-                connection = await aio_pika.connect_robust(settings.amqp_url, timeout=10)
-            except (OSError, AMQPError, TimeoutError) as exc:
-                raise BrokerUnavailable(
-                    f"cannot reach RabbitMQ at {redact_url(settings.amqp_url)}: {exc!r}"
-                ) from exc
-            stack.push_async_callback(connection.close)
-            publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            consume_channel = await connection.channel(publisher_confirms=False)
-            await consume_channel.set_qos(prefetch_count=settings.concurrency)
-            queue = await self._declare(ledger, publish_channel, consume_channel)
+            queue = await consume_channel.get_queue(topology.tasks_queue, ensure=False)
             consumer_tag = await queue.consume(self._on_message)
             log.info(
                 "worker_started",
@@ -118,36 +148,23 @@ class Worker:
                 adapters=self._registry.names(),
                 default_adapter=self._registry.default,
             )
-            await stop.wait()
+            stopped = asyncio.ensure_future(stop.wait())
+            lost = asyncio.ensure_future(broker.lost.wait())
+            try:
+                await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+                lost.cancel()
+            if broker.lost.is_set():
+                log.warning("broker_connection_lost_reconnecting", inflight=len(self._inflight))
+                await self._cancel_inflight("broker connection lost")
+                return
             await self._shutdown(queue, consumer_tag)
-
-    async def _declare(
-        self, ledger: TaskLedger, publish_channel: AbstractChannel, consume_channel: AbstractChannel
-    ) -> AbstractQueue:
-        topology = self._topology
-        await topology.declare_tasks(publish_channel)
-        # The ingestor's queue too: telemetry published before any ingestor started is kept, not dropped
-        # (publishes are mandatory, so a topology with no queue bound fails loudly instead).
-        await topology.declare_ingestor(publish_channel)
-        telemetry = await topology.declare_telemetry(publish_channel)
-        batcher = await self._stack.enter_async_context(
-            TelemetryBatcher(telemetry, linger_s=self._settings.telemetry_linger_s)
-        )
-        self._live = _Live(
-            ledger=ledger,
-            telemetry=batcher,
-            settler=Settler(
-                topology,
-                retry_exchange=await publish_channel.get_exchange(topology.retry_exchange, ensure=False),
-                dead_exchange=await publish_channel.get_exchange(topology.dead_exchange, ensure=False),
-            ),
-        )
-        return await consume_channel.get_queue(topology.tasks_queue, ensure=False)
 
     async def _shutdown(self, queue: AbstractQueue, consumer_tag: str) -> None:
         """Stop intake, drain within the grace period, cancel the rest (they requeue themselves)."""
         self._stopping.set()
-        with contextlib.suppress(AMQPError, aiormq.exceptions.AMQPError, OSError):
+        with contextlib.suppress(*BROKER_ERRORS):
             await queue.cancel(consumer_tag)
         inflight = set(self._inflight)
         log.info("worker_draining", inflight=len(inflight), grace_s=self._settings.shutdown_grace_s)
@@ -155,10 +172,14 @@ class Worker:
             _, still_running = await asyncio.wait(inflight, timeout=self._settings.shutdown_grace_s)
             if still_running:
                 log.warning("worker_grace_expired_cancelling", tasks=len(still_running))
-                for task in still_running:
-                    task.cancel()
-                await asyncio.wait(still_running, timeout=_CLEANUP_TIMEOUT_S * 2)
-        log.info("worker_stopped", worker_id=self._settings.worker_id)
+                await self._cancel_inflight("shutdown grace expired")
+
+    async def _cancel_inflight(self, why: str) -> None:
+        tasks = set(self._inflight)
+        for task in tasks:
+            task.cancel(why)
+        if tasks:
+            await asyncio.wait(tasks, timeout=_CLEANUP_TIMEOUT_S * 2)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()

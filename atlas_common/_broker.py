@@ -1,0 +1,88 @@
+"""A broker connection that says when it is lost, for services that rebuild everything on reconnect.
+
+aio-pika's robust connection replays channels and consumers behind the caller's back, and in-flight
+deliveries of the old channel can then be neither acked nor trusted. The services here treat a lost
+connection as the end of an epoch instead: stop what is in flight (the broker redelivers it), reconnect
+with backoff, declare again, consume again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import TracebackType
+from typing import Any, Self
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.exceptions import AMQPError
+
+from atlas_common._urls import redact_url
+
+BROKER_ERRORS = (AMQPError, aiormq.exceptions.AMQPError, OSError, TimeoutError, ConnectionError)
+
+
+class BrokerConnection:
+    """``async with BrokerConnection(url) as broker``: ``broker.lost`` is set once the connection or any
+    channel opened through it closes unexpectedly; ``close()`` is safe twice."""
+
+    def __init__(self, url: str, *, connect_timeout_s: float = 10.0, name: str = "atlas") -> None:
+        self._url = url
+        self._timeout = connect_timeout_s
+        self._name = name
+        self._connection: AbstractConnection | None = None
+        self._closing = False
+        self.lost = asyncio.Event()
+
+    @property
+    def safe_url(self) -> str:
+        return redact_url(self._url)
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        self._connection = await aio_pika.connect(
+            self._url, timeout=self._timeout, client_properties={"connection_name": self._name}
+        )
+        self._connection.close_callbacks.add(self._on_close)
+
+    async def channel(
+        self, *, publisher_confirms: bool = True, prefetch_count: int | None = None
+    ) -> AbstractChannel:
+        if self._connection is None:
+            raise RuntimeError("the broker connection is not open")
+        channel = await self._connection.channel(
+            publisher_confirms=publisher_confirms, on_return_raises=publisher_confirms
+        )
+        channel.close_callbacks.add(self._on_close)
+        if prefetch_count is not None:
+            await channel.set_qos(prefetch_count=prefetch_count)
+        return channel
+
+    def _on_close(self, *_: Any) -> None:
+        if not self._closing:
+            self.lost.set()
+
+    async def close(self) -> None:
+        self._closing = True
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(*BROKER_ERRORS):  # already gone: nothing left to release
+                await connection.close()
+
+
+async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True if ``event`` was set meanwhile (so the caller stops waiting)."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True

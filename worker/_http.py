@@ -1,0 +1,354 @@
+"""HTTP plumbing shared by the HTTP adapters: one lazily created aiohttp pool, JSON POSTs with retries.
+
+* Every POST has a per-request timeout. 5xx, 429, timeouts and connection errors are retried up to
+  ``max_retries`` times with exponential backoff (``backoff_s * 2**(n-1)``, jittered, capped at 30 s);
+  a ``Retry-After`` header (seconds or an HTTP date) replaces the backoff, capped at
+  ``max_retry_after_s``. Other non-2xx statuses (4xx, and 3xx: redirects are not followed, so auth
+  headers never travel to another host) raise at once. Every failure is an :class:`AdapterHTTPError`
+  carrying the status (``None`` for timeouts/connection errors) and the number of attempts.
+* Header values may carry credentials: they are never logged, never put in an exception or a repr, and
+  any secret value that a server echoes back in an error body is replaced by ``***``. URLs in messages
+  and logs are shown without user info, query string or fragment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import re
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import orjson
+
+from worker._errors import AdapterConfigError, WorkerError
+
+logger = logging.getLogger(__name__)
+
+SNIPPET_CHARS: Final = 500
+"""How much of an error response body goes into an exception message."""
+MAX_BACKOFF_S: Final = 30.0
+_MIN_SECRET_CHARS: Final = 4
+_HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_REDACTED: Final = "***"
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+class AdapterHTTPError(WorkerError):
+    """An HTTP adapter request failed: a non-retryable status, or retries exhausted, or a bad response.
+
+    ``status`` is the last HTTP status (``None`` after a timeout or connection error), ``attempts`` how
+    many requests were made, ``url`` the redacted URL. The message never contains header values.
+    """
+
+    def __init__(self, message: str, *, url: str, status: int | None = None, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+        self.attempts = attempts
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info, query string or fragment (those may carry credentials)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<invalid url>"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def check_url(url: str, what: str) -> str:
+    """``url`` if it is an absolute http(s) URL with a host, else :class:`AdapterConfigError`."""
+    if not isinstance(url, str) or not url.strip():
+        raise AdapterConfigError(f"{what} must be a non-empty http(s) URL")
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        raise AdapterConfigError(f"{what} {redact_url(url)!r} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AdapterConfigError(f"{what} {redact_url(url)!r} must be an absolute http:// or https:// URL")
+    return url
+
+
+def check_headers(headers: Mapping[str, str] | None, what: str) -> dict[str, str]:
+    """A validated copy of ``headers``; errors name the header, never its value."""
+    checked: dict[str, str] = {}
+    for name, value in (headers or {}).items():
+        check_header_name(name, what)
+        if not isinstance(value, str):
+            raise AdapterConfigError(f"{what}: the value of header {name!r} must be a str")
+        if any(ch in value for ch in "\r\n\0"):
+            raise AdapterConfigError(f"{what}: the value of header {name!r} contains a line break or NUL")
+        checked[name] = value
+    return checked
+
+
+def check_header_name(name: Any, what: str) -> None:
+    if not isinstance(name, str) or not _HEADER_NAME.match(name):
+        raise AdapterConfigError(f"{what}: {name!r} is not a valid HTTP header name")
+
+
+def secret_values(values: Iterable[str]) -> frozenset[str]:
+    """The strings to scrub from error text: each value, and the token of a ``"Scheme token"`` value."""
+    secrets: set[str] = set()
+    for value in values:
+        secrets.add(value.strip())
+        parts = value.split()
+        if len(parts) > 1:
+            secrets.add(parts[-1])
+    return frozenset(s for s in secrets if len(s) >= _MIN_SECRET_CHARS)
+
+
+def scrub(text: str, secrets: Collection[str]) -> str:
+    """``text`` with every secret replaced by ``***`` (longest first, so no partial secret survives)."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, _REDACTED)
+    return text
+
+
+def snippet(body: bytes, secrets: Collection[str]) -> str:
+    """The start of a response body for an error message (decoded leniently, secrets scrubbed)."""
+    text = body[: SNIPPET_CHARS * 4].decode("utf-8", errors="replace").strip()
+    text = scrub(text, secrets)
+    if len(text) > SNIPPET_CHARS:
+        text = text[: SNIPPET_CHARS - 1] + "…"
+    return text or "(empty body)"
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or an HTTP date); ``None`` if unusable."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how long to retry. ``max_retries`` is the number of *extra* attempts."""
+
+    max_retries: int = 3
+    backoff_s: float = 0.2
+    max_retry_after_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_retries, bool)
+            or not isinstance(self.max_retries, int)
+            or self.max_retries < 0
+        ):
+            raise AdapterConfigError("max_retries must be a non-negative integer")
+        if self.backoff_s < 0:
+            raise AdapterConfigError("retry_backoff_s must not be negative")
+        if self.max_retry_after_s < 0:
+            raise AdapterConfigError("max_retry_after_s must not be negative")
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to sleep after failed attempt ``attempt`` (1-based)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after_s)
+        base = min(MAX_BACKOFF_S, self.backoff_s * 2.0 ** (attempt - 1))
+        return base / 2 + random.uniform(0, base / 2)  # noqa: S311 -- jitter, not security
+
+
+def check_timeout(timeout_s: float) -> float:
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
+        raise AdapterConfigError("timeout_s must be a positive number")
+    return float(timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPReply:
+    """A 2xx response, fully read."""
+
+    status: int
+    content_type: str
+    body: bytes
+    attempts: int
+
+    @property
+    def is_json(self) -> bool:
+        ctype = self.content_type.lower()
+        return ctype == "application/json" or ctype.endswith("+json")
+
+    def decoded(self) -> Any:
+        """The JSON value for a JSON content type (text if it does not parse), else the body as text."""
+        if self.is_json and self.body.strip():
+            try:
+                return orjson.loads(self.body)
+            except orjson.JSONDecodeError:
+                pass
+        return self.body.decode("utf-8", errors="replace")
+
+
+_RETRYABLE_ERRORS: Final = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+
+
+def _retryable_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+class JSONPoster:
+    """POSTs JSON through one aiohttp ``ClientSession`` (connection pool), created on first use.
+
+    The pool belongs to the event loop that created it; used from another loop (a new ``asyncio.run``),
+    a new pool is made. :meth:`aclose` closes the pool; a later POST opens a new one.
+    """
+
+    def __init__(self, policy: RetryPolicy, *, timeout_s: float) -> None:
+        self.policy = policy
+        self.timeout_s = check_timeout(timeout_s)
+        self._client: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client.closed or self._loop is not loop:
+            self._client = aiohttp.ClientSession()
+            self._loop = loop
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the connection pool (if one is open on the running loop)."""
+        client, self._client = self._client, None
+        if client is not None and not client.closed and self._loop is asyncio.get_running_loop():
+            await client.close()
+
+    async def post(
+        self,
+        url: str,
+        body: Any,
+        *,
+        headers: Mapping[str, str],
+        secrets: Collection[str],
+        what: str,
+    ) -> HTTPReply:
+        """POST ``body`` (JSON-able) to ``url``: the 2xx reply, or :class:`AdapterHTTPError` (module doc)."""
+        data = orjson.dumps(body)
+        all_headers = {"Content-Type": "application/json", "Accept": "application/json", **headers}
+        safe_url = redact_url(url)
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        attempts = self.policy.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            status: int | None = None
+            retry_after: float | None = None
+            try:
+                async with self._session().post(
+                    url, data=data, headers=all_headers, timeout=timeout, allow_redirects=False
+                ) as response:
+                    status = response.status
+                    content = await response.read()
+                    content_type = response.content_type
+                    retry_after_header = response.headers.get("Retry-After")
+            except TimeoutError:
+                status = None
+                problem = f"timed out after {self.timeout_s:g}s"
+            except _RETRYABLE_ERRORS as exc:
+                status = None
+                problem = f"connection error: {scrub(f'{type(exc).__name__}: {exc}', secrets)}"
+            except aiohttp.ClientError as exc:  # a bad URL, an unreadable response: retrying cannot help
+                detail = scrub(f"{type(exc).__name__}: {exc}", secrets)
+                raise AdapterHTTPError(
+                    f"{what}: POST {safe_url} failed: {detail}", url=safe_url, attempts=attempt
+                ) from None
+            else:
+                if 200 <= status < 300:
+                    return HTTPReply(status=status, content_type=content_type, body=content, attempts=attempt)
+                problem = f"HTTP {status}: {snippet(content, secrets)}"
+                if not _retryable_status(status):
+                    raise AdapterHTTPError(
+                        f"{what}: POST {safe_url} returned {problem}",
+                        url=safe_url,
+                        status=status,
+                        attempts=attempt,
+                    )
+                retry_after = parse_retry_after(retry_after_header)
+            if attempt == attempts:
+                break
+            delay = self.policy.delay(attempt, retry_after)
+            logger.warning(
+                "%s: POST %s failed (attempt %d/%d): %s; retrying in %.2fs",
+                what,
+                safe_url,
+                attempt,
+                attempts,
+                problem,
+                delay,
+            )
+            await asyncio.sleep(delay)
+        plural = "s" if attempts != 1 else ""
+        raise AdapterHTTPError(
+            f"{what}: POST {safe_url} failed after {attempts} attempt{plural}: {problem}",
+            url=safe_url,
+            status=status,
+            attempts=attempts,
+        )
+
+
+def env_text(name: str, *, required: bool = False) -> str | None:
+    """The stripped value of environment variable ``name`` (``None`` if unset or blank)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        if required:
+            raise AdapterConfigError(f"environment variable {name} is not set")
+        return None
+    return value
+
+
+def env_float(name: str) -> float | None:
+    value = env_text(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise AdapterConfigError(f"environment variable {name} must be a number, got {value!r}") from None
+
+
+def env_int(name: str) -> int | None:
+    value = env_text(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise AdapterConfigError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def env_bool(name: str) -> bool | None:
+    value = env_text(name)
+    if value is None:
+        return None
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise AdapterConfigError(f"environment variable {name} must be true/false (1/0, yes/no), got {value!r}")
