@@ -1,0 +1,1 @@
+"""The main job and the benchmarks (``./atlas run``, ``python -m bench``)."""

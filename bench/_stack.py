@@ -1,0 +1,71 @@
+"""Helpers the main job and the benchmarks share."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import math
+from pathlib import Path
+
+import aio_pika
+
+from atlas_common import BROKER_ERRORS, Topology
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0.0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def jsonl_stats(directory: Path) -> tuple[int, int]:
+    """(finalised files, lines) under ``directory``; hidden temp files are not finalised."""
+    files = lines = 0
+    if not directory.exists():
+        return 0, 0
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        files += 1
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                lines += sum(1 for _ in handle)
+        elif path.suffix == ".zst":
+            import zstandard
+
+            with path.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as handle:
+                lines += handle.read().count(b"\n")
+        else:
+            with path.open("rb") as handle:
+                lines += sum(1 for _ in handle)
+    return files, lines
+
+
+async def delete_topology(amqp_url: str, topology: Topology) -> None:
+    """Remove a run's queues and exchanges (runs use a prefix of their own)."""
+    queues = [
+        topology.tasks_queue,
+        topology.dead_tasks_queue,
+        topology.dead_telemetry_queue,
+        topology.ingestor_queue,
+        *(topology.retry_queue(d) for d in topology.retry_delays_ms()),
+    ]
+    exchanges = [
+        topology.tasks_exchange,
+        topology.retry_exchange,
+        topology.dead_exchange,
+        topology.telemetry_exchange,
+    ]
+    with contextlib.suppress(*BROKER_ERRORS):
+        connection = await aio_pika.connect(amqp_url, timeout=5)
+        async with connection:
+            for name in queues:
+                channel = await connection.channel()
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await channel.queue_delete(name)
+            for name in exchanges:
+                channel = await connection.channel()
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await channel.exchange_delete(name)
