@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION: Final = 1
 """The version every message carries; a decoder refuses any other (see ``schemas.decode_*``)."""
@@ -12,7 +12,12 @@ SCHEMA_VERSION: Final = 1
 MAX_MESSAGE_BYTES: Final = 1024 * 1024
 """Default size limit for one encoded message; larger bodies are refused before parsing."""
 
-JsonObject = dict[str, JsonValue]
+Json = Any
+"""Any JSON value. Not validated node by node (pydantic's ``JsonValue`` walks every node in Python, the
+largest cost of a worker's record): decoded bodies are JSON by construction, and ``encode`` (orjson)
+refuses anything that is not."""
+
+JsonObject = dict[str, Json]
 
 Identifier = Annotated[
     str,

@@ -19,8 +19,8 @@ _MAX_ERRORS_SHOWN: Final = 5
 
 
 def encode(message: WireModel) -> bytes:
-    """Encode any wire model to compact UTF-8 JSON."""
-    return orjson.dumps(message.model_dump(mode="json"))
+    """Encode any wire model to compact UTF-8 JSON (pydantic-core's serializer, no Python dict between)."""
+    return message.__pydantic_serializer__.to_json(message)
 
 
 def _load(body: bytes, max_bytes: int) -> dict[str, Any]:

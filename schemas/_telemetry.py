@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Final, Literal
 
-from pydantic import AwareDatetime, Field, JsonValue, model_validator
+from pydantic import AwareDatetime, Field, model_validator
 
-from schemas._base import SCHEMA_VERSION, Identifier, JsonObject, WireModel
+from schemas._base import SCHEMA_VERSION, Identifier, Json, JsonObject, WireModel
 from schemas._task import ExecutionMode, utcnow
 from schemas._usage import Event, NonNegative, Usage
 
@@ -54,7 +54,7 @@ class StepRecorded(_TelemetryBase):
     step_id: NonNegative
     phase: Phase
     description: str = Field(default="", max_length=200_000)
-    output: JsonValue = None
+    output: Json = None
     trace: str = Field(default="", max_length=1_000_000)
     usage: Usage = Field(default_factory=Usage)
     events: list[Event] = Field(default_factory=list)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, JsonValue
+from pydantic import AfterValidator, Field
 
-from schemas._base import WireModel
+from schemas._base import Json, WireModel
 
 NonNegative = Annotated[int, Field(ge=0)]
 
@@ -28,12 +28,12 @@ class Usage(WireModel):
         )
 
 
-def _require_type(event: dict[str, JsonValue]) -> dict[str, JsonValue]:
+def _require_type(event: dict[str, Json]) -> dict[str, Json]:
     kind = event.get("type")
     if not isinstance(kind, str) or not kind:
         raise ValueError("an adapter event must have a non-empty string 'type'")
     return event
 
 
-Event = Annotated[dict[str, JsonValue], AfterValidator(_require_type)]
+Event = Annotated[dict[str, Json], AfterValidator(_require_type)]
 """One adapter event: any JSON object with a string ``type`` (``tool_call``, ``sql``, ...)."""

@@ -15,7 +15,6 @@ from typing import Final
 
 import aio_pika
 import aiormq
-import orjson
 import structlog
 from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import AMQPError
@@ -77,7 +76,7 @@ class TelemetryBatcher:
         if self._closed:
             future.set_exception(RuntimeError("the telemetry batcher is closed"))
             return future
-        part = orjson.dumps(record.model_dump(mode="json"))
+        part = record.__pydantic_serializer__.to_json(record)
         buffer = self._buffers.get(record.kind)
         if buffer is None:
             buffer = self._buffers[record.kind] = _Buffer()

@@ -1,16 +1,18 @@
 """The task ledger in PostgreSQL: where task_id idempotency is enforced (see migrations/sql/005).
 
-Every call retries connection failures with capped exponential backoff until it succeeds or the worker
-stops: while the database is away the worker holds its tasks (unacked) instead of running them blind.
+Calls are group-committed: whatever claims and settlements arrive while one round trip is in flight go
+together in the next, as set-based statements, so concurrent tasks share a round trip instead of paying
+one each. Connection failures are retried with capped exponential backoff until they succeed or the
+worker stops: while the database is away the worker holds its tasks (unacked) instead of running them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Self, TypeVar
+from typing import Final, Self
 
 import asyncpg
 import structlog
@@ -19,7 +21,6 @@ from atlas_common import redact_url
 from worker._errors import WorkerError
 
 log = structlog.get_logger("worker.ledger")
-T = TypeVar("T")
 
 _CONNECTION_ERRORS: Final = (
     OSError,
@@ -29,26 +30,33 @@ _CONNECTION_ERRORS: Final = (
     asyncpg.AdminShutdownError,
     TimeoutError,
 )
+_MAX_GROUP: Final = 500
 
 _CLAIM: Final = """
 INSERT INTO task_ledger AS l (task_id, state, attempts, worker_id)
-VALUES ($1, 'running', 1, $2)
+SELECT t, 'running', 1, $2 FROM unnest($1::text[]) AS t
 ON CONFLICT (task_id) DO UPDATE
     SET state = 'running', attempts = l.attempts + 1, worker_id = EXCLUDED.worker_id, updated_at = now()
     WHERE l.state <> 'succeeded'
-RETURNING attempts
+RETURNING task_id, attempts
 """
-_SUCCEEDED: Final = "SELECT adapter_session_id, close_message FROM task_ledger WHERE task_id = $1"
+_DONE: Final = "SELECT task_id, close_message FROM task_ledger WHERE task_id = ANY($1::text[])"
 _SUCCEED: Final = """
-UPDATE task_ledger SET state = 'succeeded', adapter_session_id = $2, close_message = $3, last_error = NULL,
+UPDATE task_ledger AS l
+SET state = 'succeeded', adapter_session_id = u.asid, close_message = u.close, last_error = NULL,
     updated_at = now()
-WHERE task_id = $1
+FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(task_id, asid, close)
+WHERE l.task_id = u.task_id
 """
-_SETTLE: Final = "UPDATE task_ledger SET state = $2, last_error = $3, updated_at = now() WHERE task_id = $1"
+_SETTLE: Final = """
+UPDATE task_ledger AS l SET state = u.state, last_error = u.error, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[]) AS u(task_id, state, error)
+WHERE l.task_id = u.task_id
+"""
 
 
 class LedgerUnavailable(WorkerError):
-    """The ledger database cannot be reached at start-up."""
+    """The ledger database cannot be reached (at start-up, or while the worker is stopping)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,16 +68,41 @@ class Claim:
     close_message: bytes | None = None
 
 
+@dataclass(slots=True)
+class _Pending:
+    claims: list[tuple[str, asyncio.Future[Claim]]]
+    succeeded: list[tuple[str, str, bytes, asyncio.Future[None]]]
+    settled: list[tuple[str, str, str | None, asyncio.Future[None]]]
+
+    def __len__(self) -> int:
+        return len(self.claims) + len(self.succeeded) + len(self.settled)
+
+    def futures(self) -> list[asyncio.Future[Claim] | asyncio.Future[None]]:
+        return [
+            *(f for _, f in self.claims),
+            *(item[3] for item in self.succeeded),
+            *(item[3] for item in self.settled),
+        ]
+
+
+def _empty() -> _Pending:
+    return _Pending([], [], [])
+
+
 class TaskLedger:
     """``async with TaskLedger(url) as ledger``: claim, succeed, settle; ``close()`` is safe twice."""
 
     def __init__(
-        self, database_url: str, *, pool_size: int = 4, stopping: asyncio.Event | None = None
+        self, database_url: str, *, worker_id: str, pool_size: int = 2, stopping: asyncio.Event | None = None
     ) -> None:
         self._url = database_url
+        self._worker_id = worker_id
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._stopping = stopping or asyncio.Event()
+        self._pending = _empty()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -87,48 +120,123 @@ class TaskLedger:
             )
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise LedgerUnavailable(f"cannot reach PostgreSQL at {redact_url(self._url)}: {exc!r}") from exc
+        self._loop_task = asyncio.create_task(self._run(), name="task-ledger")
 
     async def close(self) -> None:
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail_all(self._pending, LedgerUnavailable("the task ledger is closed"))
+        self._pending = _empty()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
 
-    async def claim(self, task_id: str, worker_id: str) -> Claim:
-        async def run(conn: asyncpg.Connection) -> Claim:
-            attempts = await conn.fetchval(_CLAIM, task_id, worker_id)
-            if attempts is not None:
-                return Claim(attempt=int(attempts))
-            row = await conn.fetchrow(_SUCCEEDED, task_id)
-            return Claim(attempt=0, done=True, close_message=None if row is None else row["close_message"])
+    def claim(self, task_id: str) -> asyncio.Future[Claim]:
+        future: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
+        self._pending.claims.append((task_id, future))
+        self._wake.set()
+        return future
 
-        return await self._retrying("claim", run)
+    def succeed(self, task_id: str, adapter_session_id: str, close_message: bytes) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.succeeded.append((task_id, adapter_session_id, close_message, future))
+        self._wake.set()
+        return future
 
-    async def succeed(self, task_id: str, adapter_session_id: str, close_message: bytes) -> None:
-        async def run(conn: asyncpg.Connection) -> None:
-            await conn.execute(_SUCCEED, task_id, adapter_session_id, close_message)
-
-        await self._retrying("succeed", run)
-
-    async def settle(self, task_id: str, state: str, error: str | None) -> None:
+    def settle(self, task_id: str, state: str, error: str | None) -> asyncio.Future[None]:
         """Record ``retrying`` or ``dead`` (with the error) for a task that did not succeed."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.settled.append((task_id, state, error, future))
+        self._wake.set()
+        return future
 
-        async def run(conn: asyncpg.Connection) -> None:
-            await conn.execute(_SETTLE, task_id, state, error)
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            group, self._pending = self._take()
+            if self._pending:
+                self._wake.set()
+            await self._commit(group)
 
-        await self._retrying("settle", run)
+    def _take(self) -> tuple[_Pending, _Pending]:
+        """Up to _MAX_GROUP items, and no task_id twice among the claims (one statement cannot update a
+        row twice); the rest wait for the next round trip."""
+        pending, group, rest = self._pending, _empty(), _empty()
+        seen: set[str] = set()
+        for item in pending.claims:
+            if item[0] in seen or len(group) >= _MAX_GROUP:
+                rest.claims.append(item)
+            else:
+                seen.add(item[0])
+                group.claims.append(item)
+        group.succeeded, group.settled = pending.succeeded, pending.settled
+        return group, rest
 
-    async def _retrying(self, what: str, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _commit(self, group: _Pending) -> None:
         delay = 0.1
         while True:
             pool = self._pool
             if pool is None:
-                raise LedgerUnavailable("the task ledger is closed")
+                self._fail_all(group, LedgerUnavailable("the task ledger is closed"))
+                return
             try:
-                async with pool.acquire() as conn:
-                    return await fn(conn)
+                async with pool.acquire() as conn, conn.transaction():
+                    claims = await self._claims(conn, group)
+                    if group.succeeded:
+                        await conn.execute(
+                            _SUCCEED,
+                            [t for t, *_ in group.succeeded],
+                            [a for _, a, _, _ in group.succeeded],
+                            [c for _, _, c, _ in group.succeeded],
+                        )
+                    if group.settled:
+                        await conn.execute(
+                            _SETTLE,
+                            [t for t, *_ in group.settled],
+                            [s for _, s, _, _ in group.settled],
+                            [e for _, _, e, _ in group.settled],
+                        )
             except _CONNECTION_ERRORS as exc:
-                log.warning("ledger_unreachable_retrying", operation=what, error=repr(exc), retry_in_s=delay)
+                log.warning(
+                    "ledger_unreachable_retrying", error=repr(exc), retry_in_s=delay, items=len(group)
+                )
+            except asyncpg.PostgresError as exc:
+                # Not a connection problem: retrying will not help; the tasks stay unacked and requeue.
+                log.exception("ledger_statement_failed", error=repr(exc), items=len(group))
+                self._fail_all(group, LedgerUnavailable(f"ledger statement failed: {exc!r}"))
+                return
+            else:
+                for task_id, future in group.claims:
+                    if not future.done():
+                        future.set_result(claims[task_id])
+                for item in (*group.succeeded, *group.settled):
+                    if not item[3].done():
+                        item[3].set_result(None)
+                return
             if self._stopping.is_set():
-                raise LedgerUnavailable(f"ledger {what} abandoned: the worker is stopping")
+                self._fail_all(group, LedgerUnavailable("ledger unreachable and the worker is stopping"))
+                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _claims(self, conn: asyncpg.Connection, group: _Pending) -> dict[str, Claim]:
+        if not group.claims:
+            return {}
+        ids = [task_id for task_id, _ in group.claims]
+        rows = await conn.fetch(_CLAIM, ids, self._worker_id)
+        claims = {row["task_id"]: Claim(attempt=row["attempts"]) for row in rows}
+        missing = [t for t in ids if t not in claims]
+        if missing:
+            for row in await conn.fetch(_DONE, missing):
+                claims[row["task_id"]] = Claim(attempt=0, done=True, close_message=row["close_message"])
+        return claims
+
+    @staticmethod
+    def _fail_all(group: _Pending, error: Exception) -> None:
+        for future in group.futures():
+            if not future.done():
+                future.set_exception(error)

@@ -92,7 +92,10 @@ class Worker:
         the worker reconnects with backoff. Only the first connection failing is fatal."""
         settings = self._settings
         async with TaskLedger(
-            settings.database_url, pool_size=settings.ledger_pool_size, stopping=self._stopping
+            settings.database_url,
+            worker_id=settings.worker_id,
+            pool_size=settings.ledger_pool_size,
+            stopping=self._stopping,
         ) as ledger:
             delay = 0.5
             epoch = 0
@@ -233,7 +236,7 @@ class Worker:
     ) -> Outcome:
         live = self._running()
         ledger, exchange = live.ledger, live.telemetry
-        claim = await ledger.claim(task.task_id, self._settings.worker_id)
+        claim = await ledger.claim(task.task_id)
         if claim.done:
             if claim.close_message is not None:
                 await republish_close(exchange, claim.close_message)

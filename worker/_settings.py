@@ -30,5 +30,5 @@ class WorkerSettings(BrokerSettings):
     worker_id: str = Field(default_factory=default_worker_id, validation_alias="WORKER_ID")
     telemetry_linger_s: float = Field(default=0.002, ge=0, le=1, validation_alias="WORKER_TELEMETRY_LINGER_S")
     """How long a telemetry record may wait for others to share its broker message."""
-    ledger_pool_size: int = Field(default=4, ge=1, le=100)
+    ledger_pool_size: int = Field(default=2, ge=1, le=100)
     metrics_port: int | None = Field(default=None, validation_alias="WORKER_METRICS_PORT")
