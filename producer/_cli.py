@@ -1,9 +1,10 @@
-"""``python -m producer``: submit tasks from JSONL, or generated demo tasks."""
+"""``python -m producer``: submit tasks (JSONL or demo), show the pipeline's status, handle dead letters."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import uuid
 from collections.abc import Iterator
@@ -14,11 +15,15 @@ import structlog
 from tqdm import tqdm
 
 from atlas_common import configure_logging
+from producer._amqp import quiet_broker_logs
+from producer._deadletters import Selection, list_dead_letters, requeue_dead_letters
 from producer._demo import demo_tasks
 from producer._errors import ProducerError
+from producer._format import listing_text, requeue_text, status_text
 from producer._lines import ParsedLines, parse_lines
 from producer._producer import Producer
 from producer._settings import ProducerSettings
+from producer._status import collect_status
 from schemas import TaskMessage
 
 log = structlog.get_logger("producer")
@@ -39,8 +44,35 @@ without running again. Lines repeating an earlier line's task_id in one file are
 """
 
 
+STATUS_HELP = """\
+Show what the pipeline holds now. RabbitMQ: ready messages and consumers of every queue of the topology
+(a queue not declared yet shows as absent). Ingestion lag: the age of the oldest telemetry waiting in the
+ingestor queue, read from the head of the queue without consuming it (basic.get without ack on a
+throwaway channel, then the channel is closed so the message goes back). PostgreSQL: sessions by status,
+the task ledger by state, the newest finalized JSONL file.
+
+Exit status: 0 when RabbitMQ answered (whatever PostgreSQL said: what is missing is shown), 2 when
+RabbitMQ cannot be reached.
+"""
+
+DEAD_HELP = """\
+Dead letters are the original message plus headers saying why (x-atlas-reason), who sent it there
+(x-atlas-source), where it was going (x-atlas-original-routing-key) and when (x-atlas-dead-at); tasks the
+broker dead-lettered after too many deliveries carry x-first-death-reason / x-death instead.
+
+list reads with basic.get without ack and hands every message back: nothing is consumed.
+requeue publishes a copy of each chosen dead letter with publisher confirms (tasks to the tasks exchange,
+routing key 'task', without the x-atlas-* headers so they get a full set of attempts again; telemetry to
+the telemetry exchange with its original routing key) and acks the dead letter only after the confirm.
+The others stay in the dead-letter queue.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m producer", description="Enqueue atlas-pipeline tasks.")
+    parser = argparse.ArgumentParser(
+        prog="python -m producer",
+        description="Enqueue atlas-pipeline tasks; inspect the pipeline and its dead letters.",
+    )
     parser.add_argument("--amqp-url", help="RabbitMQ URL (default: $AMQP_URL)")
     parser.add_argument("--prefix", help="topology name prefix (default: $ATLAS_PREFIX or 'atlas')")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,7 +96,55 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter", default=None, help="adapter name the tasks ask for (worker's default if unset)"
     )
     demo.add_argument("--no-progress", action="store_true")
+
+    status = sub.add_parser(
+        "status",
+        help="queue depths, sessions, task ledger, ingestion lag, newest JSONL file",
+        description=STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    dead = sub.add_parser(
+        "dead",
+        help="list or requeue dead letters",
+        description=DEAD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dead_sub = dead.add_subparsers(dest="dead_command", required=True)
+    dead_list = dead_sub.add_parser("list", help="show dead letters; they all stay in their queue")
+    dead_list.add_argument(
+        "--queue",
+        choices=("tasks", "telemetry"),
+        default="tasks",
+        help="which dead-letter queue (default tasks)",
+    )
+    dead_list.add_argument("--limit", type=_positive_int, default=50, help="show at most N (default 50)")
+    dead_list.add_argument("--json", action="store_true", help="machine-readable output")
+    requeue = dead_sub.add_parser("requeue", help="move chosen dead letters back into the pipeline")
+    which = requeue.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every dead letter of the queue")
+    which.add_argument(
+        "--id", dest="ids", nargs="+", action="extend", metavar="MESSAGE_ID", help="these message ids"
+    )
+    which.add_argument("--reason-contains", metavar="TEXT", help="reason contains TEXT (any case)")
+    requeue.add_argument(
+        "--queue",
+        choices=("tasks", "telemetry"),
+        default="tasks",
+        help="which dead-letter queue (default tasks)",
+    )
+    requeue.add_argument("--dry-run", action="store_true", help="show what would move; move nothing")
+    requeue.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _read_lines(path: str) -> Iterator[bytes]:
@@ -129,16 +209,84 @@ def run_demo(settings: ProducerSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def run_status(settings: ProducerSettings, args: argparse.Namespace) -> int:
+    status = asyncio.run(
+        collect_status(
+            settings.amqp_url,
+            settings.topology(),
+            settings.database_url,
+            connect_timeout_s=settings.connect_timeout_s,
+        )
+    )
+    if args.json:
+        _print_json(status.to_json())
+    else:
+        print(status_text(status))
+    return 0
+
+
+def run_dead(settings: ProducerSettings, args: argparse.Namespace) -> int:
+    if args.dead_command == "list":
+        listing = asyncio.run(
+            list_dead_letters(
+                settings.amqp_url,
+                settings.topology(),
+                args.queue,
+                limit=args.limit,
+                connect_timeout_s=settings.connect_timeout_s,
+            )
+        )
+        if args.json:
+            _print_json(
+                {
+                    "queue": listing.queue,
+                    "present": listing.present,
+                    "depth": listing.depth,
+                    "dead_letters": [info.to_json() for info in listing.letters],
+                }
+            )
+        else:
+            print(listing_text(listing))
+        return 0
+    selection = Selection(all=args.all, ids=frozenset(args.ids or ()), reason_contains=args.reason_contains)
+    report = asyncio.run(
+        requeue_dead_letters(
+            settings.amqp_url,
+            settings.topology(),
+            selection,
+            args.queue,
+            dry_run=args.dry_run,
+            connect_timeout_s=settings.connect_timeout_s,
+        )
+    )
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(requeue_text(report))
+    return 1 if report.failed or report.not_found_ids else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in {"amqp_url": args.amqp_url, "prefix": args.prefix}.items() if v is not None}
-    settings = ProducerSettings(**overrides)
+    given = {
+        "amqp_url": args.amqp_url,
+        "prefix": args.prefix,
+        "database_url": getattr(args, "database_url", None),
+    }
+    settings = ProducerSettings(**{k: v for k, v in given.items() if v is not None})
     configure_logging(level=settings.log_level, log_format=settings.log_format)
     try:
         if args.command == "submit":
             return run_submit(settings, args)
         if args.command == "demo":
             return run_demo(settings, args)
+        if args.command in {"status", "dead"}:
+            quiet_broker_logs()
+            return run_status(settings, args) if args.command == "status" else run_dead(settings, args)
     except ProducerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
