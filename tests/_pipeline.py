@@ -171,7 +171,10 @@ class PipelineStack:
     async def ledger(self) -> list[asyncpg.Record]:
         conn = await asyncpg.connect(self.database_url)
         try:
-            return await conn.fetch("SELECT task_id, state, attempts, worker_id, last_error FROM task_ledger")
+            rows: list[asyncpg.Record] = await conn.fetch(
+                "SELECT task_id, state, attempts, worker_id, last_error FROM task_ledger"
+            )
+            return rows
         finally:
             await conn.close()
 

@@ -9,16 +9,14 @@ import time
 import pytest
 
 from atlas_common import REASON_HEADER
-from schemas import SessionClosed, TaskMessage
+from schemas import SessionClosed, SessionOpened, TaskMessage
 from tests._pipeline import PipelineStack, TelemetryLog, ledger_counts
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-def _tasks(n: int, tag: str, **fields: object) -> list[TaskMessage]:
-    return [
-        TaskMessage(task_id=f"{tag}-{i}", task=f"investigate topic {i} for {tag}", **fields) for i in range(n)
-    ]
+def _tasks(n: int, tag: str) -> list[TaskMessage]:
+    return [TaskMessage(task_id=f"{tag}-{i}", task=f"investigate topic {i} for {tag}") for i in range(n)]
 
 
 def _succeeded_per_task(log: TelemetryLog) -> dict[str, int]:
@@ -84,10 +82,11 @@ async def test_sigkill_one_worker_mid_run_loses_nothing(pipeline: PipelineStack)
     assert cut_off, "the kill should have cut at least one session short"
     for session in cut_off:
         opened = session[0]
+        assert isinstance(opened, SessionOpened)
         later = [
             s[0]
             for s in log.sessions_of(opened.task_id)
-            if 0 in s and s[0].attempt > opened.attempt  # type: ignore[attr-defined]
+            if isinstance(s.get(0), SessionOpened) and s[0].attempt > opened.attempt  # type: ignore[union-attr]
         ]
         assert later, f"task {opened.task_id} has no later attempt after its cut-off session"
 
