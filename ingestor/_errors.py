@@ -1,0 +1,53 @@
+"""The ingestor's errors, grouped by what the caller does about them.
+
+- :class:`ConfigError`: the process cannot run as configured (schema missing, bad setting); exit non-zero.
+- :class:`TransientError`: hold the batch, back off, retry; nothing is acked meanwhile.
+- :class:`FileSuperseded`: a recoverer finalized the file this ingestor was filling; take a new file and
+  retry the batch transaction.
+- :class:`ShutdownDeadline`: shutting down and the grace period is over; drop the held batch unacked (the
+  broker redelivers it).
+- :class:`BrokerUnavailable`: the channel is gone; drop the batch unacked (redelivered after reconnect).
+"""
+
+from __future__ import annotations
+
+
+class IngestorError(Exception):
+    """Root of every error the ingestor raises on purpose."""
+
+
+class ConfigError(IngestorError):
+    """The process cannot run as configured; the message says what to fix."""
+
+
+class TransientError(IngestorError):
+    """A dependency is failing for now (Postgres down, disk full): retry later."""
+
+
+class DatabaseUnavailable(TransientError):
+    """Postgres refused or dropped the connection, or timed out."""
+
+
+class JsonlWriteError(TransientError):
+    """Appending to or finalizing a JSONL file failed (an OSError underneath)."""
+
+
+class FileSuperseded(IngestorError):
+    """The open JSONL file was finalized by a recoverer; switch to a new file and retry."""
+
+
+class ShutdownDeadline(IngestorError):
+    """The shutdown grace period ran out while a batch was held."""
+
+
+class BrokerUnavailable(IngestorError):
+    """The AMQP channel or connection dropped; the batch is dropped unacked and redelivered."""
+
+
+class MessageRejected(IngestorError):
+    """Postgres refused the data itself (not the connection): bisect the batch, dead-letter the culprit."""
+
+    def __init__(self, reason: str, sqlstate: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.sqlstate = sqlstate

@@ -1,0 +1,102 @@
+"""Recovery: finish the open JSONL files of dead owners, and delete stale hidden temporaries.
+
+An owner is dead when its owner-token advisory lock can be taken (see ``_liveness``); the recoverer holds
+that lock while it works, so two recoverers never work on one file, then releases it. The file is
+finalized by :func:`ingestor._jsonl.finalize_locked` under the ``jsonl_files`` row lock, which is what
+makes a recovered file and a live owner's roll mutually exclusive (the proof is in ``_jsonl``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+import structlog
+
+from ingestor import _files, _sql
+from ingestor._jsonl import finalize_locked
+from ingestor._liveness import Liveness, lock_key
+from ingestor._settings import IngestorSettings
+from ingestor._store import DB_ERRORS, Store
+
+_log = structlog.get_logger("ingestor.recovery")
+
+
+def _hidden_tmp_files(directory: Path) -> dict[Path, str]:
+    found: dict[Path, str] = {}
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_file() and (name := _files.name_of_tmp(entry.name)) is not None:
+                found[Path(entry.path)] = name
+    return found
+
+
+class Recoverer:
+    def __init__(self, settings: IngestorSettings, store: Store, liveness: Liveness) -> None:
+        self._settings = settings
+        self._store = store
+        self._liveness = liveness
+        self._dir = settings.jsonl_dir
+
+    async def cleanup_tmp(self, *, at_start: bool) -> int:
+        """Delete hidden temporaries whose file is final (and, at start, whose file has no row at all:
+        a tmp is only created after its row committed, so such a tmp is garbage)."""
+        try:
+            found = await asyncio.to_thread(_hidden_tmp_files, self._dir)
+        except OSError as err:
+            _log.warning("recovery.cannot_list_dir", dir=str(self._dir), error=str(err))
+            return 0
+        if not found:
+            return 0
+        async with self._store.connection() as conn:
+            states = {
+                r["name"]: r["state"] for r in await conn.fetch(_sql.FILE_STATES, sorted(set(found.values())))
+            }
+        deleted = 0
+        for path, name in sorted(found.items()):
+            state = states.get(name)
+            if state == "final" or (state is None and at_start):
+                try:
+                    await asyncio.to_thread(path.unlink, missing_ok=True)
+                except OSError as err:
+                    _log.warning("recovery.cannot_delete_tmp", path=str(path), error=str(err))
+                    continue
+                deleted += 1
+                _log.info("recovery.deleted_stale_tmp", path=str(path), file_state=state or "absent")
+        return deleted
+
+    async def recover_open_files(self) -> int:
+        """Finalize every open file whose owner is gone; returns how many were finalized."""
+        mine = self._liveness.token or ""
+        recovered = 0
+        async with self._store.connection() as conn:
+            for row in await conn.fetch(_sql.OPEN_FILES, mine):
+                name, token = row["name"], row["owner_token"]
+                try:
+                    _files.check_file_name(name)
+                except ValueError:
+                    _log.error("recovery.bad_file_name", file=name)
+                    continue
+                key = lock_key(token)
+                if not await conn.fetchval(_sql.TRY_LOCK, key):
+                    continue  # the owner is alive
+                try:
+                    async with conn.transaction():
+                        locked = await conn.fetchrow(_sql.FILE_LOCK, name)
+                        if locked is None or locked["state"] != "open":
+                            continue
+                        how = await finalize_locked(conn, self._dir, name, None)
+                    recovered += 1
+                    _log.warning(
+                        "recovery.file_finalized",
+                        file=name,
+                        owner_token=token,
+                        how=how,
+                        sessions=locked["sessions"],
+                    )
+                finally:
+                    with contextlib.suppress(*DB_ERRORS):
+                        await conn.fetchval(_sql.UNLOCK, key)
+        return recovered

@@ -1,0 +1,178 @@
+"""Pure row building: what a session's ``sessions`` row and a step's ``step_results`` row hold.
+
+A session row is a function of the set of messages seen, never of their order: :func:`apply_opened` only
+fills what an opened says (and never touches a status a close set), :func:`apply_closed` only fills what a
+close says, and each is a no-op the second time (``attempt`` / ``steps_expected`` record that it ran).
+The abandonment rule (``_sql.ABANDON``) only touches rows without a close, and a later close overwrites
+everything it set, so the final row is what one in-order delivery gives.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from ingestor._batch import SessionChange
+from schemas import SessionClosed, SessionOpened, StepRecorded
+
+Json = Any
+"""A decoded JSON value (what asyncpg's jsonb codec hands back)."""
+
+RUNNING = "running"
+EXPORTABLE_STATUSES = ("succeeded", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    """The columns of ``sessions`` the ingestor owns (``id`` and ``export_file`` are the database's)."""
+
+    adapter_session_id: str
+    task_id: str
+    task: str
+    status: str
+    metadata: dict[str, Json]
+    final_answer: str | None
+    created_at: datetime
+    completed_at: datetime | None
+    adapter_usage: dict[str, Json] | None
+    adapter_events: list[Json] | None
+    attempt: int | None
+    steps_expected: int | None
+
+
+def stub_row(adapter_session_id: str, task_id: str, first_seen: datetime) -> SessionRow:
+    """The row a step or close creates before its opened arrived: task '' and running until then."""
+    return SessionRow(
+        adapter_session_id=adapter_session_id,
+        task_id=task_id,
+        task="",
+        status=RUNNING,
+        metadata={"task_id": task_id, "adapter_session": {"adapter_session_id": adapter_session_id}},
+        final_answer=None,
+        created_at=first_seen,
+        completed_at=None,
+        adapter_usage=None,
+        adapter_events=None,
+        attempt=None,
+        steps_expected=None,
+    )
+
+
+def _with_metadata(
+    row: SessionRow, top: dict[str, Json], adapter_session: dict[str, Json]
+) -> dict[str, Json]:
+    metadata = copy.deepcopy(row.metadata)
+    metadata.update(top)
+    nested = metadata.get("adapter_session")
+    if not isinstance(nested, dict):
+        nested = {"adapter_session_id": row.adapter_session_id}
+    nested.update(adapter_session)
+    metadata["adapter_session"] = nested
+    return metadata
+
+
+def apply_opened(row: SessionRow, opened: SessionOpened) -> SessionRow:
+    """Fill in what the opened says; a status set by a close is kept."""
+    if row.attempt is not None:
+        return row
+    metadata = _with_metadata(
+        row,
+        {
+            "task_id": opened.task_id,
+            "execution_mode": opened.execution_mode,
+            "adapter": opened.adapter,
+            "attempt": opened.attempt,
+            "task_metadata": opened.task_metadata,
+        },
+        {"adapter": opened.adapter, "metadata": opened.metadata},
+    )
+    return replace(
+        row, task=opened.task, created_at=opened.opened_at, attempt=opened.attempt, metadata=metadata
+    )
+
+
+def apply_closed(row: SessionRow, closed: SessionClosed) -> SessionRow:
+    """Fill in what the close says; it overrides running and a rule-set abandoned alike."""
+    if row.steps_expected is not None:
+        return row
+    usage = closed.totals.model_dump(mode="json")
+    events: list[Json] = [dict(e) for e in closed.events]
+    metadata = _with_metadata(
+        row,
+        {"reason": closed.reason, "close_metadata": closed.close_metadata},
+        {"usage": usage, "events": events, "close_metadata": closed.close_metadata},
+    )
+    return replace(
+        row,
+        status=closed.status,
+        final_answer=closed.final_answer,
+        completed_at=closed.closed_at,
+        adapter_usage=usage,
+        adapter_events=events,
+        steps_expected=closed.steps,
+        metadata=metadata,
+    )
+
+
+def apply_change(row: SessionRow | None, change: SessionChange) -> SessionRow:
+    """``row`` (None: not in the database yet) after the batch's opened and close for it."""
+    if row is None:
+        row = stub_row(change.adapter_session_id, change.task_id, change.first_seen)
+    if change.opened is not None:
+        row = apply_opened(row, change.opened)
+    if change.closed is not None:
+        row = apply_closed(row, change.closed)
+    return row
+
+
+def needs_update(row: SessionRow, change: SessionChange) -> bool:
+    """Whether an existing row (with these has-opened / has-closed flags) changes with ``change``."""
+    return (change.opened is not None and row.attempt is None) or (
+        change.closed is not None and row.steps_expected is None
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    step_id: int
+    trace: str
+    output: str | None
+    attempts: int
+    metadata: dict[str, Json]
+    adapter_session_id: str
+    adapter_usage: dict[str, Json]
+    adapter_events: list[Json]
+
+
+def output_text(output: Json) -> str | None:
+    """``step_results.output`` is text: strings as they are, None as NULL, anything else JSON-encoded."""
+    if output is None or isinstance(output, str):
+        return output
+    return orjson.dumps(output).decode()
+
+
+def step_row(step: StepRecorded) -> StepRow:
+    duration_ms = round((step.finished_at - step.started_at).total_seconds() * 1000)
+    return StepRow(
+        step_id=step.step_id,
+        trace=step.trace,
+        output=output_text(step.output),
+        attempts=step.attempts,
+        metadata={
+            "phase": step.phase,
+            "description": step.description,
+            "seq": step.seq,
+            "started_at": step.started_at.isoformat(),
+            "finished_at": step.finished_at.isoformat(),
+            "duration_ms": duration_ms,
+            "status": step.status,
+            "error": step.error,
+        },
+        adapter_session_id=step.adapter_session_id,
+        adapter_usage=step.usage.model_dump(mode="json"),
+        adapter_events=[dict(e) for e in step.events],
+    )

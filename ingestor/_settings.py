@@ -1,0 +1,82 @@
+"""The ingestor's settings: one object, built once in ``main`` and passed down to every part."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+from pathlib import Path
+from typing import Final, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from atlas_common import BrokerSettings
+from schemas import MAX_MESSAGE_BYTES
+
+Compression = Literal["none", "gzip", "zstd"]
+
+INGESTOR_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+"""Ids go into file names: no path separators, no ``..``, nothing a shell or a log would mangle."""
+
+_MAX_PREFETCH: Final = 65_535  # AMQP's prefetch-count is a short
+
+
+def default_ingestor_id() -> str:
+    """``<host>-<pid>-<random>``: unique per process, readable in file names and logs."""
+    host = re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname()).strip("-")[:40] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class IngestorSettings(BrokerSettings):
+    """Every knob of ``atlas-ingestor``; each field reads the upper-case environment variable of its name."""
+
+    model_config = SettingsConfigDict(validate_by_name=True, validate_by_alias=True)
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    ingestor_id: str = Field(default_factory=default_ingestor_id, pattern=INGESTOR_ID_PATTERN)
+
+    batch_max_messages: int = Field(default=1000, ge=1, le=_MAX_PREFETCH // 2)
+    flush_interval_s: float = Field(default=0.2, gt=0, le=60)
+    prefetch: int | None = Field(default=None, ge=1, le=_MAX_PREFETCH)
+    """Unacked deliveries the broker may send ahead; default twice ``batch_max_messages``, so the next
+    batch fills while one is being written. It also bounds memory while Postgres is down."""
+    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=1024)
+
+    jsonl_dir: Path = Path("var/jsonl")
+    jsonl_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    jsonl_max_age_s: float = Field(default=300.0, gt=0)
+    jsonl_compression: Compression = "none"
+
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    db_connect_timeout_s: float = Field(default=5.0, gt=0)
+    db_command_timeout_s: float = Field(default=60.0, gt=0)
+    db_retry_backoff_s: float = Field(default=0.2, gt=0)
+    db_retry_backoff_max_s: float = Field(default=5.0, gt=0)
+    db_down_log_interval_s: float = Field(default=30.0, gt=0)
+    recovery_interval_s: float = Field(default=30.0, gt=0)
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("ingestor_id")
+    @classmethod
+    def _no_dot_dot(cls, value: str) -> str:
+        if ".." in value:
+            raise ValueError("ingestor_id must not contain '..'")
+        return value
+
+    @model_validator(mode="after")
+    def _zstd_available(self) -> IngestorSettings:
+        if self.jsonl_compression == "zstd":
+            try:
+                import zstandard  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    "jsonl_compression=zstd needs the optional 'zstandard' package: "
+                    "pip install 'atlas-pipeline[zstd]'"
+                ) from None
+        return self
+
+    @property
+    def prefetch_count(self) -> int:
+        return self.prefetch if self.prefetch is not None else min(2 * self.batch_max_messages, _MAX_PREFETCH)

@@ -1,0 +1,193 @@
+"""Every statement the ingestor runs: parameterised, set-based (arrays + unnest), never a row per trip.
+
+jsonb values travel as JSON text in ``text[]`` parameters and are cast in SQL (a Python list inside an
+array parameter would otherwise read as a second array dimension).
+
+Lock order inside a batch transaction: task advisory locks (sorted keys), then session rows (sorted by
+adapter_session_id), then the open ``jsonl_files`` row. Finalizers take only the ``jsonl_files`` row, so
+no cycle exists; a deadlock with the periodic sweeps is retried like any transient error.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+TASK_LOCK_NAMESPACE: Final = 4281420  # 0x41544C, the int4 namespace of the per-task transaction locks
+
+# The keys arrive sorted and unnest keeps array order, so locks are taken in one global order.
+LOCK_TASKS: Final = """
+SELECT count(pg_advisory_xact_lock(4281420, k)) FROM unnest($1::int4[]) AS k
+"""
+
+# A new session gets its full row; an existing one is only locked here (and a stub's created_at moves to
+# the earliest message seen), the merge happens in Python and is written back by UPDATE_SESSIONS.
+UPSERT_SESSIONS: Final = """
+INSERT INTO sessions AS s (adapter_session_id, task_id, task, status, metadata, final_answer, created_at,
+                           completed_at, adapter_usage, adapter_events, attempt, steps_expected)
+SELECT u.asid, u.task_id, u.task, u.status, u.metadata::jsonb, u.final_answer, u.created_at,
+       u.completed_at, u.adapter_usage::jsonb, u.adapter_events::jsonb, u.attempt, u.steps_expected
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[],
+            $8::timestamptz[], $9::text[], $10::text[], $11::int4[], $12::int4[])
+     AS u(asid, task_id, task, status, metadata, final_answer, created_at, completed_at, adapter_usage,
+          adapter_events, attempt, steps_expected)
+ORDER BY u.asid
+ON CONFLICT (adapter_session_id) DO UPDATE
+   SET created_at = CASE WHEN s.attempt IS NULL THEN LEAST(s.created_at, EXCLUDED.created_at)
+                         ELSE s.created_at END
+RETURNING s.id, s.adapter_session_id, (s.xmax = 0) AS inserted
+"""
+
+SELECT_SESSIONS: Final = """
+SELECT id, adapter_session_id, task_id, task, status, metadata, final_answer, created_at, completed_at,
+       adapter_usage, adapter_events, attempt, steps_expected
+FROM sessions WHERE id = ANY($1::int4[])
+"""
+
+UPDATE_SESSIONS: Final = """
+UPDATE sessions AS s
+SET task = u.task, status = u.status, metadata = u.metadata::jsonb, final_answer = u.final_answer,
+    created_at = u.created_at, completed_at = u.completed_at, adapter_usage = u.adapter_usage::jsonb,
+    adapter_events = u.adapter_events::jsonb, attempt = u.attempt, steps_expected = u.steps_expected
+FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+            $7::timestamptz[], $8::text[], $9::text[], $10::int4[], $11::int4[])
+     AS u(id, task, status, metadata, final_answer, created_at, completed_at, adapter_usage, adapter_events,
+          attempt, steps_expected)
+WHERE s.id = u.id
+"""
+
+INSERT_PLANS: Final = """
+INSERT INTO plans (session_id, plan)
+SELECT u.session_id, u.plan::jsonb FROM unnest($1::int4[], $2::text[]) AS u(session_id, plan)
+ON CONFLICT (session_id) DO NOTHING
+"""
+
+INSERT_STEPS: Final = """
+INSERT INTO step_results (session_id, step_id, trace, output, attempts, metadata, adapter_session_id,
+                          adapter_usage, adapter_events)
+SELECT u.session_id, u.step_id, u.trace, u.output, u.attempts, u.metadata::jsonb, u.asid,
+       u.adapter_usage::jsonb, u.adapter_events::jsonb
+FROM unnest($1::int4[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::text[],
+            $9::text[])
+     AS u(session_id, step_id, trace, output, attempts, metadata, asid, adapter_usage, adapter_events)
+ON CONFLICT (session_id, step_id) DO NOTHING
+"""
+
+# A running session (no close yet) of task T is abandoned when T has a session with a higher
+# (attempt, created_at); completed_at is that newest session's created_at and the reason names its attempt,
+# so the result depends only on the set of sessions of T, never on arrival order.
+ABANDON: Final = """
+WITH latest AS (
+    SELECT DISTINCT ON (task_id) task_id, attempt, created_at
+    FROM sessions
+    WHERE task_id = ANY($1::text[]) AND attempt IS NOT NULL
+    ORDER BY task_id, attempt DESC, created_at DESC
+)
+UPDATE sessions AS s
+SET status = 'abandoned',
+    completed_at = l.created_at,
+    metadata = coalesce(s.metadata, '{}'::jsonb)
+               || jsonb_build_object('reason', 'superseded by attempt ' || l.attempt)
+FROM latest AS l
+WHERE s.task_id = l.task_id
+  AND s.steps_expected IS NULL
+  AND s.attempt IS NOT NULL
+  AND (s.attempt, s.created_at) < (l.attempt, l.created_at)
+  AND (s.status <> 'abandoned'
+       OR s.completed_at IS DISTINCT FROM l.created_at
+       OR s.metadata ->> 'reason' IS DISTINCT FROM 'superseded by attempt ' || l.attempt)
+RETURNING s.adapter_session_id, l.attempt
+"""
+
+# Tasks the periodic sweep re-checks: a running session with a newer attempt of its task.
+SUPERSEDED_TASKS: Final = """
+SELECT DISTINCT s.task_id FROM sessions AS s
+WHERE s.status = 'running' AND s.steps_expected IS NULL AND s.attempt IS NOT NULL AND s.task_id IS NOT NULL
+  AND EXISTS (SELECT 1 FROM sessions AS o
+              WHERE o.task_id = s.task_id AND o.attempt IS NOT NULL
+                AND (o.attempt, o.created_at) > (s.attempt, s.created_at))
+LIMIT $1
+"""
+
+# Complete = opened seen (attempt set), closed succeeded|failed, and every step the close announced is
+# present: nothing about the row changes after that, so its line is final. Runs under the session row locks
+# of the batch, so the assignment happens exactly once, in the transaction that completes the session.
+ASSIGN: Final = """
+UPDATE sessions AS s SET export_file = $2
+WHERE s.id = ANY($1::int4[])
+  AND s.export_file IS NULL
+  AND s.status IN ('succeeded', 'failed')
+  AND s.steps_expected IS NOT NULL AND s.attempt IS NOT NULL
+  AND (SELECT count(*) FROM step_results AS r WHERE r.session_id = s.id) = s.steps_expected
+RETURNING s.id, s.adapter_session_id
+"""
+
+UNASSIGNED_COMPLETE: Final = """
+SELECT s.id, s.task_id FROM sessions AS s
+WHERE s.export_file IS NULL AND s.steps_expected IS NOT NULL AND s.status IN ('succeeded', 'failed')
+  AND s.task_id IS NOT NULL AND s.attempt IS NOT NULL
+  AND (SELECT count(*) FROM step_results AS r WHERE r.session_id = s.id) = s.steps_expected
+ORDER BY s.id
+LIMIT $1
+"""
+
+FILE_CREATE: Final = """
+INSERT INTO jsonl_files (name, ingestor_id, owner_token, state, sessions)
+VALUES ($1, $2, $3, 'open', 0)
+ON CONFLICT (name) DO NOTHING
+"""
+
+FILE_COUNT: Final = """
+UPDATE jsonl_files SET sessions = sessions + $2
+WHERE name = $1 AND state = 'open' AND owner_token = $3
+RETURNING sessions
+"""
+
+FILE_LOCK: Final = "SELECT state, sessions FROM jsonl_files WHERE name = $1 FOR UPDATE"
+
+FILE_FINAL: Final = "UPDATE jsonl_files SET state = 'final', finalized_at = now() WHERE name = $1"
+
+FILE_STATES: Final = "SELECT name, state FROM jsonl_files WHERE name = ANY($1::text[])"
+
+OPEN_FILES: Final = """
+SELECT name, owner_token FROM jsonl_files WHERE state = 'open' AND owner_token <> $1 ORDER BY name
+"""
+
+TRY_LOCK: Final = "SELECT pg_try_advisory_lock($1::int8)"
+UNLOCK: Final = "SELECT pg_advisory_unlock($1::int8)"
+
+FILE_SESSION_IDS: Final = "SELECT id FROM sessions WHERE export_file = $1 ORDER BY id"
+
+LINE_SESSIONS: Final = """
+SELECT s.id, s.adapter_session_id, s.task, s.status, s.metadata, s.final_answer, s.created_at,
+       s.completed_at, s.adapter_usage, s.adapter_events, p.plan
+FROM sessions AS s LEFT JOIN plans AS p ON p.session_id = s.id
+WHERE s.id = ANY($1::int4[])
+ORDER BY s.id
+"""
+
+LINE_STEPS: Final = """
+SELECT session_id, step_id, trace, output, attempts, metadata, adapter_session_id, adapter_usage,
+       adapter_events
+FROM step_results WHERE session_id = ANY($1::int4[])
+ORDER BY session_id, step_id
+"""
+
+# Export: complete sessions by completion time, keyset-paginated on (completed_at, id).
+EXPORT_PAGE: Final = """
+SELECT s.id, s.completed_at FROM sessions AS s
+WHERE s.completed_at >= $1 AND ($2::timestamptz IS NULL OR s.completed_at < $2)
+  AND (s.completed_at, s.id) > ($3, $4)
+  AND s.status IN ('succeeded', 'failed') AND s.steps_expected IS NOT NULL AND s.attempt IS NOT NULL
+  AND (SELECT count(*) FROM step_results AS r WHERE r.session_id = s.id) = s.steps_expected
+ORDER BY s.completed_at, s.id
+LIMIT $5
+"""
+
+SCHEMA_CHECK: Final = """
+SELECT count(*) FROM information_schema.columns
+WHERE table_schema = current_schema()
+  AND ((table_name = 'sessions' AND column_name IN ('adapter_session_id', 'task_id', 'export_file'))
+       OR (table_name = 'jsonl_files' AND column_name = 'owner_token')
+       OR (table_name = 'plans' AND column_name = 'plan'))
+"""
+SCHEMA_CHECK_EXPECTED: Final = 5

@@ -1,0 +1,289 @@
+"""The Postgres writer: a pool, the batch transaction, line data, and the error classification."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Self
+
+import asyncpg
+import orjson
+import structlog
+
+from atlas_common import redact_url
+from ingestor import _sql
+from ingestor._batch import MergedBatch, task_lock_key
+from ingestor._errors import DatabaseUnavailable, FileSuperseded, IngestorError, MessageRejected
+from ingestor._lines import build_line
+from ingestor._rows import SessionRow, apply_change, needs_update, step_row
+from ingestor._settings import IngestorSettings
+
+_log = structlog.get_logger("ingestor.store")
+
+# SQLSTATE classes that say "not now" (connection, rollback/deadlock, resources, operator, system) or
+# "not this schema" (undefined object, privileges): retried, never blamed on a message.
+_HOLD_CLASSES: Final = frozenset({"08", "40", "53", "55", "57", "58", "42", "3D", "3F", "28", "0A", "XX"})
+DB_ERRORS: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+_ID_CHUNK: Final = 1000
+
+Record = Any  # asyncpg.Record (asyncpg ships no type information)
+
+
+def classify(err: BaseException) -> IngestorError:
+    """A data error becomes MessageRejected (bisect); everything else DatabaseUnavailable (hold, retry)."""
+    if isinstance(err, asyncpg.PostgresError):
+        sqlstate = str(getattr(err, "sqlstate", "") or "")
+        if sqlstate[:2] not in _HOLD_CLASSES:
+            return MessageRejected(f"postgres {sqlstate}: {err}", sqlstate)
+    return DatabaseUnavailable(f"{type(err).__name__}: {err}")
+
+
+def _dumps(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _dumps_or_none(value: object) -> str | None:
+    return None if value is None else _dumps(value)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for name in ("jsonb", "json"):
+        await conn.set_type_codec(name, encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
+
+
+async def connect(settings: IngestorSettings) -> asyncpg.Connection:
+    """One connection with the pool's codecs (liveness, recovery locks)."""
+    conn = await asyncpg.connect(
+        settings.database_url,
+        timeout=settings.db_connect_timeout_s,
+        command_timeout=settings.db_command_timeout_s,
+    )
+    await _init_connection(conn)
+    return conn
+
+
+@dataclass(frozen=True, slots=True)
+class FileTarget:
+    """The open file a batch assigns its completed sessions to."""
+
+    name: str
+    owner_token: str
+
+
+def _session_columns(rows: Sequence[SessionRow]) -> list[list[Any]]:
+    return [
+        [r.adapter_session_id for r in rows],
+        [r.task_id for r in rows],
+        [r.task for r in rows],
+        [r.status for r in rows],
+        [_dumps(r.metadata) for r in rows],
+        [r.final_answer for r in rows],
+        [r.created_at for r in rows],
+        [r.completed_at for r in rows],
+        [_dumps_or_none(r.adapter_usage) for r in rows],
+        [_dumps_or_none(r.adapter_events) for r in rows],
+        [r.attempt for r in rows],
+        [r.steps_expected for r in rows],
+    ]
+
+
+def _row_from_record(rec: Record) -> SessionRow:
+    return SessionRow(
+        adapter_session_id=rec["adapter_session_id"],
+        task_id=rec["task_id"],
+        task=rec["task"],
+        status=rec["status"],
+        metadata=rec["metadata"] or {},
+        final_answer=rec["final_answer"],
+        created_at=rec["created_at"],
+        completed_at=rec["completed_at"],
+        adapter_usage=rec["adapter_usage"],
+        adapter_events=rec["adapter_events"],
+        attempt=rec["attempt"],
+        steps_expected=rec["steps_expected"],
+    )
+
+
+async def write_batch(
+    conn: asyncpg.Connection, batch: MergedBatch, target: FileTarget, ingestor_id: str
+) -> list[int]:
+    """The batch transaction's body (the caller holds the transaction); returns the session ids it assigned
+    to ``target``. Raises FileSuperseded when ``target`` was finalized by someone else meanwhile."""
+    await conn.execute(_sql.LOCK_TASKS, sorted({task_lock_key(t) for t in batch.task_ids}))
+    fresh = [apply_change(None, change) for change in batch.sessions]
+    returned = await conn.fetch(_sql.UPSERT_SESSIONS, *_session_columns(fresh))
+    ids: dict[str, int] = {r["adapter_session_id"]: r["id"] for r in returned}
+    inserted = {r["adapter_session_id"] for r in returned if r["inserted"]}
+    changes = {c.adapter_session_id: c for c in batch.sessions}
+    to_merge = [
+        ids[c.adapter_session_id]
+        for c in batch.sessions
+        if c.adapter_session_id not in inserted and (c.opened is not None or c.closed is not None)
+    ]
+    if to_merge:
+        updates: list[tuple[int, SessionRow]] = []
+        for rec in await conn.fetch(_sql.SELECT_SESSIONS, to_merge):
+            row = _row_from_record(rec)
+            change = changes[row.adapter_session_id]
+            if needs_update(row, change):
+                updates.append((rec["id"], apply_change(row, change)))
+        if updates:
+            cols = _session_columns([row for _, row in updates])
+            await conn.execute(_sql.UPDATE_SESSIONS, [i for i, _ in updates], *cols[2:])
+    plans = [
+        (ids[c.adapter_session_id], c.closed.plan)
+        for c in batch.sessions
+        if c.closed is not None and c.closed.plan is not None
+    ]
+    if plans:
+        await conn.execute(_sql.INSERT_PLANS, [p[0] for p in plans], [_dumps(p[1]) for p in plans])
+    if batch.steps:
+        steps = [step_row(s) for s in batch.steps]
+        await conn.execute(
+            _sql.INSERT_STEPS,
+            [ids[s.adapter_session_id] for s in steps],
+            [s.step_id for s in steps],
+            [s.trace for s in steps],
+            [s.output for s in steps],
+            [s.attempts for s in steps],
+            [_dumps(s.metadata) for s in steps],
+            [s.adapter_session_id for s in steps],
+            [_dumps(s.adapter_usage) for s in steps],
+            [_dumps(s.adapter_events) for s in steps],
+        )
+    for rec in await conn.fetch(_sql.ABANDON, batch.task_ids):
+        _log.info(
+            "session.abandoned", adapter_session_id=rec["adapter_session_id"], superseded_by=rec["attempt"]
+        )
+    return await assign(conn, list(ids.values()), target, ingestor_id)
+
+
+async def assign(conn: asyncpg.Connection, ids: list[int], target: FileTarget, ingestor_id: str) -> list[int]:
+    """Assign the complete, unassigned sessions among ``ids`` (locked by the caller) to ``target``."""
+    assigned = await conn.fetch(_sql.ASSIGN, ids, target.name)
+    if not assigned:
+        return []
+    await conn.execute(_sql.FILE_CREATE, target.name, ingestor_id, target.owner_token)
+    count = await conn.fetchval(_sql.FILE_COUNT, target.name, len(assigned), target.owner_token)
+    if count is None:
+        raise FileSuperseded(f"{target.name} is no longer open for this ingestor")
+    for rec in assigned:
+        _log.debug("session.assigned", adapter_session_id=rec["adapter_session_id"], file=target.name)
+    return [rec["id"] for rec in assigned]
+
+
+async def fetch_lines(conn: asyncpg.Connection, ids: Sequence[int]) -> list[bytes]:
+    """The JSONL lines of sessions ``ids``, built from Postgres (the one path every line takes)."""
+    lines: list[bytes] = []
+    for start in range(0, len(ids), _ID_CHUNK):
+        chunk = list(ids[start : start + _ID_CHUNK])
+        sessions = await conn.fetch(_sql.LINE_SESSIONS, chunk)
+        steps: dict[int, list[Record]] = {}
+        for rec in await conn.fetch(_sql.LINE_STEPS, chunk):
+            steps.setdefault(rec["session_id"], []).append(rec)
+        lines.extend(build_line(s, steps.get(s["id"], [])) for s in sessions)
+    return lines
+
+
+class Store:
+    """The connection pool. Every method raises DatabaseUnavailable or MessageRejected, never asyncpg's."""
+
+    def __init__(self, settings: IngestorSettings) -> None:
+        self._settings = settings
+        self._pool: asyncpg.Pool | None = None
+
+    async def __aenter__(self) -> Self:
+        # min_size=0: creating the pool never connects, so a start while Postgres is down does not fail.
+        self._pool = await asyncpg.create_pool(
+            self._settings.database_url,
+            min_size=0,
+            max_size=4,
+            init=_init_connection,
+            timeout=self._settings.db_connect_timeout_s,
+            command_timeout=self._settings.db_command_timeout_s,
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5)
+            except (TimeoutError, *DB_ERRORS):
+                pool.terminate()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; database errors inside come out classified."""
+        if self._pool is None:
+            raise DatabaseUnavailable("the store is closed")
+        try:
+            async with self._pool.acquire(timeout=self._settings.db_connect_timeout_s) as conn:
+                yield conn
+        except DB_ERRORS as err:
+            raise classify(err) from err
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self.connection() as conn, conn.transaction():
+            yield conn
+
+    async def check_schema(self) -> bool:
+        async with self.connection() as conn:
+            found = await conn.fetchval(_sql.SCHEMA_CHECK)
+        return int(found) == _sql.SCHEMA_CHECK_EXPECTED
+
+    async def write(self, batch: MergedBatch, target: FileTarget) -> list[int]:
+        async with self.transaction() as conn:
+            return await write_batch(conn, batch, target, self._settings.ingestor_id)
+
+    async def lines(self, ids: Sequence[int]) -> list[bytes]:
+        async with self.connection() as conn:
+            return await fetch_lines(conn, ids)
+
+    async def sweep_abandoned(self, limit: int = 1000) -> int:
+        """Apply the abandonment rule to every task that needs it (normally already done per batch)."""
+        async with self.connection() as conn:
+            tasks = [r["task_id"] for r in await conn.fetch(_sql.SUPERSEDED_TASKS, limit)]
+        if not tasks:
+            return 0
+        async with self.transaction() as conn:
+            await conn.execute(_sql.LOCK_TASKS, sorted({task_lock_key(t) for t in tasks}))
+            rows = await conn.fetch(_sql.ABANDON, sorted(tasks))
+        for rec in rows:
+            _log.info(
+                "session.abandoned",
+                adapter_session_id=rec["adapter_session_id"],
+                superseded_by=rec["attempt"],
+            )
+        return len(rows)
+
+    async def sweep_unassigned(self, target: FileTarget, limit: int = 1000) -> list[int]:
+        """Assign complete sessions no file holds (there should be none: the batch assigns them)."""
+        async with self.connection() as conn:
+            found = await conn.fetch(_sql.UNASSIGNED_COMPLETE, limit)
+        if not found:
+            return []
+        async with self.transaction() as conn:
+            await conn.execute(_sql.LOCK_TASKS, sorted({task_lock_key(r["task_id"]) for r in found}))
+            ids = await assign(conn, [r["id"] for r in found], target, self._settings.ingestor_id)
+        if ids:
+            _log.warning("sweep.assigned_unexported_sessions", count=len(ids), file=target.name)
+        return ids
+
+    def describe(self) -> str:
+        return redact_url(self._settings.database_url)

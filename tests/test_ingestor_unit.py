@@ -1,0 +1,262 @@
+"""Pure parts of the ingestor: batch merging, row merging, file naming, line building, roll decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from ingestor import IngestorSettings, build_line, read_lines
+from ingestor._batch import merge_batch, task_lock_key
+from ingestor._consumer import collect
+from ingestor._errors import DatabaseUnavailable, MessageRejected
+from ingestor._files import (
+    check_file_name,
+    compress,
+    make_file_name,
+    name_of_tmp,
+    recover_tmp_path,
+    safe_path,
+    should_roll,
+    tmp_path,
+)
+from ingestor._rows import apply_change, output_text, step_row
+from ingestor._store import classify
+from tests._ingest_gen import generate
+
+T0 = datetime(2026, 11, 25, 11, 42, 33, 123456, tzinfo=UTC)
+
+
+def test_merge_batch_dedupes_and_sorts() -> None:
+    """Duplicates collapse (lowest seq per step wins), sessions and steps come out sorted for lock order."""
+    gen = generate(5, seed=1, retry_share=0)
+    messages = gen.in_order()
+    shuffled = messages + messages[:7]
+    random.Random(2).shuffle(shuffled)
+    merged = merge_batch(shuffled)
+    assert merged.duplicates == 7
+    assert [c.adapter_session_id for c in merged.sessions] == sorted(
+        s.adapter_session_id for s in gen.sessions
+    )
+    assert [(s.adapter_session_id, s.step_id) for s in merged.steps] == sorted(
+        (s.adapter_session_id, s.step_id) for g in gen.sessions for s in g.steps
+    )
+    for change, source in zip(
+        merged.sessions, sorted(gen.sessions, key=lambda s: s.adapter_session_id), strict=True
+    ):
+        assert change.opened == source.opened
+        assert change.closed == source.closed
+        assert change.first_seen == min(m.emitted_at for m in source.messages)
+    later = gen.sessions[0].steps[1].model_copy(update={"seq": 99})
+    again = merge_batch([later, gen.sessions[0].steps[1]])
+    assert [s.seq for s in again.steps] == [gen.sessions[0].steps[1].seq]
+    assert merge_batch([]).sessions == []
+    assert merged.task_lock_keys == sorted({task_lock_key(s.task_id) for s in gen.sessions})
+
+
+def test_session_row_is_order_independent() -> None:
+    """Applying a session's opened and closed in any batching and order gives the same row."""
+    source = generate(1, seed=3, retry_share=0).sessions[0]
+    messages = [source.opened, *source.steps, source.closed]
+    rows = set()
+    for order in itertools.permutations(messages):
+        for cut in range(1, len(order) + 1):
+            row = None
+            for part in (order[:cut], order[cut:]):
+                for change in merge_batch(part).sessions:
+                    row = apply_change(row, change)
+            assert row is not None
+            rows.add(
+                orjson.dumps(
+                    row, option=orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS, default=_as_dict
+                )
+            )
+        if len(rows) > 1:
+            break
+    assert len(rows) == 1
+    row = orjson.loads(rows.pop())
+    assert row["status"] == source.closed.status
+    assert row["task"] == source.opened.task
+    assert row["metadata"]["adapter_session"]["usage"] == source.closed.totals.model_dump()
+
+
+def _as_dict(value: object) -> object:
+    return {k: getattr(value, k) for k in value.__slots__}  # type: ignore[attr-defined]
+
+
+def test_step_row_output_and_metadata() -> None:
+    """Step output is text (JSON for non-strings, NULL for None) and metadata carries phase, seq, timings."""
+    step = generate(1, seed=4, retry_share=0).sessions[0].steps[0]
+    row = step_row(step)
+    assert row.metadata["phase"] == "plan"
+    assert row.metadata["seq"] == 1
+    assert row.metadata["duration_ms"] == round((step.finished_at - step.started_at).total_seconds() * 1000)
+    assert output_text("x") == "x"
+    assert output_text(None) is None
+    assert output_text({"a": [1]}) == '{"a":[1]}'
+
+
+def test_file_names_sort_and_stay_inside_dir(tmp_path: Path) -> None:
+    """Generated names sort by time, carry the ingestor id, and unsafe names or ids are refused."""
+    a = make_file_name("ing-1", 1, now=T0)
+    b = make_file_name("ing-1", 2, now=T0 + timedelta(microseconds=1))
+    assert a == "sessions-20261125T114233.123456Z-ing-1-000001.jsonl"
+    assert sorted([b, a]) == [a, b]
+    assert make_file_name("x", 3, now=T0, compression="zstd").endswith(".jsonl.zst")
+    assert safe_path(tmp_path, a) == tmp_path / a
+    for bad in ("../x", "a/b", "..", "x..y", "a\\b"):
+        with pytest.raises(ValueError, match="not a valid"):
+            make_file_name(bad, 1, now=T0)
+    for bad in (
+        "../etc/passwd",
+        "sessions-x.jsonl/../../y",
+        "/abs",
+        "",
+        "sessions-20261125T114233.123456Z-a-1.jsonl",
+    ):
+        with pytest.raises(ValueError, match="not a valid"):
+            check_file_name(bad)
+    assert name_of_tmp(tmp_path_of(tmp_path, a)) == a
+    assert name_of_tmp(recover_tmp_path(tmp_path, a, "abc123").name) == a
+    assert name_of_tmp(".something-else.tmp") is None
+    with pytest.raises(ValidationError):
+        IngestorSettings(ingestor_id="../evil")
+    with pytest.raises(ValidationError):
+        IngestorSettings(ingestor_id="a..b")
+
+
+def tmp_path_of(directory: Path, name: str) -> str:
+    return tmp_path(directory, name).name
+
+
+def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Prefetch defaults to twice the batch, env names are the documented ones, ids are unique per process."""
+    monkeypatch.setenv("JSONL_DIR", str(tmp_path))
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@h/db")
+    monkeypatch.setenv("BATCH_MAX_MESSAGES", "300")
+    settings = IngestorSettings()
+    assert settings.jsonl_dir == tmp_path
+    assert settings.database_url == "postgresql://u@h/db"
+    assert settings.prefetch_count == 600
+    assert IngestorSettings(prefetch=7).prefetch_count == 7
+    assert settings.ingestor_id != IngestorSettings().ingestor_id
+    assert (settings.batch_max_messages, IngestorSettings(batch_max_messages=1000).flush_interval_s) == (
+        300,
+        0.2,
+    )
+
+
+def test_roll_decisions() -> None:
+    """A file rolls when it holds a session and is big enough or old enough, never when empty."""
+    kw = {"max_bytes": 1000, "max_age_s": 60.0}
+    assert not should_roll(size=0, age_s=999, sessions=0, **kw)
+    assert not should_roll(size=999, age_s=59, sessions=5, **kw)
+    assert should_roll(size=1000, age_s=0, sessions=1, **kw)
+    assert should_roll(size=1, age_s=60, sessions=1, **kw)
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_appended_members_read_back(tmp_path: Path, compression: str) -> None:
+    """Each append is a self-contained gzip member / zstd frame, and the file reads back as all lines."""
+    name = make_file_name("t", 1, now=T0, compression=compression)  # type: ignore[arg-type]
+    path = tmp_path / name
+    path.write_bytes(compress(b'{"a":1}\n{"a":2}\n', compression) + compress(b'{"a":3}\n', compression))  # type: ignore[arg-type]
+    assert read_lines(path) == [b'{"a":1}', b'{"a":2}', b'{"a":3}']
+
+
+def _step(step_id: int, phase: str) -> dict[str, object]:
+    return {
+        "step_id": step_id,
+        "trace": f"t{step_id}",
+        "output": None if step_id == 2 else f"o{step_id}",
+        "attempts": 1,
+        "metadata": {"phase": phase, "description": f"d{step_id}", "seq": step_id + 1},
+        "adapter_session_id": "as-1",
+        "adapter_usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2, "calls": 1},
+        "adapter_events": [{"type": "tool_call"}],
+    }
+
+
+def test_line_from_rows() -> None:
+    """A line has the Atlas session shape (execute steps, phases, ISO times, adapter fields); stable."""
+    session = {
+        "id": 42,
+        "adapter_session_id": "as-1",
+        "task": "t",
+        "status": "succeeded",
+        "final_answer": None,
+        "metadata": {
+            "task_id": "T",
+            "execution_mode": "stepwise",
+            "adapter_session": {"adapter_session_id": "as-1"},
+        },
+        "created_at": T0,
+        "completed_at": T0 + timedelta(seconds=2),
+        "adapter_usage": {"calls": 4},
+        "adapter_events": None,
+        "plan": {"steps": [{"id": 1}, {"id": 2}]},
+    }
+    steps = [_step(3, "synthesize"), _step(2, "execute"), _step(0, "plan"), _step(1, "execute")]
+    line = build_line(session, steps)
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    assert build_line(session, list(reversed(steps))) == line
+    record = orjson.loads(line)
+    assert record["final_answer"] == ""
+    assert record["adapter_events"] == []
+    assert [s["step_id"] for s in record["steps"]] == [1, 2]
+    assert record["steps"][1]["output"] == ""
+    assert record["steps"][0]["usage"] == record["steps"][0]["adapter_usage"]
+    meta = record["session_metadata"]
+    assert (meta["session_id"], meta["status"], meta["task_id"]) == (42, "succeeded", "T")
+    assert meta["created_at"] == "2026-11-25T11:42:33.123456+00:00"
+    assert [s["step_id"] for s in meta["adapter_session"]["phases"]["plan"]] == [0]
+    assert [s["step_id"] for s in meta["adapter_session"]["phases"]["synthesize"]] == [3]
+    assert record["execution_mode"] == "stepwise"
+    assert record["adapter_session_id"] == "as-1"
+    assert record["adapter_usage"] == {"calls": 4}
+    assert session["metadata"]["adapter_session"] == {"adapter_session_id": "as-1"}  # input untouched
+
+
+def test_error_classification() -> None:
+    """Data errors bisect (MessageRejected); connection, deadlock and schema errors hold the batch."""
+    assert isinstance(classify(asyncpg.CharacterNotInRepertoireError("nul")), MessageRejected)
+    assert isinstance(classify(asyncpg.UntranslatableCharacterError("nul")), MessageRejected)
+    assert isinstance(classify(asyncpg.NotNullViolationError("x")), MessageRejected)
+    for err in (
+        asyncpg.ConnectionDoesNotExistError("x"),
+        asyncpg.DeadlockDetectedError("x"),
+        asyncpg.UndefinedTableError("x"),
+        asyncpg.AdminShutdownError("x"),
+        ConnectionRefusedError(),
+        TimeoutError(),
+        asyncpg.InterfaceError("closed"),
+    ):
+        assert isinstance(classify(err), DatabaseUnavailable), err
+
+
+@dataclass(frozen=True)
+class _Item:
+    n: int
+    weight: int
+
+
+async def test_collect_flushes_on_size_or_age() -> None:
+    """A batch closes at batch_max_messages records or flush_interval_s after its first, whichever first."""
+    sink: asyncio.Queue[_Item] = asyncio.Queue()
+    for i in range(7):
+        sink.put_nowait(_Item(i, 2 if i == 1 else 1))
+    assert [x.n for x in await collect(sink, max_messages=5, flush_interval_s=10, wait_s=1)] == [0, 1, 2, 3]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert [x.n for x in await collect(sink, max_messages=5, flush_interval_s=0.1, wait_s=1)] == [4, 5, 6]
+    assert 0.09 <= loop.time() - started < 1
+    assert await collect(sink, max_messages=5, flush_interval_s=0.1, wait_s=0.05) == []
