@@ -21,7 +21,7 @@ from pathlib import Path
 import asyncpg
 from tqdm import tqdm
 
-from atlas_common import Topology, redact_url
+from atlas_common import Topology, configure_logging, redact_url
 from bench._services import HOW_TO_GET_SERVICES, ROOT, ensure_services
 from bench._stack import delete_topology, jsonl_stats, percentile
 from migrations import apply_migrations
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--demo-latency-s", type=float, default=0.0, help="simulated LLM latency per call")
     args = parser.parse_args(argv)
+    configure_logging(level="WARNING")
     run = Run(
         amqp_url=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
         database_url=os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),

@@ -41,7 +41,7 @@ _log = structlog.get_logger("ingestor.service")
 
 _IDLE_WAIT_S: Final = 0.5
 _PING_INTERVAL_S: Final = 5.0
-_SCHEMA_VERSION_NEEDED: Final = 4  # migrations up to 004_ingestor
+_SCHEMA_VERSION_NEEDED: Final = 6  # migrations up to 006_stored_at
 
 
 @dataclass(frozen=True, slots=True)

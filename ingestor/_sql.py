@@ -112,7 +112,7 @@ LIMIT $1
 # present: nothing about the row changes after that, so its line is final. Runs under the session row locks
 # of the batch, so the assignment happens exactly once, in the transaction that completes the session.
 ASSIGN: Final = """
-UPDATE sessions AS s SET export_file = $2
+UPDATE sessions AS s SET export_file = $2, stored_at = now()
 WHERE s.id = ANY($1::int4[])
   AND s.export_file IS NULL
   AND s.status IN ('succeeded', 'failed')
@@ -186,8 +186,9 @@ LIMIT $5
 SCHEMA_CHECK: Final = """
 SELECT count(*) FROM information_schema.columns
 WHERE table_schema = current_schema()
-  AND ((table_name = 'sessions' AND column_name IN ('adapter_session_id', 'task_id', 'export_file'))
+  AND ((table_name = 'sessions'
+        AND column_name IN ('adapter_session_id', 'task_id', 'export_file', 'stored_at'))
        OR (table_name = 'jsonl_files' AND column_name = 'owner_token')
        OR (table_name = 'plans' AND column_name = 'plan'))
 """
-SCHEMA_CHECK_EXPECTED: Final = 5
+SCHEMA_CHECK_EXPECTED: Final = 6
