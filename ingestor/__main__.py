@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from atlas_common import configure_logging
 from ingestor._errors import ConfigError, IngestorError
 from ingestor._export import export_sessions, parse_time
+from ingestor._metrics import IngestorMetrics
 from ingestor._service import Ingestor
 from ingestor._settings import IngestorSettings
 
@@ -44,7 +45,10 @@ async def _serve(settings: IngestorSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await Ingestor(settings).run(stop)
+    metrics = IngestorMetrics()
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port)
+    await Ingestor(settings, metrics=metrics).run(stop)
 
 
 def main(argv: list[str] | None = None) -> int:

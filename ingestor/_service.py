@@ -32,6 +32,7 @@ from ingestor._errors import (
 )
 from ingestor._jsonl import RollingJsonl
 from ingestor._liveness import Liveness
+from ingestor._metrics import IngestorMetrics
 from ingestor._recovery import Recoverer
 from ingestor._settings import IngestorSettings
 from ingestor._store import Store
@@ -85,8 +86,9 @@ class _Health:
 class Ingestor:
     """One ingestor process. ``run(stop)`` returns after a clean shutdown once ``stop`` is set."""
 
-    def __init__(self, settings: IngestorSettings) -> None:
+    def __init__(self, settings: IngestorSettings, *, metrics: IngestorMetrics | None = None) -> None:
         self._settings = settings
+        self.metrics = metrics or IngestorMetrics()
         self._stop = asyncio.Event()
         self._stop_at: float | None = None
         self._health = _Health(settings.db_down_log_interval_s)
@@ -175,6 +177,8 @@ class Ingestor:
                 (incoming.delivery, r.body, f"record {r.index}: {r.error}", None) for r in incoming.rejects
             )
             decoded.extend(Decoded(incoming.delivery, m, incoming.bare) for m in incoming.records)
+        started = time.perf_counter()
+        exported_before = self.stats["exported"]
         try:
             refused = await self._write(decoded, store, liveness, jsonl)
             dead.extend((d.delivery, d.body, reason, d.message.adapter_session_id) for d, reason in refused)
@@ -198,6 +202,13 @@ class Ingestor:
         self.stats["batches"] += 1
         self.stats["messages"] += len(decoded)
         self.stats["dead_lettered"] += len(dead)
+        self.metrics.observe_batch(
+            records=len(decoded),
+            dead=len(dead),
+            exported=self.stats["exported"] - exported_before,
+            seconds=time.perf_counter() - started,
+            oldest=min((d.message.emitted_at for d in decoded), default=None),
+        )
 
     # --- housekeeping -----------------------------------------------------------------------------------
 

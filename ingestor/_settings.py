@@ -49,6 +49,8 @@ class IngestorSettings(BrokerSettings):
     jsonl_max_age_s: float = Field(default=300.0, gt=0)
     jsonl_compression: Compression = "none"
 
+    metrics_port: int | None = Field(default=None, ge=1, le=65_535, validation_alias="INGESTOR_METRICS_PORT")
+    """Serve Prometheus metrics on this port (off when unset)."""
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     db_connect_timeout_s: float = Field(default=5.0, gt=0)
     db_command_timeout_s: float = Field(default=60.0, gt=0)

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 
+import orjson
 import pytest
 
 from atlas_common import REASON_HEADER
@@ -134,6 +135,10 @@ async def test_failing_adapter_retries_with_backoff_then_dead_letters(pipeline: 
     assert "the agent endpoint is broken" in str(dead[0].headers[REASON_HEADER])
     rows = await pipeline.ledger()
     assert [(r["state"], r["attempts"]) for r in rows] == [("dead", 3)]
+    failures = [orjson.loads(line) for line in pipeline.log_of("w1").splitlines() if '"task_failed"' in line]
+    assert len(failures) == 3
+    assert {f["adapter_session_id"] for f in failures} == {o.adapter_session_id for o in opened}
+    assert {f["task_id"] for f in failures} == {"doomed"}
 
 
 async def test_poison_messages_are_dead_lettered_while_good_tasks_flow(pipeline: PipelineStack) -> None:

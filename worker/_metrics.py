@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from worker._policy import Ack, DeadLetter, Outcome, Requeue, Retry
+from worker._telemetry import TelemetryPublisher
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 
@@ -22,6 +23,23 @@ class WorkerMetrics:
             "Task wall time from delivery to settle",
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
+        )
+        self.session_seconds = Histogram(
+            "atlas_worker_session_seconds",
+            "Adapter session wall time, open to close",
+            ["status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.step_seconds = Histogram(
+            "atlas_worker_step_seconds",
+            "Adapter step call time",
+            ["phase"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "atlas_worker_tokens", "Tokens reported by adapters", ["kind"], registry=self.registry
         )
         self.infra_errors = Counter(
             "atlas_worker_infrastructure_errors",
@@ -43,6 +61,19 @@ class WorkerMetrics:
                 label = "requeued"
         self.tasks.labels(outcome=label).inc()
         self.task_seconds.observe(seconds)
+
+    def observe_session(self, publisher: TelemetryPublisher) -> None:
+        """Session, step and token figures from what the publisher saw of one session."""
+        for phase, seconds in publisher.step_seconds:
+            self.step_seconds.labels(phase=phase).observe(seconds)
+        close = publisher.close
+        if close is None or publisher.opened_at is None:
+            return
+        self.session_seconds.labels(status=close.status).observe(
+            max(0.0, (close.closed_at - publisher.opened_at).total_seconds())
+        )
+        self.tokens.labels(kind="prompt").inc(close.totals.prompt_tokens)
+        self.tokens.labels(kind="completion").inc(close.totals.completion_tokens)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)

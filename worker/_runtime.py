@@ -244,6 +244,15 @@ class Worker:
             return Ack(duplicate=True)
         publisher = TelemetryPublisher(exchange, task, adapter=adapter_name, attempt=claim.attempt)
         try:
+            return await self._run_session(task, student, publisher, retries)
+        finally:
+            self._metrics.observe_session(publisher)
+
+    async def _run_session(
+        self, task: TaskMessage, student: Student, publisher: TelemetryPublisher, retries: int
+    ) -> Outcome:
+        ledger = self._running().ledger
+        try:
             async with asyncio.timeout(self._settings.task_timeout_s):
                 result = await student.run(
                     task.task, task.execution_mode, task_id=task.task_id, observer=publisher
@@ -256,15 +265,15 @@ class Worker:
         except asyncio.CancelledError:
             await self._abandon(publisher)
             raise
-        with bound_contextvars(adapter_session_id=result.adapter_session_id):
-            await publisher.flush()
-            close = publisher.close
-            if close is None:
-                raise TelemetryError("the Student finished without reporting a close")
-            await ledger.succeed(task.task_id, result.adapter_session_id, encode(close))
-            publisher.publish_close()
-            await publisher.flush()
-            log.debug("task_succeeded", steps=publisher.steps)
+        # (The publisher bound adapter_session_id to this task's log context when the session opened.)
+        await publisher.flush()
+        close = publisher.close
+        if close is None:
+            raise TelemetryError("the Student finished without reporting a close")
+        await ledger.succeed(task.task_id, result.adapter_session_id, encode(close))
+        publisher.publish_close()
+        await publisher.flush()
+        log.debug("task_succeeded", steps=publisher.steps)
         return Ack()
 
     async def _failed(
@@ -275,8 +284,7 @@ class Worker:
         outcome = after_failure(self._topology, reason, retries)
         state = "retrying" if isinstance(outcome, Retry) else "dead"
         await self._running().ledger.settle(task.task_id, state, reason)
-        with bound_contextvars(adapter_session_id=publisher.adapter_session_id):
-            log.info("task_failed", reason=reason, retries=retries, next=state)
+        log.info("task_failed", reason=reason, retries=retries, next=state)
         return outcome
 
     def _running(self) -> _Live:

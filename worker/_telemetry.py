@@ -8,8 +8,10 @@ then publishes the close (see ``worker._runtime``), so a lost ack never re-runs 
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 import aiormq
+import structlog
 from aio_pika.exceptions import AMQPError
 
 from schemas import (
@@ -40,11 +42,16 @@ class TelemetryPublisher:
         self._attempt = attempt
         self._pending: list[asyncio.Future[None]] = []
         self.adapter_session_id: str | None = None
+        self.opened_at: datetime | None = None
+        self.step_seconds: list[tuple[str, float]] = []
         self.steps = 0
         self.close: SessionClosed | None = None
 
     async def opened(self, info: OpenedInfo) -> None:
         self.adapter_session_id = info.adapter_session_id
+        self.opened_at = info.opened_at
+        # Every log line of the rest of this task (its own asyncio task context) names the session.
+        structlog.contextvars.bind_contextvars(adapter_session_id=info.adapter_session_id)
         fields = info.as_fields()
         # The wire names the adapter as the worker's registry does (what tasks ask for).
         fields.update(adapter=self._adapter, attempt=self._attempt, task_metadata=self._task.metadata)
@@ -52,6 +59,7 @@ class TelemetryPublisher:
 
     async def step(self, record: StepReport) -> None:
         self.steps = record.seq
+        self.step_seconds.append((record.phase, (record.finished_at - record.started_at).total_seconds()))
         self._send(StepRecorded(**record.as_fields()))
 
     async def closed(self, report: CloseReport) -> None:
