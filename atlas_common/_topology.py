@@ -17,12 +17,16 @@ plugin is needed; expired messages dead-letter back into the tasks exchange.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Final, Literal
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+from aio_pika.exceptions import AMQPError
 
+_AMQP_ERRORS: Final = (AMQPError, aiormq.exceptions.AMQPError)
 TASK_ROUTING_KEY: Final = "task"
 DEAD_TASK_ROUTING_KEY: Final = "task"
 DEAD_TELEMETRY_ROUTING_KEY: Final = "telemetry"
@@ -82,6 +86,31 @@ class Topology:
 
     def retry_delays_ms(self) -> list[int]:
         return sorted({self.retry_delay_ms(a) for a in range(1, self.max_attempts)})
+
+    def queue_names(self) -> list[str]:
+        """Every queue this topology declares (for status output and for tearing a test run down)."""
+        return [
+            self.tasks_queue,
+            *(self.retry_queue(d) for d in self.retry_delays_ms()),
+            self.dead_tasks_queue,
+            self.ingestor_queue,
+            self.dead_telemetry_queue,
+        ]
+
+    def exchange_names(self) -> list[str]:
+        return [self.tasks_exchange, self.retry_exchange, self.dead_exchange, self.telemetry_exchange]
+
+    async def delete(self, connection: AbstractConnection) -> None:
+        """Delete every queue and exchange of this topology (missing ones are fine): for runs that used a
+        prefix of their own. A channel per call, since a failed delete closes its channel."""
+        for name in self.queue_names():
+            channel = await connection.channel()
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await channel.queue_delete(name)
+        for name in self.exchange_names():
+            channel = await connection.channel()
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await channel.exchange_delete(name)
 
     def _durable_args(self) -> dict[str, aio_pika.abc.FieldValue]:
         return {"x-queue-type": self.queue_type}

@@ -45,27 +45,7 @@ def jsonl_stats(directory: Path) -> tuple[int, int]:
 
 async def delete_topology(amqp_url: str, topology: Topology) -> None:
     """Remove a run's queues and exchanges (runs use a prefix of their own)."""
-    queues = [
-        topology.tasks_queue,
-        topology.dead_tasks_queue,
-        topology.dead_telemetry_queue,
-        topology.ingestor_queue,
-        *(topology.retry_queue(d) for d in topology.retry_delays_ms()),
-    ]
-    exchanges = [
-        topology.tasks_exchange,
-        topology.retry_exchange,
-        topology.dead_exchange,
-        topology.telemetry_exchange,
-    ]
     with contextlib.suppress(*BROKER_ERRORS):
         connection = await aio_pika.connect(amqp_url, timeout=5)
         async with connection:
-            for name in queues:
-                channel = await connection.channel()
-                with contextlib.suppress(*BROKER_ERRORS):
-                    await channel.queue_delete(name)
-            for name in exchanges:
-                channel = await connection.channel()
-                with contextlib.suppress(*BROKER_ERRORS):
-                    await channel.exchange_delete(name)
+            await topology.delete(connection)

@@ -7,7 +7,6 @@ order and never see each other's queues or rows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from atlas_common import Topology
+from bench._stack import delete_topology
 from producer import Producer
 from schemas import SessionClosed, SessionOpened, StepRecorded, TaskMessage, decode_telemetry_batch
 
@@ -191,30 +191,7 @@ class PipelineStack:
 
     async def delete_topology(self) -> None:
         """Remove every queue and exchange this stack's prefix created."""
-        topology = self.topology
-        queues = [
-            topology.tasks_queue,
-            topology.dead_tasks_queue,
-            topology.dead_telemetry_queue,
-            topology.ingestor_queue,
-            *(topology.retry_queue(d) for d in topology.retry_delays_ms()),
-        ]
-        exchanges = [
-            topology.tasks_exchange,
-            topology.retry_exchange,
-            topology.dead_exchange,
-            topology.telemetry_exchange,
-        ]
-        connection = await aio_pika.connect(self.amqp_url)
-        async with connection:
-            for name in queues:
-                channel = await connection.channel()
-                with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                    await channel.queue_delete(name)
-            for name in exchanges:
-                channel = await connection.channel()
-                with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                    await channel.exchange_delete(name)
+        await delete_topology(self.amqp_url, self.topology)
 
 
 def ledger_counts(rows: Iterable[Any]) -> dict[str, int]:

@@ -35,7 +35,7 @@ from tests._ingest_env import (
     wait_for_rows,
 )
 from tests._ingest_gen import BAD_RECORD, INVALID_BODIES, bodies, generate, publish
-from tests._ingest_proxy import TcpProxy
+from tests._proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from atlas_common import REASON_HEADER
 from schemas import SessionClosed, SessionOpened, TaskMessage
 from tests._pipeline import PipelineStack, TelemetryLog, ledger_counts
+from tests._proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -168,18 +170,16 @@ async def test_poison_messages_are_dead_lettered_while_good_tasks_flow(pipeline:
 async def test_worker_survives_a_broker_connection_drop(pipeline: PipelineStack) -> None:
     """The worker's broker connection is cut mid-run: it reconnects by itself and every task still ends
     with exactly one succeeded session."""
-    from tests._proxy import TcpProxy
-
-    host, port = "127.0.0.1", 5672
-    if "@" in pipeline.amqp_url:
-        hostport = pipeline.amqp_url.split("@", 1)[1].split("/", 1)[0]
-        host, _, p = hostport.partition(":")
-        port = int(p or 5672)
+    broker = urlsplit(pipeline.amqp_url)
     ids = await pipeline.submit(_tasks(200, "drop"))
-    async with TcpProxy(host, port) as proxy:
-        url = pipeline.amqp_url.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")
+    async with TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672) as proxy:
         pipeline.start_worker(
-            "w1", "--adapter", "slow=tests._adapters:Slow", "--concurrency", "20", AMQP_URL=url
+            "w1",
+            "--adapter",
+            "slow=tests._adapters:Slow",
+            "--concurrency",
+            "20",
+            AMQP_URL=proxy.proxied_url(pipeline.amqp_url),
         )
         log = await pipeline.read_telemetry(
             TelemetryLog(), until=lambda lg: len(lg.closes()) >= 20, timeout_s=60
