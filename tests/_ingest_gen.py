@@ -14,8 +14,10 @@ import orjson
 
 from atlas_common import Topology
 from schemas import (
+    Phase,
     SessionClosed,
     SessionOpened,
+    SessionStatus,
     StepRecorded,
     TelemetryMessage,
     Usage,
@@ -60,7 +62,7 @@ class Generated:
         for s in self.sessions:
             key = (s.attempt, s.opened.opened_at)
             latest[s.task_id] = max(latest.get(s.task_id, key), key)
-        out = {}
+        out: dict[str, str] = {}
         for s in self.sessions:
             if s.closed is not None:
                 out[s.adapter_session_id] = s.closed.status
@@ -98,7 +100,7 @@ def _session(rng: random.Random, task_id: str, attempt: int, t0: datetime, *, ki
     steps: list[StepRecorded] = []
     total = Usage()
     all_events: list[dict[str, object]] = []
-    specs = [(0, "plan", "make a plan", plan)]
+    specs: list[tuple[int, Phase, str, object]] = [(0, "plan", "make a plan", plan)]
     specs += [
         (i, "execute", f"do part {i}", rng.choice([f"result {i}", {"value": i}, [i, i], None]))
         for i in range(1, k + 1)
@@ -131,7 +133,8 @@ def _session(rng: random.Random, task_id: str, attempt: int, t0: datetime, *, ki
         all_events.extend(events)
     if killed:
         return GenSession(asid, task_id, attempt, opened, steps[: rng.randint(0, len(steps))], None)
-    status = rng.choices(["succeeded", "failed", "abandoned"], weights=[75, 15, 10])[0]
+    statuses: list[SessionStatus] = ["succeeded", "failed", "abandoned"]
+    status = rng.choices(statuses, weights=[75, 15, 10])[0]
     t += timedelta(milliseconds=5)
     closed = SessionClosed(
         adapter_session_id=asid,

@@ -10,12 +10,13 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 import pytest
 
-from atlas_common import REASON_HEADER, SOURCE_HEADER
+from atlas_common import REASON_HEADER, SOURCE_HEADER, Topology
 from ingestor import read_lines
 from tests._ingest_env import (
     check_against_generated,
@@ -41,8 +42,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def cleanup(amqp_url: str) -> AsyncIterator[list]:
-    topologies: list = []
+async def cleanup(amqp_url: str) -> AsyncIterator[list[Topology]]:
+    topologies: list[Topology] = []
     yield topologies
     for topology in topologies:
         await delete_topology(amqp_url, topology)
@@ -181,7 +182,7 @@ async def ingested(make_database, amqp_url: str, tmp_path_factory: pytest.TempPa
     await delete_topology(amqp_url, settings.topology())
 
 
-def _trainer_session(record: dict) -> dict:
+def _trainer_session(record: dict[str, Any]) -> dict[str, Any]:
     """Read a line the way the Atlas trainers do (per the export-format note): required keys, step core
     keys, every other step key folded into the step metadata."""
     core = {

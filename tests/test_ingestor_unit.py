@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypedDict
 
 import asyncpg
 import orjson
@@ -30,6 +31,7 @@ from ingestor._files import (
 )
 from ingestor._rows import apply_change, output_text, step_row
 from ingestor._store import classify
+from schemas import TelemetryMessage
 from tests._ingest_gen import generate
 
 T0 = datetime(2026, 11, 25, 11, 42, 33, 123456, tzinfo=UTC)
@@ -65,7 +67,8 @@ def test_merge_batch_dedupes_and_sorts() -> None:
 def test_session_row_is_order_independent() -> None:
     """Applying a session's opened and closed in any batching and order gives the same row."""
     source = generate(1, seed=3, retry_share=0).sessions[0]
-    messages = [source.opened, *source.steps, source.closed]
+    assert source.closed is not None
+    messages: list[TelemetryMessage] = [source.opened, *source.steps, source.closed]
     rows = set()
     for order in itertools.permutations(messages):
         for cut in range(1, len(order) + 1):
@@ -154,9 +157,14 @@ def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     )
 
 
+class _RollLimits(TypedDict):
+    max_bytes: int
+    max_age_s: float
+
+
 def test_roll_decisions() -> None:
     """A file rolls when it holds a session and is big enough or old enough, never when empty."""
-    kw = {"max_bytes": 1000, "max_age_s": 60.0}
+    kw: _RollLimits = {"max_bytes": 1000, "max_age_s": 60.0}
     assert not should_roll(size=0, age_s=999, sessions=0, **kw)
     assert not should_roll(size=999, age_s=59, sessions=5, **kw)
     assert should_roll(size=1000, age_s=0, sessions=1, **kw)
@@ -187,7 +195,7 @@ def _step(step_id: int, phase: str) -> dict[str, object]:
 
 def test_line_from_rows() -> None:
     """A line has the Atlas session shape (execute steps, phases, ISO times, adapter fields); stable."""
-    session = {
+    session: dict[str, Any] = {
         "id": 42,
         "adapter_session_id": "as-1",
         "task": "t",
