@@ -108,6 +108,11 @@ class PipelineStack:
             report = await producer.submit_many(list(tasks))
         return report.task_ids
 
+    async def declare(self) -> None:
+        """Declare the task topology (what any producer or worker of this stack would declare)."""
+        async with Producer(self.amqp_url, self.topology):
+            pass
+
     async def publish_raw(self, body: bytes, *, message_id: str = "raw") -> None:
         connection = await aio_pika.connect(self.amqp_url)
         async with connection:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from datetime import timedelta
 from types import TracebackType
 from typing import Final, Self
 
@@ -32,15 +33,20 @@ _CONNECTION_ERRORS: Final = (
 )
 _MAX_GROUP: Final = 500
 
+# A claim wins unless the task already succeeded, or it is running right now and this delivery may not
+# take it over. Takeover is for redeliveries and retries (the earlier run is dead or failed); a fresh
+# message for a running task is a duplicate submission racing the live run. A 'running' row older than
+# the stale limit (no task runs longer than the task timeout) is taken over by anyone: its run is gone.
 _CLAIM: Final = """
 INSERT INTO task_ledger AS l (task_id, state, attempts, worker_id)
-SELECT t, 'running', 1, $2 FROM unnest($1::text[]) AS t
+SELECT t, 'running', 1, $3 FROM unnest($1::text[]) AS t
 ON CONFLICT (task_id) DO UPDATE
     SET state = 'running', attempts = l.attempts + 1, worker_id = EXCLUDED.worker_id, updated_at = now()
     WHERE l.state <> 'succeeded'
+      AND (l.state <> 'running' OR l.task_id = ANY($2::text[]) OR l.updated_at < now() - $4::interval)
 RETURNING task_id, attempts
 """
-_DONE: Final = "SELECT task_id, close_message FROM task_ledger WHERE task_id = ANY($1::text[])"
+_REFUSED: Final = "SELECT task_id, state, close_message FROM task_ledger WHERE task_id = ANY($1::text[])"
 _SUCCEED: Final = """
 UPDATE task_ledger AS l
 SET state = 'succeeded', adapter_session_id = u.asid, close_message = u.close, last_error = NULL,
@@ -61,16 +67,18 @@ class LedgerUnavailable(WorkerError):
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """``attempt`` >= 1: run it. ``done``: it already succeeded (``close_message`` is its stored close)."""
+    """``attempt`` >= 1: run it. ``done``: it already succeeded (``close_message`` is its stored close).
+    ``busy``: another delivery of the same task is running right now (a duplicate submission)."""
 
     attempt: int
     done: bool = False
+    busy: bool = False
     close_message: bytes | None = None
 
 
 @dataclass(slots=True)
 class _Pending:
-    claims: list[tuple[str, asyncio.Future[Claim]]]
+    claims: list[tuple[str, bool, asyncio.Future[Claim]]]
     succeeded: list[tuple[str, str, bytes, asyncio.Future[None]]]
     settled: list[tuple[str, str, str | None, asyncio.Future[None]]]
 
@@ -79,7 +87,7 @@ class _Pending:
 
     def futures(self) -> list[asyncio.Future[Claim] | asyncio.Future[None]]:
         return [
-            *(f for _, f in self.claims),
+            *(f for _, _, f in self.claims),
             *(item[3] for item in self.succeeded),
             *(item[3] for item in self.settled),
         ]
@@ -93,8 +101,15 @@ class TaskLedger:
     """``async with TaskLedger(url) as ledger``: claim, succeed, settle; ``close()`` is safe twice."""
 
     def __init__(
-        self, database_url: str, *, worker_id: str, pool_size: int = 2, stopping: asyncio.Event | None = None
+        self,
+        database_url: str,
+        *,
+        worker_id: str,
+        stale_after_s: float,
+        pool_size: int = 2,
+        stopping: asyncio.Event | None = None,
     ) -> None:
+        self._stale_after = timedelta(seconds=stale_after_s)
         self._url = database_url
         self._worker_id = worker_id
         self._pool_size = pool_size
@@ -134,9 +149,11 @@ class TaskLedger:
         if pool is not None:
             await pool.close()
 
-    def claim(self, task_id: str) -> asyncio.Future[Claim]:
+    def claim(self, task_id: str, *, takeover: bool) -> asyncio.Future[Claim]:
+        """Claim a task to run it. ``takeover``: this delivery is a redelivery or a retry, so a 'running'
+        record belongs to a run that is over and may be taken over."""
         future: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
-        self._pending.claims.append((task_id, future))
+        self._pending.claims.append((task_id, takeover, future))
         self._wake.set()
         return future
 
@@ -210,7 +227,7 @@ class TaskLedger:
                 self._fail_all(group, LedgerUnavailable(f"ledger statement failed: {exc!r}"))
                 return
             else:
-                for task_id, future in group.claims:
+                for task_id, _, future in group.claims:
                     if not future.done():
                         future.set_result(claims[task_id])
                 for item in (*group.succeeded, *group.settled):
@@ -226,13 +243,17 @@ class TaskLedger:
     async def _claims(self, conn: asyncpg.Connection, group: _Pending) -> dict[str, Claim]:
         if not group.claims:
             return {}
-        ids = [task_id for task_id, _ in group.claims]
-        rows = await conn.fetch(_CLAIM, ids, self._worker_id)
+        ids = [task_id for task_id, _, _ in group.claims]
+        takeovers = [task_id for task_id, takeover, _ in group.claims if takeover]
+        rows = await conn.fetch(_CLAIM, ids, takeovers, self._worker_id, self._stale_after)
         claims = {row["task_id"]: Claim(attempt=row["attempts"]) for row in rows}
         missing = [t for t in ids if t not in claims]
         if missing:
-            for row in await conn.fetch(_DONE, missing):
-                claims[row["task_id"]] = Claim(attempt=0, done=True, close_message=row["close_message"])
+            for row in await conn.fetch(_REFUSED, missing):
+                done = row["state"] == "succeeded"
+                claims[row["task_id"]] = Claim(
+                    attempt=0, done=done, busy=not done, close_message=row["close_message"]
+                )
         return claims
 
     @staticmethod

@@ -94,6 +94,8 @@ class Worker:
         async with TaskLedger(
             settings.database_url,
             worker_id=settings.worker_id,
+            # No run outlives its task timeout, so an older 'running' record is a dead run's.
+            stale_after_s=settings.task_timeout_s * 1.1 + 30,
             pool_size=settings.ledger_pool_size,
             stopping=self._stopping,
         ) as ledger:
@@ -228,15 +230,23 @@ class Worker:
             log.warning("task_unknown_adapter_dead_lettered", task_id=task.task_id, adapter=task.adapter)
             return DeadLetter(reason)
         adapter_name, adapter = resolved
+        # A redelivery (its worker died or lost the broker) or a retry may take over a 'running' ledger
+        # record; a fresh message may not (it is a duplicate submission racing the live run).
+        takeover = bool(message.redelivered) or retries > 0
         with bound_contextvars(task_id=task.task_id):
-            return await self._run_task(task, adapter_name, Student(adapter), retries)
+            return await self._run_task(
+                task, adapter_name, Student(adapter), retries=retries, takeover=takeover
+            )
 
     async def _run_task(
-        self, task: TaskMessage, adapter_name: str, student: Student, retries: int
+        self, task: TaskMessage, adapter_name: str, student: Student, *, retries: int, takeover: bool
     ) -> Outcome:
         live = self._running()
         ledger, exchange = live.ledger, live.telemetry
-        claim = await ledger.claim(task.task_id)
+        claim = await ledger.claim(task.task_id, takeover=takeover)
+        if claim.busy:
+            log.info("task_duplicate_of_a_running_task_dropped")
+            return Ack(duplicate=True)
         if claim.done:
             if claim.close_message is not None:
                 await republish_close(exchange, claim.close_message)
