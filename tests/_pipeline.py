@@ -166,12 +166,19 @@ class PipelineStack:
                 got.append(message)
         return got
 
-    async def queue_depth(self, name: str) -> int:
+    async def queue_depth(self, name: str, *, expect: int | None = None, timeout_s: float = 5.0) -> int:
+        """Messages ready in ``name``. With ``expect``, poll until the count equals it or ``timeout_s``
+        passes: messages handed back (nack, channel close) reappear in a quorum queue a moment later."""
+        deadline = time.monotonic() + timeout_s
         connection = await aio_pika.connect(self.amqp_url)
         async with connection:
             channel = await connection.channel()
-            queue = await channel.declare_queue(name, passive=True)
-            return queue.declaration_result.message_count or 0
+            while True:
+                queue = await channel.declare_queue(name, passive=True)
+                depth = queue.declaration_result.message_count or 0
+                if expect is None or depth == expect or time.monotonic() > deadline:
+                    return depth
+                await asyncio.sleep(0.05)
 
     async def ledger(self) -> list[asyncpg.Record]:
         conn = await asyncpg.connect(self.database_url)

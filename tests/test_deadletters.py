@@ -101,7 +101,7 @@ async def test_list_shows_reasons_and_consumes_nothing(
     assert not info.broker_dead_lettered
     assert info.body_size == len(_task_body("t-1"))
     assert info.body_preview == _task_body("t-1").decode()[:80]
-    assert await pipeline.queue_depth(topology.dead_tasks_queue) == 3
+    assert await pipeline.queue_depth(topology.dead_tasks_queue, expect=3) == 3
 
 
 async def test_list_shows_broker_dead_letter_after_delivery_limit(
@@ -156,8 +156,8 @@ async def test_requeue_by_id_moves_exactly_those(pipeline: PipelineStack, channe
     assert (report.requeued, report.left, report.failed, report.examined) == (2, 1, 0, 3)
     assert sorted(i or "" for i in report.requeued_ids) == ["a", "c"]
     assert report.not_found_ids == []
-    assert await pipeline.queue_depth(topology.dead_tasks_queue) == 1
-    assert await pipeline.queue_depth(topology.tasks_queue) == 2
+    assert await pipeline.queue_depth(topology.dead_tasks_queue, expect=1) == 1
+    assert await pipeline.queue_depth(topology.tasks_queue, expect=2) == 2
     moved = await _drain(channel, topology.tasks_queue)
     assert sorted(m.message_id or "" for m in moved) == ["a", "c"]
     for message in moved:
@@ -183,8 +183,8 @@ async def test_dry_run_moves_nothing(pipeline: PipelineStack, channel: AbstractC
 
     assert report.dry_run
     assert (report.requeued, report.examined) == (2, 2)
-    assert await pipeline.queue_depth(topology.dead_tasks_queue) == 2
-    assert await pipeline.queue_depth(topology.tasks_queue) == 0
+    assert await pipeline.queue_depth(topology.dead_tasks_queue, expect=2) == 2
+    assert await pipeline.queue_depth(topology.tasks_queue, expect=0) == 0
     listing = await list_dead_letters(pipeline.amqp_url, topology)
     assert [d.message_id for d in listing.letters] == ["x", "y"]
 
@@ -217,7 +217,7 @@ async def test_requeue_telemetry_by_reason_uses_original_routing_key(
     assert back.message_id == "m1"
     assert back.routing_key == "session.opened"
     assert REASON_HEADER not in (back.headers or {})
-    assert await pipeline.queue_depth(pipeline.topology.dead_telemetry_queue) == 1
+    assert await pipeline.queue_depth(pipeline.topology.dead_telemetry_queue, expect=1) == 1
 
 
 async def test_unroutable_requeue_leaves_the_dead_letter(
@@ -250,7 +250,7 @@ async def test_requeue_without_target_exchange_fails_cleanly(pipeline: PipelineS
 
     with pytest.raises(DeadLetterError, match=r"exchange .*\.tasks does not exist"):
         await requeue_dead_letters(pipeline.amqp_url, pipeline.topology, Selection(all=True))
-    assert await pipeline.queue_depth(pipeline.topology.dead_tasks_queue) == 1
+    assert await pipeline.queue_depth(pipeline.topology.dead_tasks_queue, expect=1) == 1
 
 
 async def _cli(pipeline: PipelineStack, *args: str) -> tuple[int, str, str]:
@@ -294,8 +294,8 @@ async def test_cli_list_and_requeue(pipeline: PipelineStack, channel: AbstractCh
     assert rc == 1
     assert "requeued 1, left 1" in out
     assert "not found: nope" in out
-    assert await pipeline.queue_depth(pipeline.topology.tasks_queue) == 1
-    assert await pipeline.queue_depth(pipeline.topology.dead_tasks_queue) == 1
+    assert await pipeline.queue_depth(pipeline.topology.tasks_queue, expect=1) == 1
+    assert await pipeline.queue_depth(pipeline.topology.dead_tasks_queue, expect=1) == 1
 
 
 def test_describe_broker_headers() -> None:

@@ -21,7 +21,12 @@ def test_lines_without_ids_get_stable_content_ids() -> None:
     other = parse_lines([b'{"task": "summarise the other report"}'], max_bytes=10_000)
     assert first.tasks[0].task_id == again.tasks[0].task_id
     assert first.tasks[0].task_id != other.tasks[0].task_id
-    fields = {"task": "summarise the report", "execution_mode": "stepwise", "adapter": None, "metadata": {}}
+    fields: dict[str, object] = {
+        "task": "summarise the report",
+        "execution_mode": "stepwise",
+        "adapter": None,
+        "metadata": {},
+    }
     assert first.tasks[0].task_id == content_task_id(fields)
 
 

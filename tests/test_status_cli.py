@@ -124,7 +124,7 @@ async def test_status_json_shows_depths_counts_and_lag(pipeline: PipelineStack) 
     assert db["newest_jsonl_file"]["name"] == "new.jsonl"
     assert db["newest_jsonl_file"]["sessions"] == 7
     assert db["missing"] == []
-    assert await pipeline.queue_depth(topology.ingestor_queue) == 1
+    assert await pipeline.queue_depth(topology.ingestor_queue, expect=1) == 1
 
 
 async def test_status_text_table(pipeline: PipelineStack) -> None:
