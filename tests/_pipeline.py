@@ -100,6 +100,31 @@ class PipelineStack:
         self.procs.append(proc)
         return proc
 
+    @property
+    def jsonl_dir(self) -> Path:
+        return self.workdir / "jsonl"
+
+    def start_ingestor(self, name: str = "ingestor", **env: str) -> subprocess.Popen[bytes]:
+        """An ingestor process with fast timers, writing JSONL under ``self.jsonl_dir``."""
+        log = (self.workdir / f"{name}.log").open("ab")
+        settings = {
+            "JSONL_DIR": str(self.jsonl_dir),
+            "FLUSH_INTERVAL_S": "0.05",
+            "JSONL_MAX_AGE_S": "2",
+            "RECOVERY_INTERVAL_S": "1",
+            "SWEEP_INTERVAL_S": "2",
+        }
+        settings.update(env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ingestor", "run"],
+            env=self.env(**settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        self.procs.append(proc)
+        return proc
+
     def log_of(self, worker_id: str) -> str:
         return (self.workdir / f"{worker_id}.log").read_text(errors="replace")
 
