@@ -1,0 +1,155 @@
+"""Baselines: the task leg of Celery and of Dramatiq, each running a no-op task on the same broker.
+
+Method (:mod:`bench._harness`): pre-fill a queue of its own with N tasks (not timed), start the
+framework's worker as a subprocess, time the drain by polling the queue depth. What is measured is a
+framework's own cost per task: receive, decode, dispatch to a pool, run nothing, ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Final
+
+from bench._celery_app import TASK_NAME, make_app
+from bench._counts import total_runs
+from bench._dramatiq_app import ACTOR_NAME
+from bench._harness import Drain, Processes, QueueProbe, delete_queues, measure_drain, python_module, unique
+from bench._report import Result
+
+PREFETCH: Final = 64
+"""Messages in flight per worker process: the atlas worker's ``--concurrency 64`` is its prefetch."""
+CELERY_CONCURRENCY: Final = 2
+DRAMATIQ_PROCESSES: Final = 2
+DRAMATIQ_THREADS: Final = 8
+
+CELERY_NAME: Final = "baseline: celery task leg"
+DRAMATIQ_NAME: Final = "baseline: dramatiq task leg"
+
+
+def _celery_fill(amqp_url: str, queue: str, n: int) -> None:
+    app = make_app(amqp_url, queue, prefetch=PREFETCH, concurrency=CELERY_CONCURRENCY)
+    try:
+        with app.producer_pool.acquire(block=True) as producer:
+            for _ in range(n):
+                app.send_task(TASK_NAME, producer=producer)
+    finally:
+        app.close()
+
+
+def _dramatiq_fill(amqp_url: str, queue: str, n: int) -> None:
+    import dramatiq
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    broker = RabbitmqBroker(url=amqp_url)
+    try:
+        for _ in range(n):
+            broker.enqueue(
+                dramatiq.Message(queue_name=queue, actor_name=ACTOR_NAME, args=(), kwargs={}, options={})
+            )
+    finally:
+        broker.close()
+
+
+def _checked(name: str, drain: Drain, logdir: Path) -> Drain:
+    """The drain, once every task was consumed and really ran (the no-op tasks count themselves)."""
+    ran = total_runs(logdir / "counts")
+    if drain.consumed != drain.total or ran != drain.total:
+        raise RuntimeError(
+            f"{name}: {drain.consumed} of {drain.total} tasks consumed, {ran} ran; logs in {logdir}"
+        )
+    return drain
+
+
+async def celery_task_leg(amqp_url: str, n: int, logdir: Path, *, poll_s: float = 0.05) -> Result:
+    """Celery, prefork pool x 2, acks_late, prefetch 64, no heartbeat/gossip/mingle."""
+    queue = unique("atlas-bench-celery")
+    procs = Processes(logdir / queue)
+    (procs.logdir / "counts").mkdir(parents=True)
+    env = {
+        "BENCH_COUNT_DIR": str(procs.logdir / "counts"),
+        "BENCH_AMQP_URL": amqp_url,
+        "BENCH_CELERY_QUEUE": queue,
+        "BENCH_PREFETCH": str(PREFETCH),
+        "BENCH_CONCURRENCY": str(CELERY_CONCURRENCY),
+    }
+    argv = python_module(
+        "celery",
+        "-A",
+        "bench._celery_app",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(CELERY_CONCURRENCY),
+        "--without-heartbeat",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "WARNING",
+        "-Q",
+        queue,
+        "-n",
+        f"{queue}@%h",
+    )
+    try:
+        await asyncio.to_thread(_celery_fill, amqp_url, queue, n)
+        async with QueueProbe(amqp_url) as probe:
+            await probe.wait_depth(queue, n)
+            procs.spawn("celery", argv, env)
+            drain = _checked(
+                CELERY_NAME, await measure_drain(probe, queue, n, procs, poll_s=poll_s), procs.logdir
+            )
+    finally:
+        await asyncio.to_thread(procs.stop)
+        await delete_queues(amqp_url, [queue], [queue])
+    return Result(
+        CELERY_NAME,
+        "tasks/s",
+        drain.rate,
+        notes=(
+            f"celery worker, prefork --concurrency {CELERY_CONCURRENCY}, acks_late, prefetch "
+            f"{PREFETCH}, no-op task, classic queue; {drain.delivered:,} of {n:,} timed"
+        ),
+    )
+
+
+async def dramatiq_task_leg(amqp_url: str, n: int, logdir: Path, *, poll_s: float = 0.05) -> Result:
+    """Dramatiq, 2 processes x 8 threads, RabbitmqBroker, prefetch 64 per process."""
+    queue = unique("atlas-bench-dramatiq")
+    procs = Processes(logdir / queue)
+    (procs.logdir / "counts").mkdir(parents=True)
+    env = {
+        "BENCH_COUNT_DIR": str(procs.logdir / "counts"),
+        "BENCH_AMQP_URL": amqp_url,
+        "BENCH_DRAMATIQ_QUEUE": queue,
+        "dramatiq_queue_prefetch": str(PREFETCH),
+    }
+    argv = python_module(
+        "dramatiq",
+        "bench._dramatiq_app",
+        "--processes",
+        str(DRAMATIQ_PROCESSES),
+        "--threads",
+        str(DRAMATIQ_THREADS),
+    )
+    try:
+        await asyncio.to_thread(_dramatiq_fill, amqp_url, queue, n)
+        async with QueueProbe(amqp_url) as probe:
+            await probe.wait_depth(queue, n)
+            procs.spawn("dramatiq", argv, env)
+            drain = _checked(
+                DRAMATIQ_NAME, await measure_drain(probe, queue, n, procs, poll_s=poll_s), procs.logdir
+            )
+    finally:
+        await asyncio.to_thread(procs.stop)
+        await delete_queues(amqp_url, [queue, f"{queue}.DQ", f"{queue}.XQ"])
+    return Result(
+        DRAMATIQ_NAME,
+        "tasks/s",
+        drain.rate,
+        notes=(
+            f"dramatiq, {DRAMATIQ_PROCESSES} processes x {DRAMATIQ_THREADS} threads, prefetch {PREFETCH} "
+            f"per process, no-op actor, classic queue; {drain.delivered:,} of {n:,} timed"
+        ),
+    )

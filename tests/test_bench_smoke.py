@@ -1,0 +1,85 @@
+"""``python -m bench --smoke``: every row measured against the real services, and the report it renders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench._baselines import CELERY_NAME, DRAMATIQ_NAME
+from bench._ceilings import consume_name, copy_name, publish_name
+from bench._report import Machine, Result, combine_runs, render
+from bench._suite import SMOKE, Context, report, run_suite
+from bench._taskleg import taskleg_name, telemetry_name
+
+EXPECTED_ROWS = [
+    publish_name("quorum"),
+    consume_name("quorum"),
+    publish_name("classic"),
+    consume_name("classic"),
+    copy_name(logged=False),
+    copy_name(logged=True),
+    CELERY_NAME,
+    DRAMATIQ_NAME,
+    taskleg_name(1),
+    telemetry_name(1),
+    taskleg_name(2),
+    telemetry_name(2),
+    taskleg_name(1, "classic"),
+]
+
+
+def _machine() -> Machine:
+    return Machine(
+        cores=2,
+        ram_gib=4.0,
+        cpu="test cpu",
+        os="Linux",
+        python="CPython 3.11",
+        rabbitmq="3.13.0",
+        postgres="PostgreSQL 16",
+        packages={"aio-pika": "9.4"},
+        date="2026-01-01 00:00 UTC",
+        load_before="0.00 0.00 0.00",
+    )
+
+
+def test_render_rows_ratios_and_medians() -> None:
+    """render() has a table row per result, a ratio per baseline pair, and combine_runs() takes medians."""
+    runs = [
+        [Result("base", "tasks/s", 100.0), Result("ours", "tasks/s", 150.0, baseline="base", notes="a|b")],
+        [Result("base", "tasks/s", 300.0), Result("ours", "tasks/s", 180.0, baseline="base", notes="a|b")],
+        [Result("base", "tasks/s", 200.0), Result("ours", "tasks/s", 170.0, baseline="base", notes="a|b")],
+    ]
+    results = combine_runs(runs)
+    assert [(r.name, r.value) for r in results] == [("base", 200.0), ("ours", 170.0)]
+    text = render(results, _machine(), extra_ratios=[("base", "ours"), ("ours", "missing")])
+    assert "| ours | 170 | tasks/s | 0.85x base | median of 3 runs (150, 180, 170); run 1: a\\|b |" in text
+    assert "- ours vs base: 0.85x" in text
+    assert "- base vs ours: 1.18x" in text
+    assert "missing" not in text
+    assert "- RabbitMQ: 3.13.0" in text
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_smoke_benchmark_measures_every_row(
+    amqp_url: str, admin_database_url: str, tmp_path: Path
+) -> None:
+    """The smoke suite yields every row with a positive value and renders a BENCHMARKS-style report."""
+    ctx = Context(amqp_url, admin_database_url, SMOKE, tmp_path / "logs")
+    results, machine = await run_suite(ctx)
+    assert [r.name for r in results] == EXPECTED_ROWS
+    assert all(r.value > 0 for r in results), results
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(report(results, machine, sizes=SMOKE))
+    text = out.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(EXPECTED_ROWS)
+    for name in EXPECTED_ROWS:
+        assert any(line.startswith(f"| {name} |") for line in table), name
+    assert f"{taskleg_name(1)} vs {CELERY_NAME}: " in text
+    assert f"{taskleg_name(1)} vs {DRAMATIQ_NAME}: " in text
+    assert "## Machine" in text
+    assert machine.cores > 0
