@@ -22,6 +22,7 @@ from schemas import (
     StepRecorded,
     TaskMessage,
     decode_telemetry,
+    utcnow,
 )
 from worker._batcher import TelemetryBatcher
 from worker._errors import WorkerError
@@ -33,7 +34,15 @@ class TelemetryError(WorkerError):
 
 
 class TelemetryPublisher:
-    """A :class:`worker.SessionObserver` that turns reports into wire messages on the telemetry exchange."""
+    """A :class:`worker.SessionObserver` that turns reports into wire messages on the telemetry exchange.
+
+    Records are built with ``model_construct`` (no re-validation): the reports are typed dataclasses that
+    the Student filled within the wire limits (clipped strings, aware UTC times, normalised usage and
+    events), so validating them again would only cost CPU on the hottest path. The test
+    ``test_worker_records_validate`` keeps this honest by decoding what a real run emits. Every field with
+    a default factory is passed explicitly: pydantic's ``model_construct`` inspects the factory's signature
+    on each call otherwise, which costs more than the validation it skips.
+    """
 
     def __init__(self, batcher: TelemetryBatcher, task: TaskMessage, *, adapter: str, attempt: int) -> None:
         self._batcher = batcher
@@ -54,16 +63,22 @@ class TelemetryPublisher:
         structlog.contextvars.bind_contextvars(adapter_session_id=info.adapter_session_id)
         fields = info.as_fields()
         # The wire names the adapter as the worker's registry does (what tasks ask for).
-        fields.update(adapter=self._adapter, attempt=self._attempt, task_metadata=self._task.metadata)
-        self._send(SessionOpened(**fields))
+        fields.update(
+            adapter=self._adapter,
+            attempt=self._attempt,
+            task_metadata=self._task.metadata,
+            emitted_at=utcnow(),
+        )
+        self._send(SessionOpened.model_construct(**fields))
 
     async def step(self, record: StepReport) -> None:
         self.steps = record.seq
         self.step_seconds.append((record.phase, (record.finished_at - record.started_at).total_seconds()))
-        self._send(StepRecorded(**record.as_fields()))
+        self._send(StepRecorded.model_construct(**record.as_fields(), emitted_at=utcnow()))
 
     async def closed(self, report: CloseReport) -> None:
-        self.close = SessionClosed(**report.as_fields())
+        now = utcnow()
+        self.close = SessionClosed.model_construct(**report.as_fields(), emitted_at=now, closed_at=now)
 
     def close_instead(self, status: SessionStatus, reason: str) -> SessionClosed | None:
         """Re-state the close for a session cut short (timeout, shutdown); None if none was opened."""

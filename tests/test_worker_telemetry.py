@@ -1,0 +1,91 @@
+"""What the worker publishes is valid wire contract (records are built without re-validation)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from schemas import (
+    DecodeError,
+    SessionClosed,
+    SessionOpened,
+    StepRecorded,
+    TaskMessage,
+    decode_telemetry,
+    encode,
+)
+from worker import AdapterError, DemoAdapter, PythonAdapter, Student
+from worker._telemetry import TelemetryPublisher
+
+Record = SessionOpened | StepRecorded | SessionClosed
+
+
+class _Collecting:
+    """Stands in for the TelemetryBatcher: keeps every record and confirms it at once."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def send(self, record: Record) -> asyncio.Future[None]:
+        self.records.append(record)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+def _round_trips(record: Record) -> None:
+    body = encode(record)
+    assert encode(decode_telemetry(body)) == body
+
+
+async def test_worker_records_validate() -> None:
+    """Every record of a demo run (opened, steps, close) decodes under the contract, byte for byte."""
+    sink = _Collecting()
+    task = TaskMessage(task="Compare two retrieval strategies " * 50, metadata={"team": "rl"})
+    publisher = TelemetryPublisher(sink, task, adapter="demo", attempt=2)  # type: ignore[arg-type]
+    await Student(DemoAdapter()).run(task.task, task_id=task.task_id, observer=publisher)
+    publisher.publish_close()
+    await publisher.flush()
+    kinds = [r.kind for r in sink.records]
+    assert kinds[0] == "session.opened"
+    assert kinds[-1] == "session.closed"
+    assert set(kinds[1:-1]) == {"step"}
+    for record in sink.records:
+        _round_trips(record)
+    opened = sink.records[0]
+    assert isinstance(opened, SessionOpened)
+    assert (opened.adapter, opened.attempt, opened.task_metadata) == ("demo", 2, {"team": "rl"})
+
+
+class _Broken:
+    def on_step(self, metadata: dict[str, Any]) -> Any:
+        if metadata["phase"] == "execute":
+            raise ValueError("x" * 50_000)  # longer than the wire's reason limit
+        return {"steps": [{"id": 1, "description": "only step"}]}
+
+
+async def test_failed_and_cut_short_sessions_still_validate() -> None:
+    """An error step with a huge message, the failed close, and a re-stated abandoned close all decode."""
+    sink = _Collecting()
+    task = TaskMessage(task="t")
+    publisher = TelemetryPublisher(sink, task, adapter="broken", attempt=1)  # type: ignore[arg-type]
+    with pytest.raises(AdapterError):
+        await Student(PythonAdapter(_Broken)).run(task.task, task_id=task.task_id, observer=publisher)
+    publisher.publish_close()
+    close = publisher.close_instead("abandoned", "worker stopped")
+    assert close is not None
+    publisher.publish_close()
+    for record in sink.records:
+        _round_trips(record)
+    statuses = [r.status for r in sink.records if isinstance(r, SessionClosed)]
+    assert statuses == ["failed", "abandoned"]
+
+
+def test_a_bad_record_would_be_caught_at_decode() -> None:
+    """The guard the test above relies on: a constructed record that breaks the contract fails to decode."""
+    wrong: dict[str, Any] = {"phase": "dream", "started_at": None, "finished_at": None}
+    bad = StepRecorded.model_construct(adapter_session_id="s", task_id="t", seq=1, step_id=1, **wrong)
+    with pytest.raises(DecodeError):
+        decode_telemetry(encode(bad))
