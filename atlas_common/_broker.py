@@ -49,6 +49,9 @@ class BrokerConnection:
         await self.close()
 
     async def open(self) -> None:
+        """Connect (a no-op when already open, so ``open()`` then ``async with`` is one connection)."""
+        if self._connection is not None:
+            return
         self._connection = await aio_pika.connect(
             self._url, timeout=self._timeout, client_properties={"connection_name": self._name}
         )
