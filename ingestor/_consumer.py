@@ -45,6 +45,8 @@ BROKER_ERRORS: Final = (
     RuntimeError,
 )
 _PUBLISH_TIMEOUT_S: Final = 30.0
+_MIN_PREFETCH: Final = 8
+_LARGE: Final = 256 * 1024
 
 Delivery = AbstractIncomingMessage
 
@@ -72,6 +74,12 @@ def parse(delivery: Delivery, *, max_bytes: int) -> Incoming:
         return Incoming(delivery, [], [], err)
     bare = len(decoded.records) == 1 and not decoded.rejects and b'"records"' not in delivery.body
     return Incoming(delivery, decoded.records, decoded.rejects, None, bare)
+
+
+def prefetch_for(avg_message_bytes: float, max_in_flight_bytes: int, max_prefetch: int) -> int:
+    """The prefetch count that keeps about ``max_in_flight_bytes`` unacked, within [8, max_prefetch]."""
+    want = int(max_in_flight_bytes / max(avg_message_bytes, 1.0))
+    return max(_MIN_PREFETCH, min(want, max_prefetch))
 
 
 class Weighted(Protocol):
@@ -133,6 +141,15 @@ class Broker:
         self._queue: AbstractQueue | None = None
         self._dead: AbstractExchange | None = None
         self._consumer_tag: str | None = None
+        # Start as if every delivery were a full worker envelope (256 KiB) and grow as sizes are seen: the
+        # broker pushes a whole prefetch's worth the moment consuming starts.
+        self._prefetch = max(
+            _MIN_PREFETCH, min(settings.prefetch_count, settings.max_in_flight_bytes // _LARGE)
+        )
+        self._avg_bytes: float | None = None
+        self._seen = 0
+        self._adapting = False
+        self._stopped = False
 
     async def _connect(self) -> AbstractRobustConnection:
         """The first connection, retried (capped backoff) until it works or stop is set; aio-pika's robust
@@ -165,7 +182,7 @@ class Broker:
         try:
             channel = await self._connection.channel(publisher_confirms=True)
             self._channel = channel
-            await channel.set_qos(prefetch_count=self._settings.prefetch_count)
+            await channel.set_qos(prefetch_count=self._prefetch)
             self._queue = await topology.declare_ingestor(channel)
             self._dead = await topology.declare_dead_letters(channel)
         except BaseException:
@@ -175,7 +192,7 @@ class Broker:
             "broker.connected",
             url=redact_url(self._settings.amqp_url),
             queue=topology.ingestor_queue,
-            prefetch=self._settings.prefetch_count,
+            prefetch=self._prefetch,
         )
         return self
 
@@ -186,6 +203,52 @@ class Broker:
 
     async def _on_message(self, delivery: Delivery) -> None:
         self._sink.put_nowait(parse(delivery, max_bytes=self._settings.max_message_bytes))
+        await self._adapt_prefetch(len(delivery.body))
+
+    async def _adapt_prefetch(self, size: int) -> None:
+        """Keep about ``max_in_flight_bytes`` of deliveries in flight, whatever their size.
+
+        AMQP bounds what the broker pushes by message count only (RabbitMQ ignores prefetch-size), and a
+        delivery may be one record or an envelope of hundreds: a count that fills a batch with small
+        messages would hold gigabytes of large ones. So the count follows the average body size. RabbitMQ
+        applies a new per-consumer prefetch only to consumers started after it (and quorum queues refuse
+        the channel-wide kind), so a change re-subscribes: the old consumer's unacked deliveries stay
+        valid on the channel and are acked with the batch as usual.
+        """
+        self._avg_bytes = size if self._avg_bytes is None else 0.95 * self._avg_bytes + 0.05 * size
+        self._seen += 1
+        if self._seen % 32 or self._channel is None or self._queue is None or self._adapting:
+            return
+        want = prefetch_for(
+            self._avg_bytes, self._settings.max_in_flight_bytes, self._settings.prefetch_count
+        )
+        if want * 2 > self._prefetch and want < self._prefetch * 2:
+            return  # within a factor of 2: not worth re-subscribing
+        tag = self._consumer_tag
+        if tag is None:
+            return
+        self._adapting = True
+        try:
+            await self._channel.set_qos(prefetch_count=want)
+            await self._queue.cancel(tag)
+            if self._stopping():
+                return
+            new_tag = await self._queue.consume(self._on_message)
+            if self._stopping():  # stop() ran while we re-subscribed: stay stopped
+                await self._queue.cancel(new_tag)
+                return
+            self._consumer_tag = new_tag
+        except BROKER_ERRORS as err:
+            _log.warning("broker.prefetch_change_failed", error=repr(err))
+            return
+        finally:
+            self._adapting = False
+        _log.info("broker.prefetch_adapted", prefetch=want, avg_message_bytes=round(self._avg_bytes))
+        self._prefetch = want
+
+    def _stopping(self) -> bool:
+        # A method, not the attribute inline: stop() flips it while _adapt_prefetch awaits.
+        return self._stopped
 
     async def start(self) -> None:
         if self._queue is None or self._consumer_tag is not None:
@@ -194,6 +257,7 @@ class Broker:
 
     async def stop(self) -> None:
         """Stop consuming (deliveries already received stay in the sink); safe twice."""
+        self._stopped = True
         tag, self._consumer_tag = self._consumer_tag, None
         if tag is None or self._queue is None:
             return

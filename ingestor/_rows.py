@@ -9,7 +9,6 @@ everything it set, so the final row is what one in-order delivery gives.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -65,11 +64,12 @@ def stub_row(adapter_session_id: str, task_id: str, first_seen: datetime) -> Ses
 def _with_metadata(
     row: SessionRow, top: dict[str, Json], adapter_session: dict[str, Json]
 ) -> dict[str, Json]:
-    metadata = copy.deepcopy(row.metadata)
+    # Copies of the two dicts this changes, not a deep copy: the values themselves are never mutated, and a
+    # deep copy of every session's metadata was a quarter of the ingestor's CPU.
+    metadata = dict(row.metadata)
     metadata.update(top)
     nested = metadata.get("adapter_session")
-    if not isinstance(nested, dict):
-        nested = {"adapter_session_id": row.adapter_session_id}
+    nested = dict(nested) if isinstance(nested, dict) else {"adapter_session_id": row.adapter_session_id}
     nested.update(adapter_session)
     metadata["adapter_session"] = nested
     return metadata

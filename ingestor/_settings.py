@@ -40,6 +40,9 @@ class IngestorSettings(BrokerSettings):
     batch_max_messages: int = Field(default=1000, ge=1, le=_MAX_PREFETCH // 2)
     flush_interval_s: float = Field(default=0.2, gt=0, le=60)
     prefetch: int | None = Field(default=None, ge=1, le=_MAX_PREFETCH)
+    max_in_flight_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    """Unacked delivery bytes to aim for: the prefetch count adapts to the average message size, so a
+    backlog of large envelopes cannot fill memory (the count never exceeds ``prefetch``)."""
     """Unacked deliveries the broker may send ahead; default twice ``batch_max_messages``, so the next
     batch fills while one is being written. It also bounds memory while Postgres is down."""
     max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=1024)

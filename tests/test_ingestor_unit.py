@@ -268,3 +268,12 @@ async def test_collect_flushes_on_size_or_age() -> None:
     assert [x.n for x in await collect(sink, max_messages=5, flush_interval_s=0.1, wait_s=1)] == [4, 5, 6]
     assert 0.09 <= loop.time() - started < 1
     assert await collect(sink, max_messages=5, flush_interval_s=0.1, wait_s=0.05) == []
+
+
+def test_prefetch_follows_message_size() -> None:
+    """Small messages get the full prefetch, large envelopes a count that bounds the bytes in flight."""
+    from ingestor._consumer import prefetch_for
+
+    assert prefetch_for(500, 16 * 1024 * 1024, 2000) == 2000
+    assert prefetch_for(256 * 1024, 16 * 1024 * 1024, 2000) == 64
+    assert prefetch_for(50 * 1024 * 1024, 16 * 1024 * 1024, 2000) == 8
