@@ -243,3 +243,33 @@ async def _wait_unacked_zero(queue: str, deadline: float) -> None:
         if unacked == 0:
             return
         await asyncio.sleep(0.2)
+
+
+async def wait_consumption(
+    probe: QueueProbe,
+    queue: str,
+    total: int,
+    procs: Processes,
+    *,
+    poll_s: float = 0.02,
+    timeout_s: float = 120.0,
+) -> float:
+    """``time.time()`` at the first poll where the pre-filled ``queue`` (``total`` ready messages) holds
+    fewer: the started ``procs`` consume it, so their start-up is not part of what is timed next."""
+    deadline = time.monotonic() + timeout_s
+    while await probe.depth(queue) >= total:
+        procs.check_running()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing consumed {queue} within {timeout_s}s; logs in {procs.logdir}")
+        await asyncio.sleep(poll_s)
+    return time.time()
+
+
+def proc_status_kib(pid: int) -> dict[str, int]:
+    """The ``Vm*`` lines of ``/proc/<pid>/status`` in KiB (``VmRSS``, ``VmHWM``: the peak RSS, ...)."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key.startswith("Vm") and rest.strip().endswith("kB"):
+            values[key] = int(rest.split()[0])
+    return values

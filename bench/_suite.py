@@ -17,6 +17,9 @@ from typing import Final
 
 from bench._baselines import CELERY_NAME, DRAMATIQ_NAME, celery_task_leg, dramatiq_task_leg
 from bench._ceilings import QueueType, broker_ceilings, consume_name, copy_ceilings
+from bench._e2e import e2e_name, end_to_end
+from bench._ingest import SESSIONS_NAME, ingestor_alone
+from bench._memory import ingestor_peak_rss, worker_peak_rss
 from bench._report import Machine, Result, collect_machine, combine_runs, load_average, render
 from bench._taskleg import atlas_task_leg, taskleg_name
 
@@ -32,10 +35,58 @@ class Sizes:
     """How often task-leg rows poll the queue depth."""
     repeats: int = 1
     """Rounds of every group (interleaved, so a busy spell on the machine hits all rows); rows are medians."""
+    e2e_runs: tuple[tuple[int, float], ...] = ()
+    """End-to-end rows: (worker processes, simulated LLM latency per call in s)."""
+    e2e_tasks: int = 0
+    """N of the end-to-end rows without latency."""
+    e2e_latency_tasks: int = 0
+    """N of the end-to-end rows with latency."""
+    ingest_records: int = 0
+    """Records pre-filled for the ingestor-alone rows."""
+    rss_concurrency: int = 100
+    """Tasks in flight in the worker peak-RSS row (50 ms demo latency)."""
+    rss_seconds: float = 15.0
+    """How long the worker peak-RSS row keeps ``rss_concurrency`` tasks in flight."""
+    backlog_records: int = 0
+    """The ingestor peak-RSS row's backlog."""
+    backlog_seconds: float = 25.0
+    """How long the ingestor peak-RSS row consumes the backlog before its SIGTERM."""
+
+    def e2e_n(self, latency_s: float) -> int:
+        return self.e2e_latency_tasks if latency_s > 0 else self.e2e_tasks
 
 
-SMOKE: Final = Sizes(messages=1000, copy_rows=2000, tasks=2000, poll_s=0.02)
-FULL: Final = Sizes(messages=20_000, copy_rows=100_000, tasks=10_000, repeats=3)
+E2E_FULL_RUNS: Final = ((1, 0.0), (2, 0.0), (4, 0.0), (1, 0.05), (2, 0.05), (4, 0.05))
+RSS_LATENCY_S: Final = 0.05
+
+SMOKE: Final = Sizes(
+    messages=1000,
+    copy_rows=2000,
+    tasks=2000,
+    poll_s=0.02,
+    e2e_runs=((2, 0.0),),
+    e2e_tasks=200,
+    e2e_latency_tasks=200,
+    ingest_records=5000,
+    rss_concurrency=20,
+    rss_seconds=3.0,
+    backlog_records=20_000,
+    backlog_seconds=3.0,
+)
+FULL: Final = Sizes(
+    messages=20_000,
+    copy_rows=100_000,
+    tasks=10_000,
+    repeats=3,
+    e2e_runs=E2E_FULL_RUNS,
+    e2e_tasks=12_000,
+    e2e_latency_tasks=7_000,
+    ingest_records=100_000,
+    rss_concurrency=100,
+    rss_seconds=15.0,
+    backlog_records=1_000_000,
+    backlog_seconds=25.0,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +131,57 @@ async def atlas(ctx: Context) -> list[Result]:
     return results
 
 
+async def e2e(ctx: Context) -> list[Result]:
+    results = []
+    for workers, latency_s in ctx.sizes.e2e_runs:
+        # the tasks/s of 2 and 4 workers is compared with 1 worker's, where that row is measured too
+        one = 1 if (1, latency_s) in ctx.sizes.e2e_runs else None
+        results += await end_to_end(
+            ctx.amqp_url,
+            ctx.database_url,
+            ctx.sizes.e2e_n(latency_s),
+            ctx.logdir,
+            workers=workers,
+            latency_s=latency_s,
+            baseline_workers=one,
+        )
+    return results
+
+
+async def ingestor(ctx: Context) -> list[Result]:
+    return await ingestor_alone(ctx.amqp_url, ctx.database_url, ctx.sizes.ingest_records, ctx.logdir)
+
+
+async def memory(ctx: Context) -> list[Result]:
+    sizes = ctx.sizes
+    return [
+        await worker_peak_rss(
+            ctx.amqp_url,
+            ctx.database_url,
+            ctx.logdir,
+            concurrency=sizes.rss_concurrency,
+            latency_s=RSS_LATENCY_S,
+            seconds=sizes.rss_seconds,
+        ),
+        await ingestor_peak_rss(
+            ctx.amqp_url,
+            ctx.database_url,
+            ctx.logdir,
+            records=sizes.backlog_records,
+            seconds=sizes.backlog_seconds,
+        ),
+    ]
+
+
 Group = Callable[[Context], Awaitable[list[Result]]]
-GROUPS: Final[dict[str, Group]] = {"ceilings": ceilings, "baselines": baselines, "atlas": atlas}
+GROUPS: Final[dict[str, Group]] = {
+    "ceilings": ceilings,
+    "baselines": baselines,
+    "atlas": atlas,
+    "e2e": e2e,
+    "ingestor": ingestor,
+    "memory": memory,
+}
 
 EXTRA_RATIOS: Final = (
     (taskleg_name(1), DRAMATIQ_NAME),
@@ -90,6 +190,15 @@ EXTRA_RATIOS: Final = (
     (taskleg_name(2), taskleg_name(1)),
     (taskleg_name(1), consume_name("quorum")),
     (CELERY_NAME, consume_name("classic")),
+    # what the ingestor and the rest of the stack cost on top of the task leg (same worker processes)
+    (e2e_name(1, 0.0, "throughput"), taskleg_name(1)),
+    (e2e_name(2, 0.0, "throughput"), taskleg_name(2)),
+    # what a simulated 50 ms LLM call (x ~5 per task) costs at concurrency 100
+    (e2e_name(1, 0.05, "throughput"), e2e_name(1, 0.0, "throughput")),
+    (e2e_name(2, 0.05, "throughput"), e2e_name(2, 0.0, "throughput")),
+    # end to end against the ingestor alone (one session per task): how close the stack runs to its ingestor
+    (e2e_name(1, 0.0, "throughput"), SESSIONS_NAME),
+    (e2e_name(2, 0.0, "throughput"), SESSIONS_NAME),
 )
 
 METHOD: Final = """\
@@ -103,8 +212,22 @@ unacked message), stops the workers and checks that nothing is left in the queue
 a no-op task that only counts its runs (checked to be N), so their rows are the frameworks' own cost per
 task; the atlas rows run the full task leg
 (ledger claim + success in PostgreSQL, a demo adapter session, telemetry published and confirmed, then
-the ack). Ceilings use aio-pika / asyncpg directly with no framework. The machine is shared: the load
-average before and after says how busy it was."""
+the ack). Ceilings use aio-pika / asyncpg directly with no framework.
+
+End-to-end rows run the whole stack the way `./atlas run` does (`bench.mainjob.run_stack`): a fresh
+scratch database and topology prefix per row, one ingestor and W workers (processes); once every process
+consumes its queue, the producer publishes N demo tasks in one burst, stamping each task as it publishes
+it; a task is stored when its session is complete in PostgreSQL and assigned to a JSONL file
+(`sessions.stored_at`). tasks/s = N / (last stored - first submit); p50/p99 are of stored - submitted,
+so they include the wait in the queue behind the burst (about N / rate at the tail). The finalised JSONL
+must hold one line per task. The ingestor-alone rows pre-fill its queue with N records of demo-shaped
+sessions (7 records each, ~1 KB per record) as TelemetryBatch envelopes of one kind (<= 500 records /
+256 KiB, like a worker's), then time one `python -m ingestor run` from its first consumption (queue depth
+polled every 20 ms) to the queue empty and every session stored (the last `stored_at`). Peak RSS rows read
+`VmHWM` from `/proc/<pid>/status` after loading one process for a fixed window from its first
+consumption: a worker with more 50 ms demo tasks queued than it can finish (so `--concurrency` tasks are
+in flight throughout), and an ingestor on a pre-filled backlog that it need not drain (it is stopped with
+SIGTERM). The machine is shared: the load average before and after says how busy it was."""
 
 
 async def run_suite(ctx: Context, only: Sequence[str] | None = None) -> tuple[list[Result], Machine]:
@@ -137,8 +260,12 @@ def report(results: Sequence[Result], machine: Machine, *, sizes: Sizes) -> str:
     smoke = " (smoke sizes: not for comparison)" if sizes == SMOKE else ""
     sizes_line = (
         f"Sizes{smoke}: {sizes.messages:,} messages per broker ceiling, {sizes.copy_rows:,} COPY rows, "
-        f"{sizes.tasks:,} tasks per task-leg row; {sizes.repeats} round(s), rows are medians. "
-        "Higher is better everywhere except msgs/task."
+        f"{sizes.tasks:,} tasks per task-leg row, {sizes.e2e_tasks:,} tasks per end-to-end row without "
+        f"latency and {sizes.e2e_latency_tasks:,} with, {sizes.ingest_records:,} records for the ingestor "
+        f"alone, peak RSS of a worker at concurrency {sizes.rss_concurrency} for {sizes.rss_seconds:g}s and "
+        f"of an ingestor on a {sizes.backlog_records:,}-record backlog for {sizes.backlog_seconds:g}s; "
+        f"{sizes.repeats} round(s), rows are medians. Higher is better everywhere except msgs/task, ms "
+        "and MiB."
     )
     method = METHOD.format(poll_ms=round(sizes.poll_s * 1000))
     return render(results, machine, method=f"{sizes_line}\n\n{method}", extra_ratios=EXTRA_RATIOS)

@@ -3,6 +3,9 @@
 Applies the migrations, starts an ingestor and 2 workers (processes), submits N demo tasks, waits until
 every session is in PostgreSQL and in a finalised JSONL file, prints a summary, shuts everything down.
 ``./atlas run [--tasks N]`` (or ``python -m bench.mainjob``). Uses $AMQP_URL / $DATABASE_URL.
+
+:func:`run_stack` is the run itself (start the processes, submit, wait until stored, stop them); the
+end-to-end benchmark rows (:mod:`bench._e2e`) run the same function on a scratch database.
 """
 
 from __future__ import annotations
@@ -15,17 +18,20 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aio_pika
 import asyncpg
 from tqdm import tqdm
 
-from atlas_common import Topology, configure_logging, redact_url
+from atlas_common import BROKER_ERRORS, Topology, configure_logging, redact_url
 from bench._services import HOW_TO_GET_SERVICES, ROOT, ensure_services
 from bench._stack import delete_topology, jsonl_stats, percentile
 from migrations import apply_migrations
 from producer import Producer, demo_tasks
+from schemas import TaskMessage
 
 
 @dataclass
@@ -38,14 +44,22 @@ class Run:
     demo_latency_s: float
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    prefix_stem: str = "atlas-run"
+    """The topology prefix is ``<prefix_stem>-<run_id>``: a run's queues are its own."""
+    runs_dir: Path = ROOT / "var" / "runs"
+    """Where the run's directory (logs, JSONL) goes: ``<runs_dir>/<run_id>``."""
 
     @property
     def prefix(self) -> str:
-        return f"atlas-run-{self.run_id}"
+        return f"{self.prefix_stem}-{self.run_id}"
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(prefix=self.prefix)
 
     @property
     def workdir(self) -> Path:
-        return ROOT / "var" / "runs" / self.run_id
+        return self.runs_dir / self.run_id
 
     @property
     def jsonl_dir(self) -> Path:
@@ -72,39 +86,142 @@ class Run:
         return proc
 
 
-async def _wait_stored(run: Run, conn: asyncpg.Connection) -> dict[str, float]:
-    """Poll until every task has a succeeded session assigned to a JSONL file; returns task -> stored time."""
-    stored: dict[str, float] = {}
-    bar = tqdm(total=run.tasks, unit="session", desc="stored  ", file=sys.stderr)
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one run measured: when each task was published and when its session was stored."""
+
+    submitted: dict[str, float]
+    """task_id -> wall-clock time (``time.time()``) the producer published it."""
+    stored: dict[str, float]
+    """task_id -> ``sessions.stored_at``: complete in PostgreSQL and assigned to a JSONL file."""
+    exit_codes: list[int]
+
+    @property
+    def started(self) -> float:
+        return min(self.submitted.values())
+
+    @property
+    def finished(self) -> float:
+        return max(self.stored.values())
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+    @property
+    def throughput(self) -> float:
+        """Tasks per second, first submit to last stored."""
+        return len(self.stored) / self.seconds
+
+    def latencies(self) -> list[float]:
+        """Sorted submit-to-stored seconds of every stored task."""
+        return sorted(self.stored[t] - self.submitted[t] for t in self.stored if t in self.submitted)
+
+
+def _check_alive(run: Run) -> None:
+    for proc in run.procs:
+        if proc.poll() is not None:
+            raise RuntimeError(f"a pipeline process exited early ({proc.args!r}); see {run.workdir}")
+
+
+_STORED = "FROM sessions WHERE task_id LIKE $1 AND status = 'succeeded' AND export_file IS NOT NULL"
+_STORED_COUNT = f"SELECT count(*) {_STORED}"
+_STORED_TIMES = f"SELECT task_id, stored_at {_STORED}"
+
+
+async def _wait_stored(run: Run, conn: asyncpg.Connection, *, progress: bool) -> dict[str, float]:
+    """Poll (a count) until every task has a succeeded session assigned to a JSONL file; returns task ->
+    stored time (``sessions.stored_at``, set by the ingestor, so the poll interval does not blur it)."""
+    like = f"demo-{run.run_id}-%"
+    bar = tqdm(total=run.tasks, unit="session", desc="stored  ", file=sys.stderr, disable=not progress)
     try:
-        while len(stored) < run.tasks:
-            rows = await conn.fetch(
-                "SELECT task_id, stored_at FROM sessions WHERE task_id LIKE $1 AND status = 'succeeded' "
-                "AND export_file IS NOT NULL",
-                f"demo-{run.run_id}-%",
-            )
-            for row in rows:
-                if row["task_id"] not in stored:
-                    stored[row["task_id"]] = row["stored_at"].timestamp()
-            bar.update(len(stored) - bar.n)
-            for proc in run.procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"a pipeline process exited early ({proc.args!r}); see {run.workdir}")
+        while True:
+            done: int = await conn.fetchval(_STORED_COUNT, like)
+            bar.update(done - bar.n)
+            if done >= run.tasks:
+                break
+            _check_alive(run)
             await asyncio.sleep(0.2)
     finally:
         bar.close()
-    return stored
+    rows = await conn.fetch(_STORED_TIMES, like)
+    return {row["task_id"]: row["stored_at"].timestamp() for row in rows}
 
 
-async def _summary(
-    run: Run,
-    conn: asyncpg.Connection,
-    *,
-    submitted: dict[str, float],
-    stored: dict[str, float],
-    started: float,
-    finished: float,
-) -> str:
+async def _wait_consumers(run: Run, *, timeout_s: float = 60.0) -> None:
+    """Until every worker consumes the tasks queue and the ingestor its queue (start-up is not timed)."""
+    topology = run.topology
+    want = {topology.tasks_queue: run.workers, topology.ingestor_queue: 1}
+    deadline = time.monotonic() + timeout_s
+    connection = await aio_pika.connect(run.amqp_url, timeout=10)
+    async with connection:
+        while True:
+            seen = {}
+            for queue in want:
+                channel = await connection.channel()  # a passive declare of a missing queue closes it
+                try:
+                    declared = await channel.declare_queue(queue, passive=True)
+                    seen[queue] = declared.declaration_result.consumer_count or 0
+                except BROKER_ERRORS:
+                    seen[queue] = 0
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+            if all(seen[q] >= n for q, n in want.items()):
+                return
+            _check_alive(run)
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"consumers after {timeout_s}s: {seen}, expected {want}; see {run.workdir}"
+                )
+            await asyncio.sleep(0.1)
+
+
+async def run_stack(
+    run: Run, conn: asyncpg.Connection, *, progress: bool = True, wait_ready: bool = False
+) -> Outcome:
+    """Start an ingestor and ``run.workers`` workers, submit ``run.tasks`` demo tasks, wait until every
+    session is stored, stop the processes (SIGTERM: the ingestor finalises its JSONL file).
+
+    ``conn`` is a connection to ``run.database_url`` (migrated). With ``wait_ready`` the tasks go out
+    only once every process consumes its queue, so process start-up is not part of the timing.
+    """
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        run.spawn("ingestor", "ingestor", "run")
+        for n in range(run.workers):
+            run.spawn(
+                f"worker-{n + 1}",
+                "worker",
+                "--concurrency",
+                str(run.concurrency),
+                "--demo-latency-s",
+                str(run.demo_latency_s),
+                WORKER_ID=f"{run.run_id}-w{n + 1}",
+            )
+        if wait_ready:
+            await _wait_consumers(run)
+        submitted: dict[str, float] = {}
+
+        def stamped(tasks: Iterator[TaskMessage]) -> Iterator[TaskMessage]:
+            for task in tasks:  # stamp each task as the producer takes it to publish, not in advance
+                submitted[task.task_id] = time.time()
+                yield task
+
+        bar = tqdm(total=run.tasks, unit="task", desc="submitted", file=sys.stderr, disable=not progress)
+        async with Producer(run.amqp_url, run.topology) as producer:
+            await producer.submit_many(
+                stamped(demo_tasks(run.tasks, run_id=run.run_id)), on_confirmed=bar.update
+            )
+        bar.close()
+        stored = await _wait_stored(run, conn, progress=progress)
+        codes = _stop(run)
+    finally:
+        _stop(run, timeout_s=10)
+    return Outcome(submitted=submitted, stored=stored, exit_codes=codes)
+
+
+async def _summary(run: Run, conn: asyncpg.Connection, outcome: Outcome) -> str:
     like = f"demo-{run.run_id}-%"
     by_status = await conn.fetch(
         "SELECT status, count(*) AS n FROM sessions WHERE task_id LIKE $1 GROUP BY status ORDER BY status",
@@ -123,8 +240,8 @@ async def _summary(
         like,
     )
     files, lines = jsonl_stats(run.jsonl_dir)
-    latencies = sorted(stored[t] - submitted[t] for t in stored if t in submitted)
-    wall = finished - started
+    latencies = outcome.latencies()
+    wall = outcome.seconds
     status_text = ", ".join(f"{r['status']} {r['n']}" for r in by_status)
     return "\n".join(
         [
@@ -172,41 +289,15 @@ async def main_async(run: Run) -> int:
     run.workdir.mkdir(parents=True, exist_ok=True)
     applied = await apply_migrations(run.database_url)
     print(f"migrations: {len(applied)} applied; run {run.run_id}, logs in {run.workdir}", flush=True)
-    topology = Topology(prefix=run.prefix)
     conn = await asyncpg.connect(run.database_url)
     try:
-        run.spawn("ingestor", "ingestor", "run")
-        for n in range(run.workers):
-            run.spawn(
-                f"worker-{n + 1}",
-                "worker",
-                "--concurrency",
-                str(run.concurrency),
-                "--demo-latency-s",
-                str(run.demo_latency_s),
-                WORKER_ID=f"{run.run_id}-w{n + 1}",
-            )
-        tasks = list(demo_tasks(run.tasks, run_id=run.run_id))
-        submitted = {t.task_id: t.submitted_at.timestamp() for t in tasks}
-        started = time.time()
-        bar = tqdm(total=run.tasks, unit="task", desc="submitted", file=sys.stderr)
-        async with Producer(run.amqp_url, topology) as producer:
-            for task in tasks:  # stamp submit times as they go out, not when the list was built
-                submitted[task.task_id] = time.time()
-            await producer.submit_many(tasks, on_confirmed=bar.update)
-        bar.close()
-        stored = await _wait_stored(run, conn)
-        finished = max(stored.values())
-        codes = _stop(run)
-        if any(codes):
-            print(f"warning: exit codes {codes}; see logs in {run.workdir}", file=sys.stderr)
-        print(
-            await _summary(run, conn, submitted=submitted, stored=stored, started=started, finished=finished)
-        )
+        outcome = await run_stack(run, conn)
+        if any(outcome.exit_codes):
+            print(f"warning: exit codes {outcome.exit_codes}; see logs in {run.workdir}", file=sys.stderr)
+        print(await _summary(run, conn, outcome))
     finally:
-        _stop(run, timeout_s=10)
         await conn.close()
-        await delete_topology(run.amqp_url, topology)
+        await delete_topology(run.amqp_url, run.topology)
     return 0
 
 

@@ -8,9 +8,14 @@ import pytest
 
 from bench._baselines import CELERY_NAME, DRAMATIQ_NAME
 from bench._ceilings import consume_name, copy_name, publish_name
+from bench._e2e import e2e_name
+from bench._ingest import RECORDS_NAME, SESSIONS_NAME
+from bench._memory import ingestor_rss_name, worker_rss_name
 from bench._report import Machine, Result, combine_runs, render
-from bench._suite import SMOKE, Context, report, run_suite
+from bench._sessions import RECORDS_PER_SESSION, check_envelopes, envelopes, sessions_for
+from bench._suite import RSS_LATENCY_S, SMOKE, Context, report, run_suite
 from bench._taskleg import taskleg_name, telemetry_name
+from schemas import decode_telemetry_batch
 
 EXPECTED_ROWS = [
     publish_name("quorum"),
@@ -26,6 +31,13 @@ EXPECTED_ROWS = [
     taskleg_name(2),
     telemetry_name(2),
     taskleg_name(1, "classic"),
+    e2e_name(2, 0.0, "throughput"),
+    e2e_name(2, 0.0, "p50"),
+    e2e_name(2, 0.0, "p99"),
+    RECORDS_NAME,
+    SESSIONS_NAME,
+    worker_rss_name(SMOKE.rss_concurrency, RSS_LATENCY_S),
+    ingestor_rss_name(SMOKE.backlog_records),
 ]
 
 
@@ -61,9 +73,27 @@ def test_render_rows_ratios_and_medians() -> None:
     assert "- RabbitMQ: 3.13.0" in text
 
 
+def test_generated_telemetry_is_valid_and_in_session_order() -> None:
+    """The ingestor rows' envelopes are encode_telemetry_batch's bytes, one kind each, within the worker's
+    limits, and every session's records arrive opened -> steps -> closed."""
+    check_envelopes()
+    n = sessions_for(5000)
+    seen: dict[str, list[int]] = {}
+    for kind, body in envelopes(n, "t"):
+        assert len(body) <= 256 * 1024 + 64
+        batch = decode_telemetry_batch(body)
+        assert batch.kind == kind
+        assert not batch.rejects
+        assert 1 <= len(batch.records) <= 500
+        for record in batch.records:
+            seen.setdefault(record.adapter_session_id, []).append(record.seq)
+    assert len(seen) == n
+    assert all(seqs == list(range(RECORDS_PER_SESSION)) for seqs in seen.values())
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 async def test_smoke_benchmark_measures_every_row(
     amqp_url: str, admin_database_url: str, tmp_path: Path
 ) -> None:
@@ -81,5 +111,7 @@ async def test_smoke_benchmark_measures_every_row(
         assert any(line.startswith(f"| {name} |") for line in table), name
     assert f"{taskleg_name(1)} vs {CELERY_NAME}: " in text
     assert f"{taskleg_name(1)} vs {DRAMATIQ_NAME}: " in text
+    assert f"{RECORDS_NAME} vs {copy_name(logged=True)}: " in text
+    assert f"{e2e_name(2, 0.0, 'throughput')} vs {taskleg_name(2)}: " in text
     assert "## Machine" in text
     assert machine.cores > 0
