@@ -206,16 +206,25 @@ class Worker:
             # The broker or the ledger failed us: leave the task unacked (requeue if the channel lives);
             # the ledger makes the re-run safe.
             log.warning("task_infrastructure_error_requeued", error=repr(exc), message_id=message.message_id)
-            # A pause before handing it back, so an outage is not a hot redelivery loop.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), _INFRA_BACKOFF_S)
-            await _requeue_quietly(message)
-            self._metrics.infra_errors.inc()
+            await self._requeue_after_pause(message)
             return
         except asyncio.CancelledError:
             await _requeue_quietly(message)
             raise
+        except Exception:  # a bug must not strand the delivery (it would hold a prefetch slot forever)
+            # Logged with its traceback and handed back; if it keeps failing, the quorum queue's delivery
+            # limit dead-letters the task instead of looping forever.
+            log.exception("task_unexpected_error_requeued", message_id=message.message_id)
+            await self._requeue_after_pause(message)
+            return
         self._metrics.observe(outcome, time.perf_counter() - started)
+
+    async def _requeue_after_pause(self, message: AbstractIncomingMessage) -> None:
+        # A pause before handing it back, so an outage (or a bug) is not a hot redelivery loop.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), _INFRA_BACKOFF_S)
+        await _requeue_quietly(message)
+        self._metrics.infra_errors.inc()
 
     async def _process(self, message: AbstractIncomingMessage) -> Outcome:
         retries = retries_so_far(message)
