@@ -29,4 +29,6 @@ Identifier = Annotated[
 class WireModel(BaseModel):
     """Frozen, closed models: a message is a value, and an unknown field is a contract error, not data."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", str_max_length=1_000_000)
+    # ser_json_inf_nan: NaN and Infinity are not JSON; a record carrying one would make its whole envelope
+    # (other sessions' records too) undecodable downstream, so they are written as null.
+    model_config = ConfigDict(frozen=True, extra="forbid", str_max_length=1_000_000, ser_json_inf_nan="null")

@@ -89,3 +89,23 @@ def test_a_bad_record_would_be_caught_at_decode() -> None:
     bad = StepRecorded.model_construct(adapter_session_id="s", task_id="t", seq=1, step_id=1, **wrong)
     with pytest.raises(DecodeError):
         decode_telemetry(encode(bad))
+
+
+class _NotJson:
+    def on_step(self, metadata: dict[str, Any]) -> Any:
+        if metadata["phase"] == "plan":
+            return {"steps": [{"id": 1, "description": "measure"}]}
+        return {"output": {"score": float("nan"), "bounds": [float("-inf"), float("inf")]}}
+
+
+async def test_non_json_floats_cannot_poison_an_envelope() -> None:
+    """NaN / Infinity in an adapter's output are written as null, so the record (and the envelope it shares
+    with other sessions' records) stays valid JSON."""
+    sink = _Collecting()
+    task = TaskMessage(task="t")
+    publisher = TelemetryPublisher(sink, task, adapter="odd", attempt=1)  # type: ignore[arg-type]
+    await Student(PythonAdapter(_NotJson)).run(task.task, task_id=task.task_id, observer=publisher)
+    executes = [r for r in sink.records if isinstance(r, StepRecorded) and r.phase == "execute"]
+    decoded = decode_telemetry(encode(executes[0]))
+    assert isinstance(decoded, StepRecorded)
+    assert decoded.output == {"score": None, "bounds": [None, None]}
