@@ -8,6 +8,7 @@ from typing import Any, Final
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from schemas._base import MAX_MESSAGE_BYTES, SCHEMA_VERSION, WireModel
 from schemas._errors import DecodeError
@@ -19,8 +20,25 @@ _MAX_ERRORS_SHOWN: Final = 5
 
 
 def encode(message: WireModel) -> bytes:
-    """Encode any wire model to compact UTF-8 JSON (pydantic-core's serializer, no Python dict between)."""
-    return message.__pydantic_serializer__.to_json(message)
+    """Encode any wire model to compact UTF-8 JSON (pydantic-core's serializer, no Python dict between).
+
+    Text that is not valid Unicode (a lone surrogate, e.g. from an adapter that mis-decoded bytes) cannot
+    be UTF-8: rather than fail the whole message, such characters are replaced (U+FFFD's ASCII cousin '?').
+    """
+    try:
+        return message.__pydantic_serializer__.to_json(message)
+    except PydanticSerializationError:
+        return orjson.dumps(_scrub(message.model_dump(mode="json")))
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    return value
 
 
 def _load(body: bytes, max_bytes: int) -> dict[str, Any]:

@@ -109,3 +109,21 @@ async def test_non_json_floats_cannot_poison_an_envelope() -> None:
     decoded = decode_telemetry(encode(executes[0]))
     assert isinstance(decoded, StepRecorded)
     assert decoded.output == {"score": None, "bounds": [None, None]}
+
+
+class _BadUnicode:
+    def on_step(self, metadata: dict[str, Any]) -> Any:
+        if metadata["phase"] == "plan":
+            return {"steps": [{"id": 1, "description": "decode"}]}
+        return "half a character: \ud800 then more"
+
+
+async def test_lone_surrogates_are_replaced_not_fatal() -> None:
+    """Text that cannot be UTF-8 (a lone surrogate) is replaced in the record; the session does not fail."""
+    sink = _Collecting()
+    task = TaskMessage(task="t")
+    publisher = TelemetryPublisher(sink, task, adapter="odd", attempt=1)  # type: ignore[arg-type]
+    await Student(PythonAdapter(_BadUnicode)).run(task.task, task_id=task.task_id, observer=publisher)
+    executes = [r for r in sink.records if isinstance(r, StepRecorded) and r.phase == "execute"]
+    decoded = decode_telemetry(encode(executes[0]))
+    assert decoded.output == "half a character: ? then more"  # type: ignore[union-attr]

@@ -19,7 +19,7 @@ import structlog
 from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import AMQPError
 
-from schemas import SCHEMA_VERSION, SessionClosed, SessionOpened, StepRecorded
+from schemas import SCHEMA_VERSION, SessionClosed, SessionOpened, StepRecorded, encode
 
 log = structlog.get_logger("worker.telemetry")
 
@@ -76,7 +76,7 @@ class TelemetryBatcher:
         if self._closed:
             future.set_exception(RuntimeError("the telemetry batcher is closed"))
             return future
-        part = record.__pydantic_serializer__.to_json(record)
+        part = encode(record)
         buffer = self._buffers.get(record.kind)
         if buffer is None:
             buffer = self._buffers[record.kind] = _Buffer()
