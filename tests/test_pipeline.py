@@ -108,7 +108,7 @@ async def test_sigterm_drains_in_flight_sessions_without_redelivery(pipeline: Pi
     )
     assert {c.status for c in log.closes()} == {"succeeded"}
     done = len(log.closes())
-    assert await pipeline.queue_depth(pipeline.topology.tasks_queue) == 30 - done
+    assert await pipeline.queue_depth(pipeline.topology.tasks_queue, expect=30 - done) == 30 - done
     # A second worker finishes the rest, and no task ever needed a second attempt.
     pipeline.start_worker("w2", "--adapter", "slow=tests._adapters:Slow", "--concurrency", "10")
     log = await pipeline.read_telemetry(log, until=lambda lg: len(lg.closes()) >= 30, timeout_s=120)

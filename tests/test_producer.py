@@ -87,7 +87,7 @@ async def test_submit_skip_sends_the_good_lines_and_lists_the_rest(pipeline: Pip
     assert result.returncode == 1
     assert b"line 6" in result.stderr
     assert b"submitted 5 task(s)" in result.stdout
-    assert await pipeline.queue_depth(pipeline.topology.tasks_queue) == 5
+    assert await pipeline.queue_depth(pipeline.topology.tasks_queue, expect=5) == 5
 
 
 @pytest.mark.integration
@@ -100,7 +100,8 @@ async def test_resubmitting_a_file_runs_each_task_once(pipeline: PipelineStack, 
     pipeline.start_worker("w1")
     for _ in range(300):
         rows = await pipeline.ledger()
-        if len(rows) == 10 and await pipeline.queue_depth(pipeline.topology.tasks_queue) == 0:
+        settled = len(rows) == 10 and all(r["state"] == "succeeded" for r in rows)
+        if settled and await pipeline.queue_depth(pipeline.topology.tasks_queue) == 0:
             break
         await asyncio.sleep(0.1)
     rows = await pipeline.ledger()
