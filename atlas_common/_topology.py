@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
-from aio_pika.exceptions import AMQPError
 
-_AMQP_ERRORS: Final = (AMQPError, aiormq.exceptions.AMQPError)
+from atlas_common._broker import BROKER_ERRORS
+
 TASK_ROUTING_KEY: Final = "task"
 DEAD_TASK_ROUTING_KEY: Final = "task"
 DEAD_TELEMETRY_ROUTING_KEY: Final = "telemetry"
@@ -105,11 +104,11 @@ class Topology:
         prefix of their own. A channel per call, since a failed delete closes its channel."""
         for name in self.queue_names():
             channel = await connection.channel()
-            with contextlib.suppress(*_AMQP_ERRORS):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await channel.queue_delete(name)
         for name in self.exchange_names():
             channel = await connection.channel()
-            with contextlib.suppress(*_AMQP_ERRORS):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await channel.exchange_delete(name)
 
     def _durable_args(self) -> dict[str, aio_pika.abc.FieldValue]:

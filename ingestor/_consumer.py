@@ -19,7 +19,6 @@ from types import TracebackType
 from typing import Final, Protocol, Self, TypeVar
 
 import aio_pika
-import aiormq.exceptions
 import structlog
 from aio_pika.abc import (
     AbstractExchange,
@@ -29,6 +28,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from atlas_common import BROKER_ERRORS as SHARED_BROKER_ERRORS
 from atlas_common import DEAD_TELEMETRY_ROUTING_KEY, dead_letter_headers, redact_url
 from ingestor._errors import BrokerUnavailable
 from ingestor._settings import IngestorSettings
@@ -36,14 +36,8 @@ from schemas import DecodeError, RejectedRecord, TelemetryMessage, decode_teleme
 
 _log = structlog.get_logger("ingestor.consumer")
 
-BROKER_ERRORS: Final = (
-    aio_pika.exceptions.AMQPError,
-    aiormq.exceptions.AMQPError,
-    ConnectionError,
-    OSError,
-    TimeoutError,
-    RuntimeError,
-)
+# The shared broker errors, plus RuntimeError: aio-pika raises it for an operation on a closed channel.
+BROKER_ERRORS: Final = (*SHARED_BROKER_ERRORS, RuntimeError)
 _PUBLISH_TIMEOUT_S: Final = 30.0
 _MIN_PREFETCH: Final = 8
 _LARGE: Final = 256 * 1024

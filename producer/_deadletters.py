@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage, FieldValue
-from aio_pika.exceptions import AMQPError, DeliveryError
+from aio_pika.exceptions import DeliveryError
 
 from atlas_common import (
     BROKER_ERRORS,
@@ -419,7 +419,7 @@ async def _republish(
         confirm = await exchange.publish(copy, routing_key, mandatory=True)
     except DeliveryError as exc:
         raise DeadLetterError(f"unroutable: no queue bound to {exchange.name}/{routing_key}") from exc
-    except (AMQPError, aiormq.exceptions.AMQPError, OSError) as exc:
+    except BROKER_ERRORS as exc:
         raise DeadLetterError(f"publish to {exchange.name}/{routing_key} failed: {exc!r}") from exc
     if not isinstance(confirm, aiormq.spec.Basic.Ack):
         raise DeadLetterError(f"broker answered {type(confirm).__name__}, not Ack")

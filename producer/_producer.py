@@ -14,7 +14,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, DeliveryError
 
-from atlas_common import TASK_ROUTING_KEY, Topology, redact_url
+from atlas_common import BROKER_ERRORS, TASK_ROUTING_KEY, Topology, redact_url
 from producer._errors import BrokerUnavailable, PublishRejected
 from schemas import TaskMessage, encode
 
@@ -148,7 +148,7 @@ class Producer:
             confirm = await self._exchange.publish(task_message(task), TASK_ROUTING_KEY, mandatory=True)
         except DeliveryError as exc:
             raise PublishRejected(task.task_id, f"returned by the broker ({exc})") from exc
-        except (AMQPError, aiormq.exceptions.AMQPError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             raise PublishRejected(task.task_id, repr(exc)) from exc
         if not isinstance(confirm, aiormq.spec.Basic.Ack):
             raise PublishRejected(task.task_id, f"broker answered {type(confirm).__name__}, not Ack")

@@ -17,8 +17,8 @@ import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import AbstractExchange
-from aio_pika.exceptions import AMQPError
 
+from atlas_common import BROKER_ERRORS
 from schemas import SCHEMA_VERSION, SessionClosed, SessionOpened, StepRecorded, encode
 
 log = structlog.get_logger("worker.telemetry")
@@ -116,7 +116,7 @@ class TelemetryBatcher:
             confirm = await self._exchange.publish(message, kind)
             if not isinstance(confirm, aiormq.spec.Basic.Ack):
                 error = RuntimeError(f"broker answered {type(confirm).__name__}, not Ack")
-        except (AMQPError, aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
+        except (*BROKER_ERRORS, RuntimeError) as exc:
             error = exc
         except asyncio.CancelledError as exc:
             error = exc

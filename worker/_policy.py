@@ -14,9 +14,8 @@ import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, FieldValue
-from aio_pika.exceptions import AMQPError
 
-from atlas_common import DEAD_TASK_ROUTING_KEY, Topology, dead_letter_headers
+from atlas_common import BROKER_ERRORS, DEAD_TASK_ROUTING_KEY, Topology, dead_letter_headers
 
 log = structlog.get_logger("worker")
 
@@ -122,7 +121,7 @@ class Settler:
         )
         try:
             confirm = await exchange.publish(copy, routing_key, mandatory=True)
-        except (AMQPError, aiormq.exceptions.AMQPError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             raise SettleError(f"publish to {exchange.name}/{routing_key} failed: {exc!r}") from exc
         if not isinstance(confirm, aiormq.spec.Basic.Ack):
             raise SettleError(f"publish to {exchange.name}/{routing_key} not confirmed")

@@ -17,10 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-import aiormq
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-from aio_pika.exceptions import AMQPError
 from structlog.contextvars import bound_contextvars
 
 from atlas_common import BROKER_ERRORS, BrokerConnection, Topology, sleep_unless
@@ -51,9 +49,7 @@ _INFRA_ERRORS: Final = (
     TelemetryError,
     SettleError,
     LedgerUnavailable,
-    AMQPError,
-    aiormq.exceptions.AMQPError,
-    OSError,
+    *BROKER_ERRORS,
 )
 _CLEANUP_TIMEOUT_S: Final = 5.0
 _INFRA_BACKOFF_S: Final = 1.0
@@ -323,7 +319,7 @@ class Worker:
 
 
 async def _requeue_quietly(message: AbstractIncomingMessage) -> None:
-    with contextlib.suppress(AMQPError, aiormq.exceptions.AMQPError, OSError, RuntimeError):
+    with contextlib.suppress(*BROKER_ERRORS, RuntimeError):
         await message.nack(requeue=True)
 
 

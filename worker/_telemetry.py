@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 
-import aiormq
 import structlog
-from aio_pika.exceptions import AMQPError
 
+from atlas_common import BROKER_ERRORS
 from schemas import (
     DecodeError,
     SessionClosed,
@@ -127,5 +126,5 @@ async def republish_close(batcher: TelemetryBatcher, close_body: bytes) -> None:
         await batcher.send(close)
     except DecodeError as exc:
         raise TelemetryError(f"the ledger's stored close does not decode: {exc}") from exc
-    except (AMQPError, aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
+    except (*BROKER_ERRORS, RuntimeError) as exc:
         raise TelemetryError(f"stored close not confirmed: {exc!r}") from exc
