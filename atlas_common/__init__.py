@@ -1,6 +1,7 @@
 """What every atlas-pipeline service shares: logging, settings base, broker topology, URL redaction."""
 
 from atlas_common._broker import BROKER_ERRORS, BrokerConnection, sleep_unless
+from atlas_common._db import DB_TRANSIENT_ERRORS
 from atlas_common._deadletter import (
     DEAD_AT_HEADER,
     REASON_HEADER,
@@ -9,6 +10,7 @@ from atlas_common._deadletter import (
     dead_letter_headers,
 )
 from atlas_common._logging import LogFormat, configure_logging
+from atlas_common._retry import Backoff
 from atlas_common._settings import BrokerSettings
 from atlas_common._topology import (
     DEAD_TASK_ROUTING_KEY,
@@ -21,6 +23,7 @@ from atlas_common._urls import redact_url
 
 __all__ = [
     "BROKER_ERRORS",
+    "DB_TRANSIENT_ERRORS",
     "DEAD_AT_HEADER",
     "DEAD_TASK_ROUTING_KEY",
     "DEAD_TELEMETRY_ROUTING_KEY",
@@ -29,6 +32,7 @@ __all__ = [
     "SOURCE_HEADER",
     "TASK_ROUTING_KEY",
     "TELEMETRY_ROUTING_KEYS",
+    "Backoff",
     "BrokerConnection",
     "BrokerSettings",
     "LogFormat",

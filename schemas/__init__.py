@@ -1,6 +1,8 @@
-"""The atlas-pipeline wire contract: task and telemetry messages, and the one way to decode them."""
+"""The atlas-pipeline wire contract: task and telemetry messages, the one way to decode them, and its
+limits (``schemas.limits``) with the rule that makes a record storable (``schemas.storable``)."""
 
-from schemas._base import MAX_MESSAGE_BYTES, SCHEMA_VERSION, JsonObject
+from schemas import limits
+from schemas._base import SCHEMA_VERSION, JsonObject, json_depth_exceeds
 from schemas._codec import (
     DecodedBatch,
     RejectedRecord,
@@ -12,6 +14,7 @@ from schemas._codec import (
 )
 from schemas._errors import DecodeError
 from schemas._export import json_schemas, write_json_schemas
+from schemas._storable import NUL_ESCAPE, cut_text, storable
 from schemas._task import TaskMessage, new_task_id, utcnow
 from schemas._telemetry import (
     ROUTING_KEYS,
@@ -24,9 +27,11 @@ from schemas._telemetry import (
     TelemetryMessage,
 )
 from schemas._usage import Event, Usage
+from schemas.limits import MAX_MESSAGE_BYTES
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "NUL_ESCAPE",
     "ROUTING_KEYS",
     "SCHEMA_VERSION",
     "DecodeError",
@@ -43,13 +48,17 @@ __all__ = [
     "TelemetryBatch",
     "TelemetryMessage",
     "Usage",
+    "cut_text",
     "decode_task",
     "decode_telemetry",
     "decode_telemetry_batch",
     "encode",
     "encode_telemetry_batch",
+    "json_depth_exceeds",
     "json_schemas",
+    "limits",
     "new_task_id",
+    "storable",
     "utcnow",
     "write_json_schemas",
 ]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from schemas.limits import MAX_INT4, MAX_JSON_DEPTH
 
 SCHEMA_VERSION: Final = 1
 """The version every message carries; a decoder refuses any other (see ``schemas.decode_*``)."""
-
-MAX_MESSAGE_BYTES: Final = 1024 * 1024
-"""Default size limit for one encoded message; larger bodies are refused before parsing."""
 
 Json = Any
 """Any JSON value. Not validated node by node (pydantic's ``JsonValue`` walks every node in Python, the
@@ -18,6 +17,36 @@ largest cost of a worker's record): decoded bodies are JSON by construction, and
 refuses anything that is not."""
 
 JsonObject = dict[str, Json]
+
+
+def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` nests containers more than ``limit`` levels deep (iterative: any depth is safe)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _bounded_depth(value: dict[str, Any]) -> dict[str, Any]:
+    if json_depth_exceeds(value):
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels (the limit)")
+    return value
+
+
+BoundedJsonObject = Annotated[JsonObject, AfterValidator(_bounded_depth)]
+"""A JSON object nested at most ``MAX_JSON_DEPTH`` levels (task metadata: refused, not rewritten)."""
+
+Int4 = Annotated[int, Field(ge=0, le=MAX_INT4)]
+"""A non-negative count or index that a PostgreSQL ``integer`` column holds."""
 
 Identifier = Annotated[
     str,

@@ -10,10 +10,11 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from schemas._base import MAX_MESSAGE_BYTES, SCHEMA_VERSION, WireModel
+from schemas._base import SCHEMA_VERSION, WireModel
 from schemas._errors import DecodeError
 from schemas._task import TaskMessage
 from schemas._telemetry import ROUTING_KEYS, SessionClosed, SessionOpened, StepRecorded, TelemetryMessage
+from schemas.limits import MAX_MESSAGE_BYTES, MAX_TASK_BYTES
 
 _TELEMETRY: Final[TypeAdapter[TelemetryMessage]] = TypeAdapter(TelemetryMessage)
 _MAX_ERRORS_SHOWN: Final = 5
@@ -68,7 +69,7 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def decode_task(body: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> TaskMessage:
+def decode_task(body: bytes, *, max_bytes: int = MAX_TASK_BYTES) -> TaskMessage:
     """Decode one task message, or raise :class:`DecodeError` saying what is wrong."""
     data = _load(body, max_bytes)
     try:

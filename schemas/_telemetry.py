@@ -11,9 +11,10 @@ from typing import Annotated, Final, Literal
 
 from pydantic import AwareDatetime, Field, model_validator
 
-from schemas._base import SCHEMA_VERSION, Identifier, Json, JsonObject, WireModel
+from schemas._base import SCHEMA_VERSION, Identifier, Int4, Json, JsonObject, WireModel
 from schemas._task import ExecutionMode, utcnow
-from schemas._usage import Event, NonNegative, Usage
+from schemas._usage import Event, Usage
+from schemas.limits import MAX_REASON_CHARS, MAX_SESSION_EVENTS, MAX_TASK_CHARS, MAX_TRACE_CHARS
 
 Phase = Literal["plan", "execute", "synthesize"]
 SessionStatus = Literal["succeeded", "failed", "abandoned"]
@@ -26,8 +27,10 @@ class _TelemetryBase(WireModel):
     schema_version: Literal[1] = SCHEMA_VERSION
     adapter_session_id: Identifier
     task_id: Identifier
-    seq: NonNegative
+    seq: Int4
     emitted_at: AwareDatetime = Field(default_factory=utcnow)
+    limits: JsonObject = Field(default_factory=dict)
+    """What the storable rule changed in this record, by field (``schemas.storable``); empty when nothing."""
 
 
 class SessionOpened(_TelemetryBase):
@@ -36,9 +39,9 @@ class SessionOpened(_TelemetryBase):
     kind: Literal["session.opened"] = "session.opened"
     seq: Literal[0] = 0
     adapter: Identifier
-    task: str = Field(max_length=200_000)
+    task: str = Field(max_length=MAX_TASK_CHARS)
     execution_mode: ExecutionMode = "stepwise"
-    attempt: Annotated[int, Field(ge=1)] = 1
+    attempt: Annotated[Int4, Field(ge=1)] = 1
     """1 for the first run of a task, +1 for each retry after a failure or a lost worker."""
     metadata: JsonObject = Field(default_factory=dict)
     """The adapter session's own metadata (what ``session.metadata`` held after open)."""
@@ -50,19 +53,19 @@ class StepRecorded(_TelemetryBase):
     """One adapter call inside the session: the plan, one execute per plan step, or the synthesis."""
 
     kind: Literal["step"] = "step"
-    seq: Annotated[int, Field(ge=1)]
-    step_id: NonNegative
+    seq: Annotated[Int4, Field(ge=1)]
+    step_id: Int4
     phase: Phase
-    description: str = Field(default="", max_length=200_000)
+    description: str = Field(default="", max_length=MAX_TASK_CHARS)
     output: Json = None
-    trace: str = Field(default="", max_length=1_000_000)
+    trace: str = Field(default="", max_length=MAX_TRACE_CHARS)
     usage: Usage = Field(default_factory=Usage)
     events: list[Event] = Field(default_factory=list)
     started_at: AwareDatetime
     finished_at: AwareDatetime
     status: StepStatus = "ok"
-    error: str | None = None
-    attempts: Annotated[int, Field(ge=1)] = 1
+    error: str | None = Field(default=None, max_length=MAX_REASON_CHARS)
+    attempts: Annotated[Int4, Field(ge=1)] = 1
 
     @model_validator(mode="after")
     def _timings_in_order(self) -> StepRecorded:
@@ -77,16 +80,17 @@ class SessionClosed(_TelemetryBase):
     """The session is over; ``steps`` says how many step messages precede it (seq 1..steps)."""
 
     kind: Literal["session.closed"] = "session.closed"
-    seq: Annotated[int, Field(ge=1)]
+    seq: Annotated[Int4, Field(ge=1)]
     status: SessionStatus
-    reason: str | None = Field(default=None, max_length=20_000)
-    final_answer: str = Field(default="", max_length=1_000_000)
+    reason: str | None = Field(default=None, max_length=MAX_REASON_CHARS)
+    final_answer: str = Field(default="", max_length=MAX_TRACE_CHARS)
     plan: JsonObject | None = None
     totals: Usage = Field(default_factory=Usage)
-    events: list[Event] = Field(default_factory=list)
-    """Every adapter event of the session, in order (the ``adapter_events`` column)."""
+    events: list[Event] = Field(default_factory=list, max_length=MAX_SESSION_EVENTS)
+    """The session's newest ``MAX_SESSION_EVENTS`` adapter events, in order (the ``adapter_events``
+    column); every event is also in its own step record."""
     close_metadata: JsonObject = Field(default_factory=dict)
-    steps: NonNegative
+    steps: Int4
     closed_at: AwareDatetime = Field(default_factory=utcnow)
 
     @model_validator(mode="after")

@@ -7,24 +7,26 @@ from typing import Annotated
 from pydantic import AfterValidator, Field
 
 from schemas._base import Json, WireModel
+from schemas.limits import MAX_COUNT
 
-NonNegative = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
 class Usage(WireModel):
     """Token usage of one call or a sum of calls; ``calls`` counts adapter step calls."""
 
-    prompt_tokens: NonNegative = 0
-    completion_tokens: NonNegative = 0
-    total_tokens: NonNegative = 0
-    calls: NonNegative = 0
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    total_tokens: Count = 0
+    calls: Count = 0
 
     def __add__(self, other: Usage) -> Usage:
+        """The sum, each count saturating at ``MAX_COUNT`` (a session's totals never break the limit)."""
         return Usage(
-            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-            completion_tokens=self.completion_tokens + other.completion_tokens,
-            total_tokens=self.total_tokens + other.total_tokens,
-            calls=self.calls + other.calls,
+            prompt_tokens=min(self.prompt_tokens + other.prompt_tokens, MAX_COUNT),
+            completion_tokens=min(self.completion_tokens + other.completion_tokens, MAX_COUNT),
+            total_tokens=min(self.total_tokens + other.total_tokens, MAX_COUNT),
+            calls=min(self.calls + other.calls, MAX_COUNT),
         )
 
 

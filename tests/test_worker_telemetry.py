@@ -23,13 +23,18 @@ Record = SessionOpened | StepRecorded | SessionClosed
 
 
 class _Collecting:
-    """Stands in for the TelemetryBatcher: keeps every record and confirms it at once."""
+    """Stands in for the TelemetryBatcher: keeps every record (decoded from the bytes it was sent) and
+    confirms it at once."""
 
     def __init__(self) -> None:
         self.records: list[Record] = []
+        self.bodies: list[bytes] = []
 
-    def send(self, record: Record) -> asyncio.Future[None]:
+    def send(self, kind: str, body: bytes) -> asyncio.Future[None]:
+        record = decode_telemetry(body)
+        assert record.kind == kind
         self.records.append(record)
+        self.bodies.append(body)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.set_result(None)
         return future

@@ -19,12 +19,12 @@ import structlog
 from aio_pika.abc import AbstractExchange
 
 from atlas_common import BROKER_ERRORS
-from schemas import SCHEMA_VERSION, SessionClosed, SessionOpened, StepRecorded, encode
+from schemas import SCHEMA_VERSION, limits
 
 log = structlog.get_logger("worker.telemetry")
 
-Record = SessionOpened | StepRecorded | SessionClosed
 _HEAD: Final = b'{"schema_version":%d,"kind":"%s","records":['
+_HEAD_AND_TAIL_BYTES: Final = 64
 
 
 class _Buffer:
@@ -70,21 +70,30 @@ class TelemetryBatcher:
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._run(), name="telemetry-batcher")
 
-    def send(self, record: Record) -> asyncio.Future[None]:
-        """Queue one record; the future resolves once the broker confirmed it (or fails with why not)."""
+    def send(self, kind: str, part: bytes) -> asyncio.Future[None]:
+        """Queue one encoded record (``schemas.storable`` made it, so it is at most ``MAX_RECORD_BYTES``);
+        the future resolves once the broker confirmed it (or fails with why not).
+
+        An envelope never grows past ``MAX_MESSAGE_BYTES``: a record that would push it over goes into the
+        next one, so no record is ever refused downstream for sharing a message with others."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._closed:
             future.set_exception(RuntimeError("the telemetry batcher is closed"))
             return future
-        part = encode(record)
-        buffer = self._buffers.get(record.kind)
+        if len(part) > limits.MAX_RECORD_BYTES:
+            future.set_exception(ValueError(f"a {len(part)}-byte record is over the record limit"))
+            return future
+        buffer = self._buffers.get(kind)
+        if buffer is not None and buffer.bytes + len(part) + _HEAD_AND_TAIL_BYTES > limits.MAX_MESSAGE_BYTES:
+            self._flush(kind)
+            buffer = None
         if buffer is None:
-            buffer = self._buffers[record.kind] = _Buffer()
+            buffer = self._buffers[kind] = _Buffer()
         buffer.parts.append(part)
         buffer.futures.append(future)
         buffer.bytes += len(part) + 1
         if len(buffer.parts) >= self._max_records or buffer.bytes >= self._max_bytes:
-            self._flush(record.kind)
+            self._flush(kind)
         else:
             self._wake.set()
         return future

@@ -14,7 +14,8 @@ Rules (each is tested in ``tests/test_session_api_outcome.py``):
 * Usage comes from a mapping, a pydantic model, an object with attributes, or a JSON string. Token fields
   accept OpenAI/Anthropic aliases (``input_tokens`` -> ``prompt_tokens``, ``output_tokens`` ->
   ``completion_tokens``); ``total_tokens`` defaults to prompt + completion; ``calls`` defaults to 1 (one
-  step call) unless reported. A value that is not a non-negative integer raises :class:`OutcomeError`.
+  step call) unless reported. A value that is not a non-negative integer, or is over
+  ``schemas.limits.MAX_COUNT``, raises :class:`OutcomeError` (the step fails, saying why).
 * Events must be JSON objects with a non-empty string ``type`` (the wire ``schemas.Event``). Anything
   else (a typeless dict, a string, ...) is *wrapped*, not dropped: ``{"type": "adapter_event", "data": x}``.
   A single event (not in a list) is accepted as a one-event list.
@@ -30,7 +31,7 @@ from typing import Any, Final
 import orjson
 from pydantic import BaseModel, JsonValue
 
-from schemas import Usage
+from schemas import Usage, limits
 from worker._errors import OutcomeError
 from worker._json import to_jsonable
 
@@ -67,6 +68,9 @@ def _count(key: str, value: Any) -> int:
         value = int(value.strip())
     if not isinstance(value, int) or value < 0:
         raise OutcomeError(f"usage field {key!r} must be a non-negative integer, got {value!r}")
+    if value > limits.MAX_COUNT:
+        # Storage holds counts up to MAX_COUNT; a larger one is a broken report: the step fails with why.
+        raise OutcomeError(f"usage field {key!r} is {value}, over the limit of {limits.MAX_COUNT}")
     return value
 
 

@@ -1,12 +1,13 @@
 """The worker process: consume tasks, run each in one adapter session, stream telemetry, settle.
 
-Per task: decode -> resolve the adapter (only the configured ones) -> claim in the task ledger ->
-``Student.run`` with a :class:`TelemetryPublisher` observer -> wait for every telemetry confirm ->
-record success in the ledger -> publish the close -> ack. Failures go through :mod:`worker._policy`.
+The life of one task is :class:`worker._taskrun.TaskRun`; what happens to its delivery afterwards (ack,
+retry, dead letter) is decided in one place, :class:`worker._policy.Settler`. This module owns the process:
+the ledger, the broker connection and its epochs, and shutdown.
 
-Shutdown (SIGTERM/SIGINT set ``stop``): cancel the consumer (no new tasks), let in-flight tasks finish
-within ``shutdown_grace_s``, cancel the rest (their sessions close as ``abandoned`` and the tasks are
-requeued for another worker), then close the connections.
+Start-up refuses a database whose schema is behind (or a role without the ledger privileges) with one line
+saying what to run. Shutdown (SIGTERM/SIGINT set ``stop``): cancel the consumer (no new tasks), let
+in-flight tasks finish within ``shutdown_grace_s``, cancel the rest (their sessions close as ``abandoned``,
+their claims are released and the tasks requeued for another worker), then close the connections.
 """
 
 from __future__ import annotations
@@ -14,34 +15,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
 from typing import Final
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-from structlog.contextvars import bound_contextvars
 
 from atlas_common import BROKER_ERRORS, BrokerConnection, Topology, sleep_unless
-from schemas import DecodeError, TaskMessage, decode_task, encode
 from worker._batcher import TelemetryBatcher
-from worker._errors import AdapterError, WorkerError
+from worker._errors import WorkerError
 from worker._ledger import LedgerUnavailable, TaskLedger
 from worker._metrics import WorkerMetrics
-from worker._policy import (
-    Ack,
-    DeadLetter,
-    Outcome,
-    Requeue,
-    Retry,
-    SettleError,
-    Settler,
-    after_failure,
-    retries_so_far,
-)
+from worker._policy import SettleError, Settler
 from worker._registry import AdapterRegistry
 from worker._settings import WorkerSettings
-from worker._student import Student
-from worker._telemetry import TelemetryError, TelemetryPublisher, republish_close
+from worker._taskrun import CLEANUP_TIMEOUT_S, Services, TaskRun
+from worker._telemetry import TelemetryError
 
 log = structlog.get_logger("worker")
 
@@ -51,21 +39,38 @@ _INFRA_ERRORS: Final = (
     LedgerUnavailable,
     *BROKER_ERRORS,
 )
-_CLEANUP_TIMEOUT_S: Final = 5.0
 _INFRA_BACKOFF_S: Final = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class _Live:
-    """What exists only while the worker runs: the ledger and the exchanges it publishes to."""
-
-    ledger: TaskLedger
-    telemetry: TelemetryBatcher
-    settler: Settler
+SCHEMA_VERSION_NEEDED: Final = 7
+"""The worker needs migrations up to 007 (the ledger's claim tokens)."""
 
 
 class BrokerUnavailable(WorkerError):
     """RabbitMQ cannot be reached at start-up."""
+
+
+class SchemaBehind(WorkerError):
+    """The database is not migrated far enough, or this role lacks privileges on the ledger."""
+
+
+async def check_database(settings: WorkerSettings, ledger: TaskLedger) -> None:
+    """Refuse to start on a schema that is behind or without the ledger privileges (one clear line)."""
+    from migrations import MigrationError, migration_status
+
+    try:
+        status = await migration_status(settings.database_url)
+    except MigrationError as exc:
+        raise SchemaBehind(f"cannot check the database schema: {exc}") from exc
+    missing = [m.filename for m in status.pending if m.version <= SCHEMA_VERSION_NEEDED]
+    if missing:
+        raise SchemaBehind(
+            f"the database schema is behind (pending: {', '.join(missing)}): run `python -m migrations`"
+        )
+    lacking = await ledger.check_privileges()
+    if lacking:
+        raise SchemaBehind(
+            f"this database role lacks {', '.join(lacking)} on task_ledger: "
+            f"GRANT {', '.join(lacking)} ON task_ledger TO <the worker's role>"
+        )
 
 
 class Worker:
@@ -80,21 +85,24 @@ class Worker:
         self._metrics = metrics or WorkerMetrics()
         self._inflight: set[asyncio.Task[object]] = set()
         self._stopping = asyncio.Event()
-        self._live: _Live | None = None
+        self._services: Services | None = None
+        self._settler: Settler | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set. A lost broker connection ends an epoch: in-flight tasks are
-        cancelled (the broker redelivers them; the ledger gives the re-run a new attempt number), and
-        the worker reconnects with backoff. Only the first connection failing is fatal."""
+        cancelled (their claims released, the broker redelivers them), and the worker reconnects with
+        backoff. Only the first connection failing is fatal."""
         settings = self._settings
         async with TaskLedger(
             settings.database_url,
             worker_id=settings.worker_id,
-            # No run outlives its task timeout, so an older 'running' record is a dead run's.
-            stale_after_s=settings.task_timeout_s * 1.1 + 30,
+            heartbeat_s=settings.ledger_heartbeat_s,
+            stale_after_s=settings.ledger_stale_after_s,
+            op_timeout_s=settings.ledger_timeout_s,
             pool_size=settings.ledger_pool_size,
             stopping=self._stopping,
         ) as ledger:
+            await check_database(settings, ledger)
             delay = 0.5
             epoch = 0
             while not stop.is_set():
@@ -130,14 +138,11 @@ class Worker:
         await topology.declare_ingestor(publish_channel)
         telemetry = await topology.declare_telemetry(publish_channel)
         async with TelemetryBatcher(telemetry, linger_s=settings.telemetry_linger_s) as batcher:
-            self._live = _Live(
-                ledger=ledger,
-                telemetry=batcher,
-                settler=Settler(
-                    topology,
-                    retry_exchange=await publish_channel.get_exchange(topology.retry_exchange, ensure=False),
-                    dead_exchange=await publish_channel.get_exchange(topology.dead_exchange, ensure=False),
-                ),
+            self._services = Services(settings, self._registry, ledger, batcher, self._metrics)
+            self._settler = Settler(
+                topology,
+                retry_exchange=await publish_channel.get_exchange(topology.retry_exchange, ensure=False),
+                dead_exchange=await publish_channel.get_exchange(topology.dead_exchange, ensure=False),
             )
             queue = await consume_channel.get_queue(topology.tasks_queue, ensure=False)
             consumer_tag = await queue.consume(self._on_message)
@@ -180,7 +185,7 @@ class Worker:
         for task in tasks:
             task.cancel(why)
         if tasks:
-            await asyncio.wait(tasks, timeout=_CLEANUP_TIMEOUT_S * 2)
+            await asyncio.wait(tasks, timeout=CLEANUP_TIMEOUT_S * 3)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -193,10 +198,14 @@ class Worker:
             self._inflight.discard(task)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        settler = self._running().settler
+        """Run the task, then settle its delivery: the one place that decides ack / retry / dead letter /
+        hand back."""
+        services, settler = self._services, self._settler
+        if services is None or settler is None:  # pragma: no cover - consuming starts after both are set
+            raise RuntimeError("the worker is not running")
         started = time.perf_counter()
         try:
-            outcome = await self._process(message)
+            outcome = await TaskRun(message, services).run()
             await settler.settle(message, outcome)
         except _INFRA_ERRORS as exc:
             # The broker or the ledger failed us: leave the task unacked (requeue if the channel lives);
@@ -222,105 +231,10 @@ class Worker:
         await _requeue_quietly(message)
         self._metrics.infra_errors.inc()
 
-    async def _process(self, message: AbstractIncomingMessage) -> Outcome:
-        retries = retries_so_far(message)
-        try:
-            task = decode_task(message.body, max_bytes=self._settings.max_message_bytes)
-        except DecodeError as exc:
-            log.warning("task_invalid_dead_lettered", error=str(exc), message_id=message.message_id)
-            return DeadLetter(f"invalid task message: {exc}")
-        resolved = self._registry.resolve(task.adapter)
-        if resolved is None:
-            reason = f"unknown adapter {task.adapter!r}; this worker has {self._registry.names()}"
-            log.warning("task_unknown_adapter_dead_lettered", task_id=task.task_id, adapter=task.adapter)
-            return DeadLetter(reason)
-        adapter_name, adapter = resolved
-        # A redelivery (its worker died or lost the broker) or a retry may take over a 'running' ledger
-        # record; a fresh message may not (it is a duplicate submission racing the live run).
-        takeover = bool(message.redelivered) or retries > 0
-        with bound_contextvars(task_id=task.task_id):
-            return await self._run_task(
-                task, adapter_name, Student(adapter), retries=retries, takeover=takeover
-            )
-
-    async def _run_task(
-        self, task: TaskMessage, adapter_name: str, student: Student, *, retries: int, takeover: bool
-    ) -> Outcome:
-        live = self._running()
-        ledger, exchange = live.ledger, live.telemetry
-        claim = await ledger.claim(task.task_id, takeover=takeover)
-        if claim.busy:
-            log.info("task_duplicate_of_a_running_task_dropped")
-            return Ack(duplicate=True)
-        if claim.done:
-            if claim.close_message is not None:
-                await republish_close(exchange, claim.close_message)
-            log.info("task_already_succeeded_skipped")
-            return Ack(duplicate=True)
-        publisher = TelemetryPublisher(exchange, task, adapter=adapter_name, attempt=claim.attempt)
-        try:
-            return await self._run_session(task, student, publisher, retries)
-        finally:
-            self._metrics.observe_session(publisher)
-
-    async def _run_session(
-        self, task: TaskMessage, student: Student, publisher: TelemetryPublisher, retries: int
-    ) -> Outcome:
-        ledger = self._running().ledger
-        try:
-            async with asyncio.timeout(self._settings.task_timeout_s):
-                result = await student.run(
-                    task.task, task.execution_mode, task_id=task.task_id, observer=publisher
-                )
-        except AdapterError as exc:
-            return await self._failed(task, publisher, exc.reason, retries)
-        except TimeoutError:
-            publisher.close_instead("failed", f"timed out after {self._settings.task_timeout_s:g}s")
-            return await self._failed(task, publisher, "task timed out", retries)
-        except asyncio.CancelledError:
-            await self._abandon(publisher)
-            raise
-        # (The publisher bound adapter_session_id to this task's log context when the session opened.)
-        await publisher.flush()
-        close = publisher.close
-        if close is None:
-            raise TelemetryError("the Student finished without reporting a close")
-        await ledger.succeed(task.task_id, result.adapter_session_id, encode(close))
-        publisher.publish_close()
-        await publisher.flush()
-        log.debug("task_succeeded", steps=publisher.steps)
-        return Ack()
-
-    async def _failed(
-        self, task: TaskMessage, publisher: TelemetryPublisher, reason: str, retries: int
-    ) -> Outcome:
-        publisher.publish_close()
-        await publisher.flush()
-        outcome = after_failure(self._topology, reason, retries)
-        state = "retrying" if isinstance(outcome, Retry) else "dead"
-        await self._running().ledger.settle(task.task_id, state, reason)
-        log.info("task_failed", reason=reason, retries=retries, next=state)
-        return outcome
-
-    def _running(self) -> _Live:
-        if self._live is None:
-            raise RuntimeError("the worker is not running")
-        return self._live
-
-    async def _abandon(self, publisher: TelemetryPublisher) -> None:
-        """Cancelled (shutdown past its grace): report the session abandoned; the task is requeued."""
-        if publisher.close_instead("abandoned", "worker stopped before the task finished") is None:
-            publisher.cancel()
-            return
-        publisher.publish_close()
-        with contextlib.suppress(*_INFRA_ERRORS, TimeoutError):
-            async with asyncio.timeout(_CLEANUP_TIMEOUT_S):
-                await publisher.flush()
-
 
 async def _requeue_quietly(message: AbstractIncomingMessage) -> None:
     with contextlib.suppress(*BROKER_ERRORS, RuntimeError):
         await message.nack(requeue=True)
 
 
-__all__ = ["BrokerUnavailable", "Requeue", "Worker"]
+__all__ = ["BrokerUnavailable", "SchemaBehind", "Worker", "check_database"]

@@ -8,7 +8,6 @@ import socket
 from pydantic import Field
 
 from atlas_common import BrokerSettings
-from schemas import MAX_MESSAGE_BYTES
 
 
 def default_worker_id() -> str:
@@ -26,9 +25,15 @@ class WorkerSettings(BrokerSettings):
     task_timeout_s: float = Field(default=1500.0, gt=0, validation_alias="WORKER_TASK_TIMEOUT_S")
     """Must stay below RabbitMQ's ``consumer_timeout`` (30 min by default); see the README."""
     demo_latency_s: float = Field(default=0.0, ge=0, validation_alias="WORKER_DEMO_LATENCY_S")
-    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=1024)
     worker_id: str = Field(default_factory=default_worker_id, validation_alias="WORKER_ID")
     telemetry_linger_s: float = Field(default=0.002, ge=0, le=1, validation_alias="WORKER_TELEMETRY_LINGER_S")
     """How long a telemetry record may wait for others to share its broker message."""
     ledger_pool_size: int = Field(default=2, ge=1, le=100)
+    ledger_heartbeat_s: float = Field(default=5.0, gt=0, le=300, validation_alias="WORKER_LEDGER_HEARTBEAT_S")
+    """How often the worker marks the tasks it runs as alive in the task ledger."""
+    ledger_stale_after_s: float = Field(default=60.0, gt=0, validation_alias="WORKER_LEDGER_STALE_AFTER_S")
+    """A running task not marked alive for this long belongs to a dead run: another delivery takes it over.
+    At least three heartbeats; longer database outages than this may make a live run stand down."""
+    ledger_timeout_s: float = Field(default=60.0, gt=0, validation_alias="WORKER_LEDGER_TIMEOUT_S")
+    """Deadline of one ledger call; past it the task is handed back to the queue."""
     metrics_port: int | None = Field(default=None, validation_alias="WORKER_METRICS_PORT")

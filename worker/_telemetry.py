@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
+from typing import Final
 
 import structlog
 
@@ -21,6 +22,7 @@ from schemas import (
     StepRecorded,
     TaskMessage,
     decode_telemetry,
+    storable,
     utcnow,
 )
 from worker._batcher import TelemetryBatcher
@@ -32,6 +34,9 @@ class TelemetryError(WorkerError):
     """The broker did not confirm a telemetry message: the task must not be acked."""
 
 
+_CONFIRM_TIMEOUT_S: Final = 60.0
+
+
 class TelemetryPublisher:
     """A :class:`worker.SessionObserver` that turns reports into wire messages on the telemetry exchange.
 
@@ -41,6 +46,10 @@ class TelemetryPublisher:
     ``test_worker_records_validate`` keeps this honest by decoding what a real run emits. Every field with
     a default factory is passed explicitly: pydantic's ``model_construct`` inspects the factory's signature
     on each call otherwise, which costs more than the validation it skips.
+
+    Every record goes through :func:`schemas.storable` before it is sent, so nothing published is refused
+    downstream (too large, NUL, numbers or nesting storage cannot hold); ``close_body`` is the close's
+    bytes exactly as published, which the task ledger keeps.
     """
 
     def __init__(self, batcher: TelemetryBatcher, task: TaskMessage, *, adapter: str, attempt: int) -> None:
@@ -54,6 +63,7 @@ class TelemetryPublisher:
         self.step_seconds: list[tuple[str, float]] = []
         self.steps = 0
         self.close: SessionClosed | None = None
+        self.close_body = b""
 
     async def opened(self, info: OpenedInfo) -> None:
         self.adapter_session_id = info.adapter_session_id
@@ -67,48 +77,65 @@ class TelemetryPublisher:
             attempt=self._attempt,
             task_metadata=self._task.metadata,
             emitted_at=utcnow(),
+            limits={},
         )
         self._send(SessionOpened.model_construct(**fields))
 
     async def step(self, record: StepReport) -> None:
         self.steps = record.seq
         self.step_seconds.append((record.phase, (record.finished_at - record.started_at).total_seconds()))
-        self._send(StepRecorded.model_construct(**record.as_fields(), emitted_at=utcnow()))
+        self._send(StepRecorded.model_construct(**record.as_fields(), emitted_at=utcnow(), limits={}))
 
     async def closed(self, report: CloseReport) -> None:
         now = utcnow()
-        self.close = SessionClosed.model_construct(**report.as_fields(), emitted_at=now, closed_at=now)
+        self._set_close(
+            SessionClosed.model_construct(**report.as_fields(), emitted_at=now, closed_at=now, limits={})
+        )
 
     def close_instead(self, status: SessionStatus, reason: str) -> SessionClosed | None:
-        """Re-state the close for a session cut short (timeout, shutdown); None if none was opened."""
+        """Re-state the close for a session cut short (timeout, shutdown, taken over); None if no session
+        was opened."""
         if self.adapter_session_id is None:
             return None
         if self.close is not None:
-            self.close = self.close.model_copy(update={"status": status, "reason": reason})
+            self._set_close(self.close.model_copy(update={"status": status, "reason": reason}))
         else:
-            self.close = SessionClosed(
-                adapter_session_id=self.adapter_session_id,
-                task_id=self._task.task_id,
-                seq=self.steps + 1,
-                steps=self.steps,
-                status=status,
-                reason=reason,
+            self._set_close(
+                SessionClosed(
+                    adapter_session_id=self.adapter_session_id,
+                    task_id=self._task.task_id,
+                    seq=self.steps + 1,
+                    steps=self.steps,
+                    status=status,
+                    reason=reason,
+                )
             )
         return self.close
 
+    def _set_close(self, close: SessionClosed) -> None:
+        record, self.close_body = storable(close)
+        assert isinstance(record, SessionClosed)  # noqa: S101 -- storable keeps the kind
+        self.close = record
+
     def publish_close(self) -> None:
         if self.close is not None:
-            self._send(self.close)
+            self._pending.append(self._batcher.send(self.close.kind, self.close_body))
 
-    def _send(self, message: SessionOpened | StepRecorded | SessionClosed) -> None:
-        self._pending.append(self._batcher.send(message))
+    def _send(self, message: SessionOpened | StepRecorded) -> None:
+        record, body = storable(message)
+        self._pending.append(self._batcher.send(record.kind, body))
 
     async def flush(self) -> None:
-        """Wait until the broker confirmed everything sent so far; raise :class:`TelemetryError` if not."""
+        """Wait until the broker confirmed everything sent so far; raise :class:`TelemetryError` if not
+        (or if no answer came within the deadline)."""
         pending, self._pending = self._pending, []
         if not pending:
             return
-        results = await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            async with asyncio.timeout(_CONFIRM_TIMEOUT_S):
+                results = await asyncio.gather(*pending, return_exceptions=True)
+        except TimeoutError:
+            raise TelemetryError(f"no telemetry confirm within {_CONFIRM_TIMEOUT_S:g}s") from None
         for result in results:
             if isinstance(result, BaseException):
                 raise TelemetryError(f"telemetry not confirmed by the broker: {result!r}") from result
@@ -123,7 +150,7 @@ async def republish_close(batcher: TelemetryBatcher, close_body: bytes) -> None:
     """Send again the stored close of a task that already succeeded (its first send may have been lost)."""
     try:
         close = decode_telemetry(close_body)
-        await batcher.send(close)
+        await batcher.send(close.kind, close_body)
     except DecodeError as exc:
         raise TelemetryError(f"the ledger's stored close does not decode: {exc}") from exc
     except (*BROKER_ERRORS, RuntimeError) as exc:
