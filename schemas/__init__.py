@@ -14,7 +14,7 @@ from schemas._codec import (
 )
 from schemas._errors import DecodeError
 from schemas._export import json_schemas, write_json_schemas
-from schemas._storable import NUL_ESCAPE, cut_text, storable
+from schemas._storable import NUL_ESCAPE, clean_json, cut_chars, cut_text, storable
 from schemas._task import TaskMessage, new_task_id, utcnow
 from schemas._telemetry import (
     ROUTING_KEYS,
@@ -48,6 +48,8 @@ __all__ = [
     "TelemetryBatch",
     "TelemetryMessage",
     "Usage",
+    "clean_json",
+    "cut_chars",
     "cut_text",
     "decode_task",
     "decode_telemetry",

@@ -36,8 +36,11 @@ from schemas._telemetry import SessionClosed, SessionOpened, StepRecorded
 from schemas.limits import (
     MAX_JSON_DEPTH,
     MAX_JSON_INT,
+    MAX_REASON_CHARS,
     MAX_RECORD_BYTES,
     MAX_SESSION_EVENTS,
+    MAX_TASK_CHARS,
+    MAX_TRACE_CHARS,
     SHRINK_PREVIEW_CHARS,
 )
 
@@ -50,6 +53,14 @@ _TEXT_FIELDS: Final = {
     "session.opened": ("task",),
     "step": ("description", "trace", "error"),
     "session.closed": ("reason", "final_answer"),
+}
+_TEXT_CHARS: Final = {
+    "task": MAX_TASK_CHARS,
+    "description": MAX_TASK_CHARS,
+    "trace": MAX_TRACE_CHARS,
+    "final_answer": MAX_TRACE_CHARS,
+    "error": MAX_REASON_CHARS,
+    "reason": MAX_REASON_CHARS,
 }
 _JSON_FIELDS: Final = {
     "session.opened": ("metadata", "task_metadata"),
@@ -83,6 +94,7 @@ def _plainly_storable(record: Record, body: bytes | None) -> bool:
         and _NUL_BYTES not in body
         and _LONG_DIGITS.search(body) is None
         and not (isinstance(record, SessionClosed) and len(record.events) > MAX_SESSION_EVENTS)
+        and all(len(getattr(record, name) or "") <= _TEXT_CHARS[name] for name in _TEXT_FIELDS[record.kind])
     )
 
 
@@ -99,6 +111,10 @@ def storable(record: Record) -> tuple[Record, bytes]:
         if isinstance(value, str):
             note: dict[str, Any] = {}
             cleaned = clean_text(value, note)
+            if len(cleaned) > _TEXT_CHARS[name]:
+                original = len(cleaned.encode("utf-8"))
+                cleaned = cut_chars(cleaned, _TEXT_CHARS[name])
+                note.update(truncated=True, original_bytes=original, kept_bytes=len(cleaned.encode("utf-8")))
             if note:
                 updates[name] = cleaned
                 notes[name] = note
@@ -187,12 +203,24 @@ def json_text(value: Any) -> str:
             return "<a value nested too deeply to encode>"
 
 
+def _marker(text: str) -> str:
+    return f"…[truncated: {len(text.encode('utf-8'))} bytes in all]"
+
+
+def cut_chars(text: str, max_chars: int) -> str:
+    """``text`` within ``max_chars`` characters: its head and the truncation marker."""
+    if len(text) <= max_chars:
+        return text
+    marker = _marker(text)
+    return text[: max(0, max_chars - len(marker))] + marker
+
+
 def cut_text(text: str, budget: int) -> str:
     """``text`` itself if its JSON encoding fits ``budget`` bytes, else its head and a marker that fit."""
     encoded_size = len(orjson.dumps(text))
     if encoded_size <= budget:
         return text
-    marker = f"…[truncated: {len(text.encode('utf-8'))} bytes in all]"
+    marker = _marker(text)
     room = budget - len(orjson.dumps(marker))
     if room <= 0:
         return marker

@@ -338,7 +338,7 @@ class TaskLedger:
                     alive = await self._heartbeat(conn, beat)
             except DB_TRANSIENT_ERRORS as exc:
                 log.warning("ledger_unreachable_retrying", error=repr(exc), items=len(group))
-                pool.expire_connections()  # after a restart every pooled connection is dead
+                await pool.expire_connections()  # after a restart every pooled connection is dead
             except asyncpg.PostgresError as exc:
                 if _transient(exc):
                     log.warning("ledger_unavailable_retrying", error=repr(exc), items=len(group))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import JsonValue
 
-from schemas import Phase, Usage, utcnow
+from schemas import Phase, Usage, cut_chars, limits, utcnow
 from worker._errors import AdapterError, describe_exception
 from worker._json import to_json_object, to_jsonable, to_text
 from worker._observer import CloseReport, OpenedInfo, RunStatus, SessionObserver, StepReport
@@ -21,16 +21,13 @@ if TYPE_CHECKING:
     from worker._context import SessionContext
     from worker._session import AgentSession
 
-# Limits of the wire contract (schemas.StepRecorded / SessionClosed); longer text is cut to fit.
-_MAX_DESCRIPTION: Final = 200_000
-_MAX_TRACE: Final = 1_000_000
-_MAX_REASON: Final = 20_000
-_MAX_ANSWER: Final = 1_000_000
+# Text is cut to the wire contract's limits here, where it is made (schemas.limits; the storable rule
+# applies the same cut, with a marker, to whatever reaches a record some other way).
+_MAX_DESCRIPTION: Final = limits.MAX_TASK_CHARS
+_MAX_TRACE: Final = limits.MAX_TRACE_CHARS
+_MAX_REASON: Final = limits.MAX_REASON_CHARS
+_MAX_ANSWER: Final = limits.MAX_TRACE_CHARS
 _ONE_CALL: Final = Usage(calls=1)
-
-
-def clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +92,7 @@ class Run:
                 failure.reason, result=result, phase=failure.phase, step_id=failure.step_id
             ) from failure.__cause__
         except BaseException as exc:  # observer failure, cancellation, bug: close, then re-raise as is
-            await self._close(clip(describe_exception(exc), _MAX_REASON))
+            await self._close(cut_chars(describe_exception(exc), _MAX_REASON))
             raise
         close_metadata = await self._close(None)
         if self.observer is not None:
@@ -115,7 +112,7 @@ class Run:
         final_id = max(int(step["id"]) for step in steps) + 1
         payload = synthesize_prompt(self.task, outputs)
         outcome = await self._step("synthesize", final_id, "Synthesize the final answer", payload)
-        self.final_answer = clip(to_text(outcome.output), _MAX_ANSWER)
+        self.final_answer = cut_chars(to_text(outcome.output), _MAX_ANSWER)
 
     async def _step(self, phase: Phase, step_id: int, description: str, payload: str) -> StepOutcome:
         call_metadata = {
@@ -131,7 +128,7 @@ class Run:
         try:
             outcome = normalize_outcome(await self.session.step(payload, call_metadata))
         except Exception as exc:  # any adapter failure (or an un-normalisable result) fails the step
-            reason = clip(describe_exception(exc), _MAX_REASON)
+            reason = cut_chars(describe_exception(exc), _MAX_REASON)
             await self._emit(call, output=None, usage=_ONE_CALL, events=[], error=reason)
             raise StepFailedError(reason, phase, step_id) from exc
         # ``calls`` counts step calls (the wire contract), whatever the adapter reported.
@@ -154,9 +151,9 @@ class Run:
             seq=len(self.reports) + 1,
             step_id=call.step_id,
             phase=call.phase,
-            description=clip(call.description, _MAX_DESCRIPTION),
+            description=cut_chars(call.description, _MAX_DESCRIPTION),
             output=output,
-            trace=clip(call.payload, _MAX_TRACE),
+            trace=cut_chars(call.payload, _MAX_TRACE),
             usage=usage,
             events=events,
             started_at=call.started_at,

@@ -1,0 +1,178 @@
+"""The task ledger's claim rules, heartbeats, deadlines and supervision, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from tests._proxy import TcpProxy
+from worker._ledger import LedgerUnavailable, TaskLedger, new_token
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def ledger_url(migrated_database: str) -> str:
+    return migrated_database
+
+
+async def _ledger(url: str, worker_id: str, **options: float) -> TaskLedger:
+    values = {"heartbeat_s": 0.2, "stale_after_s": 1.0, "op_timeout_s": 5.0}
+    values.update(options)
+    ledger = TaskLedger(url, worker_id=worker_id, **values)  # type: ignore[arg-type]
+    await ledger.open()
+    return ledger
+
+
+@pytest.fixture
+async def two_ledgers(ledger_url: str) -> AsyncIterator[tuple[TaskLedger, TaskLedger]]:
+    a = await _ledger(ledger_url, "worker-a")
+    b = await _ledger(ledger_url, "worker-b")
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _row(url: str, task_id: str) -> asyncpg.Record:
+    conn = await asyncpg.connect(url)
+    try:
+        row: asyncpg.Record = await conn.fetchrow("SELECT * FROM task_ledger WHERE task_id = $1", task_id)
+        return row
+    finally:
+        await conn.close()
+
+
+async def test_a_repeated_claim_with_the_same_token_is_recognised_as_our_own(
+    two_ledgers: tuple[TaskLedger, TaskLedger],
+) -> None:
+    """A claim asked again with its token (its first commit reply was lost) runs: it is never a duplicate."""
+    a, _ = two_ledgers
+    token = new_token()
+    first = await a.claim("t1", token)
+    again = await a.claim("t1", token)
+    assert (first.outcome, first.attempt) == ("run", 1)
+    assert (again.outcome, again.attempt) == ("run", 1)
+
+
+async def test_a_fresh_duplicate_of_a_live_run_is_busy_and_cannot_take_over(
+    two_ledgers: tuple[TaskLedger, TaskLedger], ledger_url: str
+) -> None:
+    """While the holder heartbeats, another claim is refused as busy, however long it waits."""
+    a, b = two_ledgers
+    mine = await a.claim("t1")
+    await asyncio.sleep(1.5)  # longer than stale_after_s: only the heartbeat keeps it alive
+    other = await b.claim("t1")
+    assert other.outcome == "busy"
+    assert other.holder == "worker-a"
+    row = await _row(ledger_url, "t1")
+    assert row["claim_token"] == mine.token
+
+
+async def test_a_dead_holder_goes_stale_and_is_taken_over(
+    two_ledgers: tuple[TaskLedger, TaskLedger], ledger_url: str
+) -> None:
+    """A holder that stops heartbeating is taken over after stale_after_s; its late succeed is refused."""
+    a, b = two_ledgers
+    mine = await a.claim("t1")
+    a._forget("t1", mine.token)  # the holder stops heartbeating, as if its process died
+    assert (await b.claim("t1")).outcome == "busy"
+    await asyncio.sleep(1.3)
+    taken = await b.claim("t1")
+    assert (taken.outcome, taken.attempt) == ("run", 2)
+    assert await a.succeed("t1", mine.token, "s-a", b"close-a") is False
+    assert await b.succeed("t1", taken.token, "s-b", b"close-b") is True
+    row = await _row(ledger_url, "t1")
+    assert (row["state"], row["adapter_session_id"], row["close_message"]) == ("succeeded", "s-b", b"close-b")
+    done = await a.claim("t1")
+    assert (done.outcome, done.close_message) == ("done", b"close-b")
+
+
+async def test_release_lets_the_next_delivery_run_at_once(two_ledgers: tuple[TaskLedger, TaskLedger]) -> None:
+    """A released claim (shutdown, lost broker) is claimable at once, with the next attempt number."""
+    a, b = two_ledgers
+    mine = await a.claim("t1")
+    await a.release("t1", mine.token, "worker stopped")
+    again = await b.claim("t1")
+    assert (again.outcome, again.attempt) == ("run", 2)
+
+
+async def test_settle_by_a_taken_over_claim_is_refused(two_ledgers: tuple[TaskLedger, TaskLedger]) -> None:
+    """A failure reported by a run that no longer holds the task does not change the task's state."""
+    a, b = two_ledgers
+    mine = await a.claim("t1")
+    a._forget("t1", mine.token)
+    await asyncio.sleep(1.3)
+    taken = await b.claim("t1")
+    assert taken.outcome == "run"
+    assert await a.settle("t1", mine.token, "dead", "boom") is False
+    assert await b.settle("t1", taken.token, "retrying", "boom") is True
+
+
+async def test_succeed_is_idempotent_for_its_own_claim(two_ledgers: tuple[TaskLedger, TaskLedger]) -> None:
+    """Recording success twice (a lost reply retried) answers True both times."""
+    a, _ = two_ledgers
+    claim = await a.claim("t1")
+    assert await a.succeed("t1", claim.token, "s", b"c") is True
+    assert await a.succeed("t1", claim.token, "s", b"c") is True
+
+
+async def test_many_claims_share_round_trips(ledger_url: str) -> None:
+    """500 concurrent claims and successes all resolve, each task once, attempts 1."""
+    ledger = await _ledger(ledger_url, "w")
+    try:
+        claims = await asyncio.gather(*(ledger.claim(f"t{i}") for i in range(500)))
+        assert {c.outcome for c in claims} == {"run"}
+        results = await asyncio.gather(
+            *(ledger.succeed(f"t{i}", c.token, f"s{i}", b"c") for i, c in enumerate(claims))
+        )
+        assert all(results)
+    finally:
+        await ledger.close()
+
+
+async def test_a_dead_loop_fails_callers_at_once(ledger_url: str) -> None:
+    """If the ledger's loop dies, pending and new calls fail with LedgerUnavailable instead of hanging."""
+    ledger = await _ledger(ledger_url, "w")
+    try:
+        assert ledger._loop_task is not None
+        ledger._loop_task.cancel()
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable, match="not running"):
+            await ledger.claim("t1")
+        assert time.monotonic() - started < 1
+    finally:
+        await ledger.close()
+
+
+async def test_calls_have_a_deadline_while_the_database_is_away(ledger_url: str) -> None:
+    """With PostgreSQL unreachable a claim fails after op_timeout_s (the task is handed back), and the
+    ledger serves again once the database is back."""
+    host_port = ledger_url.split("@", 1)[1].split("/", 1)[0]
+    host, port = host_port.split(":")
+    async with TcpProxy(host, int(port)) as proxy:
+        ledger = await _ledger(proxy.proxied_url(ledger_url), "w", op_timeout_s=1.0)
+        try:
+            assert (await ledger.claim("before")).outcome == "run"
+            proxy.cut()
+            started = time.monotonic()
+            with pytest.raises(LedgerUnavailable, match="no answer within"):
+                await ledger.claim("during")
+            assert time.monotonic() - started < 3
+            proxy.restore()
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    claim = await ledger.claim("after")
+                    break
+                except LedgerUnavailable:
+                    assert time.monotonic() < deadline, "the ledger did not come back"
+            assert claim.outcome == "run"
+        finally:
+            await ledger.close()

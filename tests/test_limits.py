@@ -1,0 +1,332 @@
+"""The contract's limits and the storable rule (schemas.limits, schemas.storable), without services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas import (
+    NUL_ESCAPE,
+    DecodeError,
+    SessionClosed,
+    SessionOpened,
+    StepRecorded,
+    TaskMessage,
+    Usage,
+    decode_task,
+    decode_telemetry,
+    encode,
+    limits,
+    storable,
+)
+from worker import OutcomeError, normalize_usage
+from worker._batcher import TelemetryBatcher
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+def _step(**fields: Any) -> StepRecorded:
+    values: dict[str, Any] = {
+        "schema_version": 1,
+        "kind": "step",
+        "adapter_session_id": "s1",
+        "task_id": "t1",
+        "seq": 1,
+        "step_id": 1,
+        "phase": "execute",
+        "description": "d",
+        "output": None,
+        "trace": "",
+        "usage": Usage(),
+        "events": [],
+        "started_at": NOW,
+        "finished_at": NOW,
+        "status": "ok",
+        "error": None,
+        "attempts": 1,
+        "emitted_at": NOW,
+        "limits": {},
+    }
+    values.update(fields)
+    return StepRecorded.model_construct(**values)
+
+
+def _close(**fields: Any) -> SessionClosed:
+    values: dict[str, Any] = {
+        "schema_version": 1,
+        "kind": "session.closed",
+        "adapter_session_id": "s1",
+        "task_id": "t1",
+        "seq": 1,
+        "steps": 0,
+        "status": "succeeded",
+        "reason": None,
+        "final_answer": "",
+        "plan": None,
+        "totals": Usage(),
+        "events": [],
+        "close_metadata": {},
+        "closed_at": NOW,
+        "emitted_at": NOW,
+        "limits": {},
+    }
+    values.update(fields)
+    return SessionClosed.model_construct(**values)
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"k": value}
+    return value
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (k, *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def test_an_ordinary_record_is_untouched() -> None:
+    """The common record passes unchanged (the same object) and its bytes are the plain encoding."""
+    record = _step(output="fine", events=[{"type": "tool_call", "tool": "search"}])
+    same, body = storable(record)
+    assert same is record
+    assert body == encode(record)
+
+
+def test_nul_is_escaped_in_text_keys_and_values() -> None:
+    """NUL (which PostgreSQL refuses) becomes the six characters \\u0000 everywhere, and the note says so."""
+    record = _step(trace="a\x00b", output={"k\x00": ["v\x00"]})
+    fixed, body = storable(record)
+    decoded = decode_telemetry(body)
+    assert isinstance(decoded, StepRecorded)
+    assert decoded.trace == f"a{NUL_ESCAPE}b"
+    assert decoded.output == {f"k{NUL_ESCAPE}": [f"v{NUL_ESCAPE}"]}
+    assert decoded.limits == {"trace": {"nul_escaped": True}, "output": {"nul_escaped": True}}
+    assert all("\x00" not in s for s in _strings(decoded.model_dump(mode="json")))
+    assert fixed.limits == decoded.limits
+
+
+def test_giant_integers_become_text_and_the_ingestor_can_encode_them() -> None:
+    """An integer past 64 bits becomes its digits as a string (lossless); orjson can write the record."""
+    fixed, body = storable(_step(output={"n": 10**30, "small": 7}))
+    decoded = decode_telemetry(body)
+    assert decoded.output == {"n": str(10**30), "small": 7}  # type: ignore[union-attr]
+    assert fixed.limits == {"output": {"ints_as_text": True}}
+    orjson.dumps(decoded.model_dump(mode="json"))
+
+
+@pytest.mark.parametrize("depth", [65, 254, 256, 2000])
+def test_deep_values_keep_their_content_as_json_text(depth: int) -> None:
+    """A value nested past MAX_JSON_DEPTH keeps its content: the deep subtree becomes its JSON text."""
+    fixed, body = storable(_step(output=_nested(depth)))
+    decoded = decode_telemetry(body)
+    assert _depth(decoded.output) <= limits.MAX_JSON_DEPTH  # type: ignore[union-attr]
+    assert fixed.limits == {"output": {"deep_values_as_text": True}}
+    # Downstream nesting (session metadata, JSONL line) stays well within orjson's limit of 255.
+    orjson.dumps([[[[[[decoded.model_dump(mode="json")]]]]]])
+    inner = decoded.output  # type: ignore[union-attr]
+    for _ in range(limits.MAX_JSON_DEPTH - 1):
+        inner = inner["k"]
+    assert isinstance(inner["k"], str)
+    if depth < 256:  # orjson's own limit: deeper text is the stdlib's encoding of the same value
+        assert orjson.loads(inner["k"]) == _nested(depth - limits.MAX_JSON_DEPTH)
+
+
+def test_an_oversized_output_is_cut_with_a_marker_and_its_size_kept() -> None:
+    """A 1.5 MB output fits the record limit: its head, a marker naming the size, the size in the note."""
+    fixed, body = storable(_step(output="x" * 1_500_000))
+    assert len(body) <= limits.MAX_RECORD_BYTES
+    decoded = decode_telemetry(body)
+    assert isinstance(decoded, StepRecorded)
+    assert isinstance(decoded.output, str)
+    assert decoded.output.startswith("xxxx")
+    assert decoded.output.endswith("…[truncated: 1500000 bytes in all]")
+    note = fixed.limits["output"]
+    assert note["truncated"] is True
+    assert note["original_bytes"] == 1_500_000
+    assert note["kept_bytes"] == len(decoded.output.encode())
+
+
+def test_a_structured_output_too_large_becomes_cut_json_text() -> None:
+    """A structured output too large to keep becomes its JSON text cut to fit, its type noted."""
+    output = {"rows": [{"i": i, "pad": "p" * 100} for i in range(20_000)]}
+    fixed, body = storable(_step(output=output))
+    assert len(body) <= limits.MAX_RECORD_BYTES
+    assert fixed.limits["output"]["original_type"] == "dict"
+    assert isinstance(decode_telemetry(body).output, str)  # type: ignore[union-attr]
+
+
+def test_a_close_keeps_the_newest_events() -> None:
+    """A close carries the newest MAX_SESSION_EVENTS events of 500, and says how many it dropped."""
+    events = [{"type": "tool_call", "i": i, "pad": "p" * 1000} for i in range(500)]
+    fixed, body = storable(_close(events=events))
+    decoded = decode_telemetry(body)
+    assert isinstance(decoded, SessionClosed)
+    assert [e["i"] for e in decoded.events] == list(range(450, 500))
+    assert fixed.limits == {"events": {"kept_events": 50, "dropped_events": 450}}
+
+
+def test_a_close_with_huge_events_still_fits() -> None:
+    """Fifty events of 100 KB each: the close is shrunk to the record limit, newest events first kept."""
+    events = [{"type": "blob", "i": i, "data": "d" * 100_000} for i in range(50)]
+    fixed, body = storable(_close(events=events, final_answer="a" * 300_000))
+    assert len(body) <= limits.MAX_RECORD_BYTES
+    decoded = decode_telemetry(body)
+    assert isinstance(decoded, SessionClosed)
+    assert decoded.events[-1]["i"] == 49
+    assert fixed.limits["events"]["dropped_events"] > 0
+
+
+def test_an_emoji_task_fits_its_opened_record() -> None:
+    """A 200,000-emoji task (800 KB) opens a session whose record fits; its text is kept whole."""
+    task = TaskMessage(task="😀" * 200_000)
+    assert len(encode(task)) <= limits.MAX_TASK_BYTES
+    opened = SessionOpened(
+        adapter_session_id="s1",
+        task_id=task.task_id,
+        adapter="demo",
+        task=task.task,
+        metadata={"m": "z" * 300_000},
+    )
+    fixed, body = storable(opened)
+    assert len(body) <= limits.MAX_RECORD_BYTES
+    assert isinstance(fixed, SessionOpened)
+    assert fixed.task == task.task
+    assert fixed.limits["metadata"]["truncated"] is True
+
+
+def test_task_metadata_nested_too_deep_is_refused() -> None:
+    """A task whose metadata nests past MAX_JSON_DEPTH is refused at decode, with the limit named."""
+    body = json.dumps({"task": "t", "metadata": _nested(300)}).encode()
+    with pytest.raises(DecodeError, match="nested deeper than 64"):
+        decode_task(body)
+    decode_task(orjson.dumps({"task": "t", "metadata": _nested(limits.MAX_JSON_DEPTH)}))
+
+
+def test_a_task_over_the_size_limit_is_refused() -> None:
+    """A task message over MAX_TASK_BYTES is refused before it is parsed."""
+    body = orjson.dumps({"task": "t", "metadata": {"pad": "p" * limits.MAX_TASK_BYTES}})
+    with pytest.raises(DecodeError) as err:
+        decode_task(body)
+    assert err.value.reason == "too_large"
+
+
+def test_token_counts_past_the_limit_fail_the_step_and_sums_saturate() -> None:
+    """A usage report of 10**30 tokens is a broken report (the step fails, saying why); totals saturate."""
+    with pytest.raises(OutcomeError, match="over the limit"):
+        normalize_usage({"prompt_tokens": 10**30})
+    with pytest.raises(OutcomeError, match="over the limit"):
+        normalize_usage({"completion_tokens": 1e30})
+    big = Usage(prompt_tokens=limits.MAX_COUNT, total_tokens=limits.MAX_COUNT)
+    total = big + big
+    assert total.prompt_tokens == limits.MAX_COUNT
+    with pytest.raises(ValueError, match="less than or equal"):
+        Usage(prompt_tokens=limits.MAX_COUNT + 1)
+
+
+def test_wire_integers_fit_postgres_integer_columns() -> None:
+    """seq, step_id, steps and attempts past PostgreSQL's integer range are refused at decode."""
+    record = _step(step_id=2**31)
+    with pytest.raises(DecodeError, match="step_id"):
+        decode_telemetry(encode(record))
+
+
+_json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(["\x00", "\ud800", "é", "😀"])),
+)
+_json = st.recursive(
+    _json_leaf,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+def _deep(draw_depth: int, leaf: Any) -> Any:
+    value = leaf
+    for _ in range(draw_depth):
+        value = [value]
+    return value
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    output=_json,
+    event=st.dictionaries(st.text(max_size=5), _json, max_size=3),
+    trace=st.text(alphabet=st.characters(codec="utf-8") | st.just("\x00")),
+    depth=st.integers(min_value=0, max_value=400),
+    size=st.sampled_from([0, 10, 2_000_000]),
+)
+def test_any_value_becomes_a_storable_record(
+    output: Any, event: Any, trace: str, depth: int, size: int
+) -> None:
+    """Whatever an adapter returns, the record is valid, within the limits, NUL-free and encodable by the
+    ingestor's encoder with its downstream nesting."""
+    record = _step(
+        output=_deep(depth, output),
+        events=[{"type": "t", **event}],
+        trace=trace + "y" * size,
+    )
+    _, body = storable(record)
+    assert len(body) <= limits.MAX_RECORD_BYTES
+    decoded = decode_telemetry(body)
+    dumped = decoded.model_dump(mode="json")
+    assert all("\x00" not in s for s in _strings(dumped))
+    assert _depth(decoded.output) <= limits.MAX_JSON_DEPTH  # type: ignore[union-attr]
+    orjson.dumps([[[[[[dumped]]]]]])
+    for value in _strings(dumped):
+        value.encode("utf-8")  # valid Unicode throughout (no lone surrogate survives)
+
+
+class _Exchange:
+    """Stands in for an aio-pika exchange: records every body published and confirms it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def publish(self, message: Any, routing_key: str) -> Any:  # noqa: ARG002 -- aio-pika's signature
+        import aiormq
+
+        self.bodies.append(message.body)
+        return aiormq.spec.Basic.Ack()
+
+
+async def test_envelopes_never_pass_the_message_limit() -> None:
+    """Records near the record limit among small ones: every envelope stays within MAX_MESSAGE_BYTES,
+    and every record is in exactly one envelope."""
+    exchange = _Exchange()
+    sizes = [200, 900_000, 300, 1_000_000, 50, 700_000, 400_000, 100]
+    parts = [encode(_step(seq=i + 1, output="o" * size)) for i, size in enumerate(sizes)]
+    parts = [storable(decode_telemetry(p))[1] for p in parts]  # type: ignore[arg-type]
+    async with TelemetryBatcher(exchange, linger_s=0.01) as batcher:  # type: ignore[arg-type]
+        await asyncio.gather(*(batcher.send("step", p) for p in parts))
+    assert all(len(b) <= limits.MAX_MESSAGE_BYTES for b in exchange.bodies)
+    seqs = sorted(r["seq"] for b in exchange.bodies for r in orjson.loads(b)["records"])
+    assert seqs == list(range(1, len(sizes) + 1))
+    assert len(exchange.bodies) > 1
