@@ -5,6 +5,11 @@ Duplicates inside a batch collapse here (the database collapses duplicates acros
 messages with the same ``(adapter_session_id, step_id)`` the lower ``seq`` wins, which is the one an
 in-order delivery would have written first. Output is sorted by ``adapter_session_id`` and step, so every
 transaction takes its locks in one global order.
+
+Records that do not fit their session are set aside with the reason, never merged: a record whose
+``task_id`` differs from its session's (the opened's, else the first record's), a second close with another
+``seq``, a step numbered at or after its session's close. What the database already holds is checked the
+same way in the transaction (``_store.write_batch``).
 """
 
 from __future__ import annotations
@@ -13,8 +18,26 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
 from schemas import SessionClosed, SessionOpened, StepRecorded, TelemetryMessage
+
+RecordKey = tuple[str, int]
+"""``(adapter_session_id, seq)``: what identifies one telemetry record."""
+
+ProblemCode = Literal["rejected", "inconsistent", "invalid", "never_opened", "missing_steps"]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why a record (or a session) cannot be stored as it is; kept in ``telemetry_problems``."""
+
+    code: ProblemCode
+    reason: str
+
+
+def key_of(message: TelemetryMessage) -> RecordKey:
+    return (message.adapter_session_id, message.seq)
 
 
 @dataclass(slots=True)
@@ -28,6 +51,16 @@ class SessionChange:
     opened: SessionOpened | None = None
     closed: SessionClosed | None = None
     steps: int = 0
+    step_seqs: list[int] = field(default_factory=list)
+
+    def keys(self) -> list[RecordKey]:
+        """The record keys this change carries (what to set aside if the session refuses them all)."""
+        keys = [(self.adapter_session_id, seq) for seq in self.step_seqs]
+        if self.opened is not None:
+            keys.append(key_of(self.opened))
+        if self.closed is not None:
+            keys.append(key_of(self.closed))
+        return keys
 
 
 @dataclass(slots=True)
@@ -35,6 +68,8 @@ class MergedBatch:
     sessions: list[SessionChange] = field(default_factory=list)
     steps: list[StepRecorded] = field(default_factory=list)
     duplicates: int = 0
+    rejected: dict[RecordKey, Problem] = field(default_factory=dict)
+    """Records set aside because they do not fit their session (not part of ``sessions``/``steps``)."""
 
     @property
     def task_ids(self) -> list[str]:
@@ -52,31 +87,41 @@ def task_lock_key(task_id: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _add_step(steps: dict[tuple[str, int], StepRecorded], change: SessionChange, msg: StepRecorded) -> int:
-    """Keep the lowest-seq step per (session, step_id); returns 1 when a message was a duplicate."""
-    key = (msg.adapter_session_id, msg.step_id)
-    held = steps.get(key)
-    if held is None:
-        change.steps += 1
-        steps[key] = msg
-        return 0
-    if msg.seq < held.seq:
-        steps[key] = msg
-    return 1
+def _session_task_ids(messages: list[TelemetryMessage]) -> dict[str, str]:
+    """The task each session belongs to, as far as this batch says: its opened's, else its first record's."""
+    owners: dict[str, str] = {}
+    for msg in messages:
+        if isinstance(msg, SessionOpened):
+            owners[msg.adapter_session_id] = msg.task_id
+    for msg in messages:
+        owners.setdefault(msg.adapter_session_id, msg.task_id)
+    return owners
 
 
 def merge_batch(messages: Iterable[TelemetryMessage]) -> MergedBatch:
-    """Group ``messages`` by session, dropping duplicates; the result is sorted for lock ordering."""
+    """Group ``messages`` by session, dropping duplicates and setting aside what does not fit its session;
+    the result is sorted for lock ordering."""
+    batch = list(messages)
+    owners = _session_task_ids(batch)
+    closes: dict[str, SessionClosed] = {}
+    for msg in batch:
+        if isinstance(msg, SessionClosed) and msg.task_id == owners[msg.adapter_session_id]:
+            closes.setdefault(msg.adapter_session_id, msg)
     sessions: dict[str, SessionChange] = {}
     steps: dict[tuple[str, int], StepRecorded] = {}
-    seen: set[tuple[str, int]] = set()
+    seen: set[RecordKey] = set()
+    rejected: dict[RecordKey, Problem] = {}
     duplicates = 0
-    for msg in messages:
-        key = (msg.adapter_session_id, msg.seq)
+    for msg in batch:
+        key = key_of(msg)
         if key in seen:
             duplicates += 1
             continue
         seen.add(key)
+        problem = _misfit(msg, owners[msg.adapter_session_id], closes.get(msg.adapter_session_id))
+        if problem is not None:
+            rejected[key] = problem
+            continue
         change = sessions.get(msg.adapter_session_id)
         if change is None:
             change = SessionChange(msg.adapter_session_id, msg.task_id, msg.emitted_at)
@@ -86,12 +131,44 @@ def merge_batch(messages: Iterable[TelemetryMessage]) -> MergedBatch:
         if isinstance(msg, SessionOpened):
             change.opened = msg
         elif isinstance(msg, SessionClosed):
-            duplicates += change.closed is not None
-            change.closed = change.closed or msg
+            change.closed = msg
         else:
             duplicates += _add_step(steps, change, msg)
     return MergedBatch(
         sessions=[sessions[k] for k in sorted(sessions)],
         steps=[steps[k] for k in sorted(steps)],
         duplicates=duplicates,
+        rejected=rejected,
     )
+
+
+def _misfit(msg: TelemetryMessage, task_id: str, close: SessionClosed | None) -> Problem | None:
+    if msg.task_id != task_id:
+        return Problem(
+            "inconsistent", f"task_id {msg.task_id!r} does not match its session's task_id {task_id!r}"
+        )
+    if close is None:
+        return None
+    if isinstance(msg, SessionClosed) and msg.seq != close.seq:
+        return Problem(
+            "inconsistent", f"a second close (seq {msg.seq}) for a session closed at seq {close.seq}"
+        )
+    if isinstance(msg, StepRecorded) and msg.seq >= close.seq:
+        return Problem(
+            "inconsistent", f"step seq {msg.seq} is not before its session's close (seq {close.seq})"
+        )
+    return None
+
+
+def _add_step(steps: dict[tuple[str, int], StepRecorded], change: SessionChange, msg: StepRecorded) -> int:
+    """Keep the lowest-seq step per (session, step_id); returns 1 when a message was a duplicate."""
+    key = (msg.adapter_session_id, msg.step_id)
+    held = steps.get(key)
+    change.step_seqs.append(msg.seq)
+    if held is None:
+        change.steps += 1
+        steps[key] = msg
+        return 0
+    if msg.seq < held.seq:
+        steps[key] = msg
+    return 1

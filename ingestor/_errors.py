@@ -7,9 +7,17 @@
 - :class:`ShutdownDeadline`: shutting down and the grace period is over; drop the held batch unacked (the
   broker redelivers it).
 - :class:`BrokerUnavailable`: the channel is gone; drop the batch unacked (redelivered after reconnect).
+- :class:`RecordsRejected`: these records cannot be stored (they do not fit their session, or storage
+  refuses them): dead-letter them with their reasons, note them in ``telemetry_problems``, write the rest.
+- :class:`MessageRejected`: Postgres refused the batch's data and the culprit is not known: bisect.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ingestor._batch import Problem, RecordKey
 
 
 class IngestorError(Exception):
@@ -51,3 +59,11 @@ class MessageRejected(IngestorError):
         super().__init__(reason)
         self.reason = reason
         self.sqlstate = sqlstate
+
+
+class RecordsRejected(IngestorError):
+    """Records of the batch that cannot be stored, each with its reason; the rest of the batch can be."""
+
+    def __init__(self, problems: dict[RecordKey, Problem]) -> None:
+        super().__init__(f"{len(problems)} record(s) cannot be stored")
+        self.problems = problems

@@ -12,6 +12,7 @@ Hidden temporaries sit beside the final file: ``.<name>.tmp`` for the owner's ap
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import re
@@ -28,7 +29,7 @@ FILE_NAME_RE: Final = re.compile(
     r"^sessions-\d{8}T\d{6}\.\d{6}Z-(?P<owner>[A-Za-z0-9][A-Za-z0-9_.-]{0,99})-\d{6,}\.jsonl(?:\.gz|\.zst)?$"
 )
 TMP_NAME_RE: Final = re.compile(
-    r"^\.(?P<name>sessions-.+?\.jsonl(?:\.gz|\.zst)?)(?:\.recover-[0-9a-f]+)?\.tmp$"
+    r"^\.(?P<name>sessions-.+?\.jsonl(?:\.gz|\.zst)?)(?P<recover>\.recover-[0-9a-f]+)?\.tmp$"
 )
 
 
@@ -76,6 +77,12 @@ def name_of_tmp(filename: str) -> str | None:
         return check_file_name(match.group("name"))
     except ValueError:
         return None
+
+
+def is_recover_tmp(filename: str) -> bool:
+    """Whether ``filename`` is a regeneration's temporary (``.<name>.recover-<hex>.tmp``)."""
+    match = TMP_NAME_RE.fullmatch(filename)
+    return match is not None and match.group("recover") is not None
 
 
 def compression_of(name: str) -> Compression:
@@ -178,3 +185,15 @@ def publish(tmp: Path, final: Path) -> None:
     """Atomically give ``tmp`` its final name and make the rename durable."""
     tmp.replace(final)
     fsync_dir(final.parent)
+
+
+def write_and_publish(tmp: Path, final: Path, chunks: Iterable[bytes], compression: Compression) -> None:
+    """Write ``tmp`` and :func:`publish` it as ``final``. If anything fails (a full disk), ``tmp`` is
+    deleted before the error propagates, so failed attempts leave no temporaries behind."""
+    try:
+        write_file(tmp, chunks, compression)
+        publish(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise

@@ -34,7 +34,8 @@ precede both the ack and the roll; a failed append is cut back and redone; an ow
 tmp regenerates instead). Otherwise the file is regenerated from Postgres, which is that set by
 definition. A rename is atomic and happens at most once per row transition (open -> final, under the row
 lock); crashes leave only open rows (recovered) and hidden tmp files (deleted once their row is final or
-absent), never a second visible copy. Abandoned sessions never complete, so they are never exported.
+absent, or, for a regeneration's tmp, once nobody holds the owner lock; a regeneration that fails deletes
+its own tmp), never a second visible copy. Abandoned sessions never complete, so they are never exported.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ async def finalize_locked(
             ids = [r["id"] for r in await conn.fetch(_sql.FILE_SESSION_IDS, name)]
             lines = await fetch_lines(conn, ids)
             tmp = _files.recover_tmp_path(directory, name, secrets.token_hex(4))
-            await asyncio.to_thread(_files.write_file, tmp, lines, _files.compression_of(name))
-            await asyncio.to_thread(_files.publish, tmp, final)
+            # One thread call: a failed write deletes its own tmp before anything else can run.
+            await asyncio.to_thread(_files.write_and_publish, tmp, final, lines, _files.compression_of(name))
             if trusted_tmp is not None:
                 await asyncio.to_thread(trusted_tmp.unlink, missing_ok=True)
             how = "regenerated"

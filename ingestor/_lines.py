@@ -16,6 +16,8 @@ from typing import Any, Final
 
 import orjson
 
+from schemas import clean_json
+
 _EXECUTE: Final = "execute"
 
 
@@ -85,8 +87,19 @@ def session_record(session: Mapping[str, Any], steps: Sequence[Mapping[str, Any]
     return line
 
 
+_OPTIONS: Final = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
+
+
 def build_line(session: Mapping[str, Any], steps: Sequence[Mapping[str, Any]]) -> bytes:
-    """One ``\\n``-terminated JSONL line."""
-    return orjson.dumps(
-        session_record(session, steps), option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
-    )
+    """One ``\\n``-terminated JSONL line. Never fails on data: a stored value the encoder refuses (nested
+    past its limit, an integer past 64 bits: rows written before the worker applied the storable rule, or
+    by hand) is written by that same rule (``schemas.storable``), so one session can never stop a file,
+    a recovery or an export."""
+    record = session_record(session, steps)
+    try:
+        return orjson.dumps(record, option=_OPTIONS)
+    except TypeError:
+        note: dict[str, Any] = {}
+        cleaned = clean_json(record, 0, note)
+        cleaned["session_metadata"] = {**cleaned.get("session_metadata", {}), "line_limits": note}
+        return orjson.dumps(cleaned, option=_OPTIONS)

@@ -34,6 +34,12 @@ class IngestorMetrics:
             buckets=_FLUSH_BUCKETS,
             registry=self.registry,
         )
+        self.unaccounted = Gauge(
+            "atlas_tasks_unaccounted",
+            "Tasks the ledger calls succeeded whose session is not stored and exported after the grace period"
+            " (python -m producer audit lists them)",
+            registry=self.registry,
+        )
         self.lag_seconds = Gauge(
             "atlas_ingestor_lag_seconds",
             "Age of the oldest record of the last batch when it was acked (emitted -> stored)",

@@ -41,8 +41,12 @@ class Recoverer:
         self._dir = settings.jsonl_dir
 
     async def cleanup_tmp(self, *, at_start: bool) -> int:
-        """Delete hidden temporaries whose file is final (and, at start, whose file has no row at all:
-        a tmp is only created after its row committed, so such a tmp is garbage)."""
+        """Delete stale hidden temporaries; returns how many were deleted.
+
+        Stale: any tmp whose file is final; at start, any tmp whose file has no row at all (a tmp is only
+        created after its row committed, so such a tmp is garbage); and a regeneration's
+        ``.recover-*.tmp`` of a still-open file when nobody is regenerating it, which is when its owner
+        lock can be taken (only the owner, or a recoverer holding that lock, ever writes one)."""
         try:
             found = await asyncio.to_thread(_hidden_tmp_files, self._dir)
         except OSError as err:
@@ -50,21 +54,47 @@ class Recoverer:
             return 0
         if not found:
             return 0
+        deleted = 0
         async with self._store.connection() as conn:
             states = {
                 r["name"]: r["state"] for r in await conn.fetch(_sql.FILE_STATES, sorted(set(found.values())))
             }
+            stale = [
+                (path, states.get(name) or "absent")
+                for path, name in sorted(found.items())
+                if states.get(name) == "final" or (name not in states and at_start)
+            ]
+            deleted += await self._delete(stale)
+            recovering: dict[str, list[Path]] = {}
+            for path, name in sorted(found.items()):
+                if states.get(name) == "open" and _files.is_recover_tmp(path.name):
+                    recovering.setdefault(name, []).append(path)
+            if recovering:
+                for row in await conn.fetch(_sql.OPEN_FILES, self._liveness.token or ""):
+                    paths = recovering.get(row["name"])
+                    if paths is None:
+                        continue
+                    key = lock_key(row["owner_token"])
+                    if not await conn.fetchval(_sql.TRY_LOCK, key):
+                        continue  # the owner or a recoverer is at work: its tmp may be in use
+                    try:
+                        deleted += await self._delete([(path, "open") for path in paths])
+                    finally:
+                        with contextlib.suppress(*DB_ERRORS):
+                            await conn.fetchval(_sql.UNLOCK, key)
+        return deleted
+
+    @staticmethod
+    async def _delete(paths: list[tuple[Path, str]]) -> int:
         deleted = 0
-        for path, name in sorted(found.items()):
-            state = states.get(name)
-            if state == "final" or (state is None and at_start):
-                try:
-                    await asyncio.to_thread(path.unlink, missing_ok=True)
-                except OSError as err:
-                    _log.warning("recovery.cannot_delete_tmp", path=str(path), error=str(err))
-                    continue
-                deleted += 1
-                _log.info("recovery.deleted_stale_tmp", path=str(path), file_state=state or "absent")
+        for path, state in paths:
+            try:
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+            except OSError as err:
+                _log.warning("recovery.cannot_delete_tmp", path=str(path), error=str(err))
+                continue
+            deleted += 1
+            _log.info("recovery.deleted_stale_tmp", path=str(path), file_state=state)
         return deleted
 
     async def recover_open_files(self) -> int:

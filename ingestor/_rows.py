@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from ingestor._batch import SessionChange
-from schemas import SessionClosed, SessionOpened, StepRecorded
+from ingestor._batch import Problem, SessionChange
+from schemas import SessionClosed, SessionOpened, StepRecorded, TelemetryMessage
 
 Json = Any
 """A decoded JSON value (what asyncpg's jsonb codec hands back)."""
@@ -90,6 +90,8 @@ def apply_opened(row: SessionRow, opened: SessionOpened) -> SessionRow:
         },
         {"adapter": opened.adapter, "metadata": opened.metadata},
     )
+    if opened.limits:
+        metadata["limits"] = {**metadata.get("limits", {}), **opened.limits}
     return replace(
         row, task=opened.task, created_at=opened.opened_at, attempt=opened.attempt, metadata=metadata
     )
@@ -106,6 +108,8 @@ def apply_closed(row: SessionRow, closed: SessionClosed) -> SessionRow:
         {"reason": closed.reason, "close_metadata": closed.close_metadata},
         {"usage": usage, "events": events, "close_metadata": closed.close_metadata},
     )
+    if closed.limits:
+        metadata["limits"] = {**metadata.get("limits", {}), **closed.limits}
     return replace(
         row,
         status=closed.status,
@@ -171,8 +175,44 @@ def step_row(step: StepRecorded) -> StepRow:
             "duration_ms": duration_ms,
             "status": step.status,
             "error": step.error,
+            **({"limits": step.limits} if step.limits else {}),
         },
         adapter_session_id=step.adapter_session_id,
         adapter_usage=step.usage.model_dump(mode="json"),
         adapter_events=[dict(e) for e in step.events],
     )
+
+
+_TEXT_FIELDS = {
+    "session.opened": ("task",),
+    "step": ("description", "trace", "error"),
+    "session.closed": ("reason", "final_answer"),
+}
+_JSON_FIELDS = {
+    "session.opened": ("metadata", "task_metadata", "limits"),
+    "step": ("output", "events", "usage", "limits"),
+    "session.closed": ("plan", "events", "close_metadata", "totals", "limits"),
+}
+
+
+def unstorable(message: TelemetryMessage) -> Problem | None:
+    """Why PostgreSQL (or the JSONL encoder) cannot hold this record as it is, or None.
+
+    Only asked once a batch failed on its data, to name the culprits instead of bisecting blindly: a NUL
+    character (``text`` and ``jsonb`` refuse it) or a JSON value the encoder refuses (an integer past
+    64 bits, nesting past its limit). The worker never sends such a record (``schemas.storable``)."""
+    for name in _TEXT_FIELDS[message.kind]:
+        value = getattr(message, name)
+        if isinstance(value, str) and "\x00" in value:
+            return Problem("rejected", f"{name} holds a NUL character, which PostgreSQL text cannot hold")
+    for name in _JSON_FIELDS[message.kind]:
+        value = getattr(message, name)
+        if hasattr(value, "model_dump"):
+            value = value.model_dump(mode="json")
+        try:
+            encoded = orjson.dumps(value)
+        except TypeError as err:
+            return Problem("rejected", f"{name} cannot be stored as JSON: {err}")
+        if b"\\u0000" in encoded:
+            return Problem("rejected", f"{name} holds a NUL character, which jsonb cannot hold")
+    return None

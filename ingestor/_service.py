@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
+import orjson
 import structlog
 
-from ingestor._batch import merge_batch
+from ingestor._batch import Problem, RecordKey, key_of, merge_batch
 from ingestor._consumer import Broker, Delivery, Incoming, collect, is_stale
 from ingestor._errors import (
     BrokerUnavailable,
     ConfigError,
     FileSuperseded,
+    JsonlWriteError,
     MessageRejected,
+    RecordsRejected,
     ShutdownDeadline,
     TransientError,
 )
@@ -35,14 +39,15 @@ from ingestor._liveness import Liveness
 from ingestor._metrics import IngestorMetrics
 from ingestor._recovery import Recoverer
 from ingestor._settings import IngestorSettings
-from ingestor._store import Store
-from schemas import TelemetryMessage, encode
+from ingestor._store import ProblemRow, Store
+from schemas import RejectedRecord, TelemetryMessage, encode
+from schemas.limits import MAX_INT4
 
 _log = structlog.get_logger("ingestor.service")
 
 _IDLE_WAIT_S: Final = 0.5
 _PING_INTERVAL_S: Final = 5.0
-_SCHEMA_VERSION_NEEDED: Final = 6  # migrations up to 006_stored_at
+_SCHEMA_VERSION_NEEDED: Final = 7  # migrations up to 007_accountability
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,29 +62,142 @@ class Decoded:
         return self.delivery.body if self.bare else encode(self.message)
 
 
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A record the batch could not store, and why."""
+
+    item: Decoded
+    problem: Problem
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """What goes to the dead-letter queue: the body (None: the delivery's own), why, and the problem row
+    that keeps the reason in Postgres when the record names its session."""
+
+    delivery: Delivery
+    body: bytes | None
+    reason: str
+    adapter_session_id: str | None = None
+    task_id: str | None = None
+    problem_row: ProblemRow | None = None
+
+    @classmethod
+    def refused(cls, refused: Refused) -> DeadLetter:
+        message, problem = refused.item.message, refused.problem
+        row = ProblemRow(message.adapter_session_id, message.task_id, message.seq, message.kind, problem)
+        reason = f"{problem.code}: {problem.reason}"
+        return cls(
+            refused.item.delivery, refused.item.body, reason, message.adapter_session_id, message.task_id, row
+        )
+
+    @classmethod
+    def invalid(cls, delivery: Delivery, reject: RejectedRecord) -> DeadLetter:
+        """A record of an envelope that failed the contract: its own JSON, and, when it names a session,
+        a problem row (the ids are only kept when they are well-formed)."""
+        reason = f"record {reject.index}: {reject.error}"
+        asid, task_id, seq = _claimed_ids(reject.body)
+        row = None
+        if asid is not None:
+            row = ProblemRow(asid, task_id, seq, None, Problem("invalid", str(reject.error)))
+        return cls(delivery, reject.body, reason, asid, task_id, row)
+
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
+
+
+def _claimed_ids(body: bytes) -> tuple[str | None, str | None, int]:
+    """The session id, task id and seq an invalid record claims, if they look like ids (else None)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None, -1
+    if not isinstance(data, dict):
+        return None, None, -1
+    asid, task_id, seq = data.get("adapter_session_id"), data.get("task_id"), data.get("seq")
+    good_asid = asid if isinstance(asid, str) and _ID.match(asid) else None
+    good_task = task_id if isinstance(task_id, str) and _ID.match(task_id) else None
+    good_seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= MAX_INT4 else -1
+    return good_asid, good_task, good_seq
+
+
+def _bisect(work: list[list[Decoded]], refused: list[Refused], reason: str) -> None:
+    """The part on top of ``work`` failed on data not traced to a record: retry its halves separately, so
+    the culprit ends up alone (and is refused with ``reason``)."""
+    part = work.pop()
+    if len(part) == 1:
+        refused.append(Refused(part[0], Problem("rejected", reason)))
+    else:
+        mid = len(part) // 2
+        work.extend([part[mid:], part[:mid]])
+
+
+def _take_out(part: list[Decoded], problems: dict[RecordKey, Problem]) -> list[Refused]:
+    """Remove the records named in ``problems`` from ``part`` (in place); returns them, refused."""
+    kept: list[Decoded] = []
+    out: list[Refused] = []
+    for item in part:
+        problem = problems.get(key_of(item.message))
+        if problem is None:
+            kept.append(item)
+        else:
+            out.append(Refused(item, problem))
+    part[:] = kept
+    return out
+
+
+_Dependency = Literal["postgres", "jsonl"]
+
+
+@dataclass(slots=True)
+class _Outage:
+    since: float
+    last_log: float
+
+
 class _Health:
-    """Logs Postgres trouble once per state change, and periodically while it lasts."""
+    """Logs trouble by what failed, once per state change and periodically while it lasts: Postgres
+    (``postgres.unavailable`` / ``postgres.still_unavailable`` / ``postgres.available``) and the JSONL
+    disk (``jsonl.write_failed`` / ``jsonl.still_failing`` / ``jsonl.writable``), each tracked on its own.
+    ``failures`` counts consecutive failures of either, for the back-off."""
+
+    _EVENTS: Final[dict[_Dependency, tuple[str, str, str]]] = {
+        "postgres": ("postgres.unavailable", "postgres.still_unavailable", "postgres.available"),
+        "jsonl": ("jsonl.write_failed", "jsonl.still_failing", "jsonl.writable"),
+    }
 
     def __init__(self, interval_s: float) -> None:
         self._interval_s = interval_s
-        self.down_since: float | None = None
-        self._last_log = 0.0
+        self._outages: dict[_Dependency, _Outage] = {}
         self.failures = 0
+
+    @staticmethod
+    def dependency(err: Exception) -> _Dependency:
+        """What failed: a JsonlWriteError is the disk; everything else held and retried is Postgres."""
+        return "jsonl" if isinstance(err, JsonlWriteError) else "postgres"
 
     def failed(self, err: Exception) -> None:
         now = time.monotonic()
         self.failures += 1
-        if self.down_since is None:
-            self.down_since = self._last_log = now
-            _log.warning("postgres.unavailable", error=str(err), action="holding batch, not acking")
-        elif now - self._last_log >= self._interval_s:
-            self._last_log = now
-            _log.warning("postgres.still_unavailable", down_s=round(now - self.down_since, 1), error=str(err))
+        dependency = self.dependency(err)
+        first, again, _ = self._EVENTS[dependency]
+        outage = self._outages.get(dependency)
+        if outage is None:
+            self._outages[dependency] = _Outage(since=now, last_log=now)
+            _log.warning(first, dependency=dependency, error=str(err), action="holding batch, not acking")
+        elif now - outage.last_log >= self._interval_s:
+            outage.last_log = now
+            _log.warning(again, dependency=dependency, down_s=round(now - outage.since, 1), error=str(err))
 
-    def ok(self) -> None:
-        if self.down_since is not None:
-            _log.warning("postgres.available", down_s=round(time.monotonic() - self.down_since, 1))
-        self.down_since = None
+    def ok(self, *worked: _Dependency) -> None:
+        """Record that ``worked`` (default: both) just succeeded; logs the end of their outages."""
+        now = time.monotonic()
+        for dependency in worked or ("postgres", "jsonl"):
+            outage = self._outages.pop(dependency, None)
+            if outage is not None:
+                _log.warning(
+                    self._EVENTS[dependency][2], dependency=dependency, down_s=round(now - outage.since, 1)
+                )
         self.failures = 0
 
 
@@ -120,31 +238,43 @@ class Ingestor:
 
     async def _write(
         self, items: list[Decoded], store: Store, liveness: Liveness, jsonl: RollingJsonl
-    ) -> list[tuple[Decoded, str]]:
-        """Write every item; returns the ones Postgres refused, with the database error."""
+    ) -> list[Refused]:
+        """Write every item that can be stored; returns the others, each with its reason.
+
+        The records at fault are named when they can be (they do not fit their session, or a field holds
+        what storage refuses); when Postgres refuses a batch for a reason not traced to a record, the batch
+        is bisected until the culprit is alone. The rest is always written."""
         work: list[list[Decoded]] = [items] if items else []
-        refused: list[tuple[Decoded, str]] = []
+        refused: list[Refused] = []
         while work:
             part = work[-1]
+            if not part:
+                work.pop()
+                continue
+            merged = merge_batch(d.message for d in part)
+            if merged.rejected:
+                refused.extend(_take_out(part, merged.rejected))
+                continue
             try:
                 token = await liveness.ensure()
                 target = jsonl.target(token)
-                ids = await store.write(merge_batch(d.message for d in part), target)
+                ids = await store.write(merged, target)
             except FileSuperseded:
                 jsonl.abandon("finalized by a recoverer")
                 continue
+            except RecordsRejected as err:
+                taken = _take_out(part, err.problems)
+                if not taken:  # cannot happen (the keys come from this part); never loop on it
+                    _bisect(work, refused, str(err))
+                refused.extend(taken)
+                continue
             except MessageRejected as err:
-                work.pop()
-                if len(part) == 1:
-                    refused.append((part[0], err.reason))
-                else:  # bisect: the halves are retried separately, the culprit ends up alone
-                    mid = len(part) // 2
-                    work.extend([part[mid:], part[:mid]])
+                _bisect(work, refused, err.reason)
                 continue
             except TransientError as err:
                 await self._back_off(err)
                 continue
-            self._health.ok()
+            self._health.ok("postgres")
             jsonl.note_assigned(target, ids)
             self.stats["exported"] += len(ids)
             work.pop()
@@ -159,44 +289,69 @@ class Ingestor:
             else:
                 self._health.ok()
 
+    async def _note_problems(self, store: Store, dead: list[DeadLetter]) -> None:
+        """Keep why each dead-lettered record was refused in ``telemetry_problems`` (for the audit)."""
+        rows = [d.problem_row for d in dead if d.problem_row is not None]
+        while rows:
+            try:
+                await store.record_problems(rows)
+            except TransientError as err:
+                await self._back_off(err)
+            else:
+                return
+
     async def _handle(
         self, batch: list[Incoming], broker: Broker, store: Store, liveness: Liveness, jsonl: RollingJsonl
     ) -> None:
+        """One batch's life: decode (done as it arrived) -> write what can be stored (Postgres, one
+        transaction; the culprits set aside) -> append the completed sessions' lines and fsync -> note the
+        refused records' reasons -> dead-letter them (confirmed) -> ack the batch. A crash anywhere before
+        the ack means redelivery, and every step is idempotent."""
         live = [i for i in batch if not is_stale(i.delivery)]
         if len(live) < len(batch):
             _log.warning("batch.stale_deliveries_dropped", count=len(batch) - len(live))
         if not live:
             return
         decoded: list[Decoded] = []
-        # (delivery, body to dead-letter (None: the original), reason, adapter_session_id)
-        dead: list[tuple[Delivery, bytes | None, str, str | None]] = []
+        dead: list[DeadLetter] = []
         for incoming in live:
             if incoming.error is not None:
-                dead.append((incoming.delivery, None, str(incoming.error), None))
-            dead.extend(
-                (incoming.delivery, r.body, f"record {r.index}: {r.error}", None) for r in incoming.rejects
-            )
+                dead.append(DeadLetter(incoming.delivery, None, str(incoming.error)))
+            dead.extend(DeadLetter.invalid(incoming.delivery, r) for r in incoming.rejects)
             decoded.extend(Decoded(incoming.delivery, m, incoming.bare) for m in incoming.records)
         started = time.perf_counter()
         exported_before = self.stats["exported"]
         try:
-            refused = await self._write(decoded, store, liveness, jsonl)
-            dead.extend((d.delivery, d.body, reason, d.message.adapter_session_id) for d, reason in refused)
+            try:
+                refused = await self._write(decoded, store, liveness, jsonl)
+            except (ShutdownDeadline, BrokerUnavailable):
+                raise
+            except Exception as exc:  # noqa: BLE001 -- a bug must not crash the process on a batch it gets again
+                if len(live) > 1:
+                    _log.exception("batch.unexpected_error_isolating", messages=len(live))
+                    for one in live:
+                        await self._handle([one], broker, store, liveness, jsonl)
+                    return
+                _log.exception(
+                    "message.unexpected_error_dead_lettered", message_id=live[0].delivery.message_id
+                )
+                problem = Problem("rejected", f"the ingestor could not store it: {exc!r}")
+                refused = [Refused(d, problem) for d in decoded]
+            dead.extend(DeadLetter.refused(r) for r in refused)
             await self._flush_jsonl(jsonl)
-            for delivery, body, reason, adapter_session_id in dead:
-                await broker.dead_letter(delivery, reason, body)
+            await self._note_problems(store, dead)
+            for letter in dead:
+                await broker.dead_letter(letter.delivery, letter.reason, letter.body)
                 _log.warning(
                     "message.dead_lettered",
-                    adapter_session_id=adapter_session_id,
-                    reason=reason,
-                    message_id=delivery.message_id,
-                    routing_key=delivery.routing_key,
+                    adapter_session_id=letter.adapter_session_id,
+                    task_id=letter.task_id,
+                    reason=letter.reason,
+                    message_id=letter.delivery.message_id,
+                    routing_key=letter.delivery.routing_key,
                 )
             await broker.ack_through(live[-1].delivery)
-        except BrokerUnavailable as err:
-            _log.warning("batch.dropped_unacked", reason=str(err), messages=len(live))
-            return
-        except ShutdownDeadline as err:
+        except (BrokerUnavailable, ShutdownDeadline) as err:
             _log.warning("batch.dropped_unacked", reason=str(err), messages=len(live))
             return
         self.stats["batches"] += 1
@@ -218,10 +373,19 @@ class Ingestor:
         except TransientError as err:
             self._health.failed(err)
             return False
+        self._health.ok()
         return True
 
     async def _sweep(self, store: Store, liveness: Liveness, jsonl: RollingJsonl) -> None:
+        s = self._settings
         try:
+            await store.flag_incomplete(s.incomplete_after_s)
+            unaccounted = await store.unaccounted(s.accounting_grace_s, s.accounting_lookback_s)
+            self.metrics.unaccounted.set(unaccounted)
+            if unaccounted:
+                _log.warning(
+                    "tasks.succeeded_but_not_stored", count=unaccounted, see="python -m producer audit"
+                )
             await store.sweep_abandoned()
             target = jsonl.target(await liveness.ensure())
             try:
@@ -231,6 +395,8 @@ class Ingestor:
             await jsonl.flush()
         except TransientError as err:
             self._health.failed(err)
+        except Exception:  # noqa: BLE001 -- housekeeping must not take the service down: logged, retried
+            _log.exception("sweep.failed")
 
     async def _recovery_loop(self, recoverer: Recoverer) -> None:
         while not self._stop.is_set():
@@ -245,6 +411,8 @@ class Ingestor:
                 await recoverer.cleanup_tmp(at_start=False)
             except TransientError as err:
                 _log.info("recovery.postponed", error=str(err))
+            except Exception:  # noqa: BLE001 -- a long-lived task never dies silently: logged, retried
+                _log.exception("recovery.failed")
 
     async def _start_checks(self, store: Store, recoverer: Recoverer) -> None:
         """Wait for Postgres, check the schema, then clean up and recover what dead owners left."""
@@ -260,13 +428,16 @@ class Ingestor:
                     raise ConfigError(
                         f"database schema is not migrated ({', '.join(missing)}): run atlas-migrate"
                     )
-                await recoverer.recover_open_files()
-                await recoverer.cleanup_tmp(at_start=True)
             except (DatabaseUnreachable, TransientError) as err:
                 await self._back_off(err)
                 continue
             except MigrationError as err:
                 raise ConfigError(f"cannot check migrations: {err}") from err
+            try:
+                await recoverer.recover_open_files()
+                await recoverer.cleanup_tmp(at_start=True)
+            except TransientError as err:  # the periodic recovery tries again; never block the start on it
+                _log.warning("recovery.postponed", error=str(err))
             self._health.ok()
             return
 

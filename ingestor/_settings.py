@@ -12,7 +12,7 @@ from typing import Final, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from atlas_common import BrokerSettings
+from atlas_common import DEFAULT_DATABASE_URL, BrokerSettings, DatabaseUrl
 from schemas import MAX_MESSAGE_BYTES
 
 Compression = Literal["none", "gzip", "zstd"]
@@ -34,7 +34,8 @@ class IngestorSettings(BrokerSettings):
 
     model_config = SettingsConfigDict(validate_by_name=True, validate_by_alias=True)
 
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    # repr=False: settings objects end up in logs, and this URL may hold a password.
+    database_url: DatabaseUrl = Field(default=DEFAULT_DATABASE_URL, repr=False)
     ingestor_id: str = Field(default_factory=default_ingestor_id, pattern=INGESTOR_ID_PATTERN)
 
     batch_max_messages: int = Field(default=1000, ge=1, le=_MAX_PREFETCH // 2)
@@ -54,6 +55,8 @@ class IngestorSettings(BrokerSettings):
 
     metrics_port: int | None = Field(default=None, ge=1, le=65_535, validation_alias="INGESTOR_METRICS_PORT")
     """Serve Prometheus metrics on this port (off when unset)."""
+    metrics_host: str = Field(default="127.0.0.1", min_length=1, validation_alias="INGESTOR_METRICS_HOST")
+    """Address the metrics server binds: loopback unless set (compose sets 0.0.0.0 inside its network)."""
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     db_connect_timeout_s: float = Field(default=5.0, gt=0)
     db_command_timeout_s: float = Field(default=60.0, gt=0)
@@ -62,6 +65,14 @@ class IngestorSettings(BrokerSettings):
     db_down_log_interval_s: float = Field(default=30.0, gt=0)
     recovery_interval_s: float = Field(default=30.0, gt=0)
     sweep_interval_s: float = Field(default=30.0, gt=0)
+    incomplete_after_s: float = Field(default=300.0, gt=0)
+    """A session still missing its opened, or steps its close announced, this long after it was last
+    written is flagged in ``telemetry_problems`` (and a never-opened stub stops being ``running``)."""
+    accounting_grace_s: float = Field(default=600.0, gt=0)
+    """How long after its success a task may take to be stored and in a final JSONL file before it counts
+    in ``atlas_tasks_unaccounted`` (above ``jsonl_max_age_s``: files become final within that)."""
+    accounting_lookback_s: float = Field(default=86_400.0, gt=0)
+    """How far back ``atlas_tasks_unaccounted`` looks (``producer audit`` checks any period)."""
 
     @field_validator("ingestor_id")
     @classmethod

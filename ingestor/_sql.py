@@ -34,7 +34,7 @@ ORDER BY u.asid
 ON CONFLICT (adapter_session_id) DO UPDATE
    SET created_at = CASE WHEN s.attempt IS NULL THEN LEAST(s.created_at, EXCLUDED.created_at)
                          ELSE s.created_at END
-RETURNING s.id, s.adapter_session_id, (s.xmax = 0) AS inserted
+RETURNING s.id, s.adapter_session_id, (s.xmax = 0) AS inserted, s.task_id, s.steps_expected
 """
 
 SELECT_SESSIONS: Final = """
@@ -183,12 +183,67 @@ ORDER BY s.completed_at, s.id
 LIMIT $5
 """
 
+# Problems are counted again when the same record is refused again (a redelivery), never duplicated.
+RECORD_PROBLEMS: Final = """
+INSERT INTO telemetry_problems AS p (adapter_session_id, task_id, seq, kind, problem, reason)
+SELECT * FROM unnest($1::text[], $2::text[], $3::int4[], $4::text[], $5::text[], $6::text[])
+ON CONFLICT (adapter_session_id, seq, problem) DO UPDATE
+    SET reason = EXCLUDED.reason, occurrences = p.occurrences + 1, last_seen = now()
+"""
+
+# Stubs (a step or a close came, the opened never did) older than the grace: flagged, and no longer left
+# running (a late opened and close still complete the session as usual).
+FLAG_NEVER_OPENED: Final = """
+WITH stale AS (
+    SELECT s.id, s.adapter_session_id, s.task_id FROM sessions AS s
+    WHERE s.attempt IS NULL AND s.task_id IS NOT NULL AND s.status = 'running'
+      AND s.created_at < now() - $1::interval
+    ORDER BY s.id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), flagged AS (
+    INSERT INTO telemetry_problems (adapter_session_id, task_id, problem, reason)
+    SELECT adapter_session_id, task_id, 'never_opened', $3 FROM stale
+    ON CONFLICT (adapter_session_id, seq, problem) DO NOTHING
+)
+UPDATE sessions AS s
+SET status = 'abandoned', completed_at = now(),
+    metadata = coalesce(s.metadata, '{}'::jsonb) || jsonb_build_object('reason', $3::text)
+FROM stale WHERE s.id = stale.id
+RETURNING s.adapter_session_id, s.task_id
+"""
+
+# Closed sessions still missing steps after the grace: never exported; flagged with what is missing.
+INCOMPLETE_SESSIONS: Final = """
+SELECT s.id, s.adapter_session_id, s.task_id, s.steps_expected,
+       array(SELECT (r.metadata ->> 'seq')::int FROM step_results AS r WHERE r.session_id = s.id) AS seqs
+FROM sessions AS s
+WHERE s.export_file IS NULL AND s.steps_expected IS NOT NULL AND s.status IN ('succeeded', 'failed')
+  AND s.attempt IS NOT NULL AND s.task_id IS NOT NULL AND s.completed_at < now() - $1::interval
+  AND NOT EXISTS (SELECT 1 FROM telemetry_problems AS p
+                  WHERE p.adapter_session_id = s.adapter_session_id AND p.seq = -1
+                    AND p.problem = 'missing_steps')
+ORDER BY s.id
+LIMIT $2
+"""
+
+# Tasks the ledger calls succeeded (within the look-back) whose session is not stored and in a final
+# JSONL file after the grace: the accountability figure (``producer audit`` lists them with reasons).
+UNACCOUNTED_COUNT: Final = """
+SELECT count(*) FROM task_ledger AS l
+LEFT JOIN sessions AS s ON s.adapter_session_id = l.adapter_session_id
+LEFT JOIN jsonl_files AS f ON f.name = s.export_file
+WHERE l.state = 'succeeded' AND l.updated_at < now() - $1::interval AND l.updated_at > now() - $2::interval
+  AND (s.id IS NULL OR s.status <> 'succeeded' OR f.state IS DISTINCT FROM 'final')
+"""
+
 SCHEMA_CHECK: Final = """
 SELECT count(*) FROM information_schema.columns
 WHERE table_schema = current_schema()
   AND ((table_name = 'sessions'
         AND column_name IN ('adapter_session_id', 'task_id', 'export_file', 'stored_at'))
        OR (table_name = 'jsonl_files' AND column_name = 'owner_token')
-       OR (table_name = 'plans' AND column_name = 'plan'))
+       OR (table_name = 'plans' AND column_name = 'plan')
+       OR (table_name = 'telemetry_problems' AND column_name = 'reason'))
 """
-SCHEMA_CHECK_EXPECTED: Final = 6
+SCHEMA_CHECK_EXPECTED: Final = 7

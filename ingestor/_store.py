@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -15,10 +16,16 @@ import structlog
 
 from atlas_common import redact_url
 from ingestor import _sql
-from ingestor._batch import MergedBatch, task_lock_key
-from ingestor._errors import DatabaseUnavailable, FileSuperseded, IngestorError, MessageRejected
+from ingestor._batch import MergedBatch, Problem, RecordKey, SessionChange, task_lock_key
+from ingestor._errors import (
+    DatabaseUnavailable,
+    FileSuperseded,
+    IngestorError,
+    MessageRejected,
+    RecordsRejected,
+)
 from ingestor._lines import build_line
-from ingestor._rows import SessionRow, apply_change, needs_update, step_row
+from ingestor._rows import SessionRow, apply_change, needs_update, step_row, unstorable
 from ingestor._settings import IngestorSettings
 
 _log = structlog.get_logger("ingestor.store")
@@ -36,6 +43,37 @@ DB_ERRORS: Final = (
 _ID_CHUNK: Final = 1000
 
 Record = Any  # asyncpg.Record (asyncpg ships no type information)
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemRow:
+    """One ``telemetry_problems`` row: which record (``seq`` -1: the whole session) and why."""
+
+    adapter_session_id: str
+    task_id: str | None
+    seq: int
+    kind: str | None
+    problem: Problem
+
+
+def _unstorable_records(batch: MergedBatch) -> dict[RecordKey, Problem]:
+    culprits: dict[RecordKey, Problem] = {}
+    for change in batch.sessions:
+        for message in (change.opened, change.closed):
+            if message is not None and (problem := unstorable(message)) is not None:
+                culprits[(message.adapter_session_id, message.seq)] = problem
+    for step in batch.steps:
+        if (problem := unstorable(step)) is not None:
+            culprits[(step.adapter_session_id, step.seq)] = problem
+    return culprits
+
+
+def _missing(rec: Record) -> str:
+    expected = int(rec["steps_expected"])
+    stored = {int(s) for s in rec["seqs"] if s is not None}
+    missing = sorted(set(range(1, expected + 1)) - stored)
+    shown = ", ".join(str(s) for s in missing[:20]) + (" ..." if len(missing) > 20 else "")
+    return f"its close announced {expected} step(s); {len(stored)} stored; missing seq {shown or '-'}"
 
 
 def classify(err: BaseException) -> IngestorError:
@@ -113,17 +151,46 @@ def _row_from_record(rec: Record) -> SessionRow:
     )
 
 
+def _misfits(returned: Sequence[Record], changes: dict[str, SessionChange]) -> dict[RecordKey, Problem]:
+    """Records of the batch that do not fit what the database already holds for their session: another
+    task's session, a second close, a step after the close."""
+    problems: dict[RecordKey, Problem] = {}
+    for rec in returned:
+        change = changes[rec["adapter_session_id"]]
+        if rec["task_id"] != change.task_id:
+            reason = f"task_id {change.task_id!r} does not match its session's task_id {rec['task_id']!r}"
+            problems.update(dict.fromkeys(change.keys(), Problem("inconsistent", reason)))
+            continue
+        closed_at_seq = (
+            None if rec["inserted"] or rec["steps_expected"] is None else rec["steps_expected"] + 1
+        )
+        if closed_at_seq is None:
+            continue
+        if change.closed is not None and change.closed.seq != closed_at_seq:
+            reason = f"a second close (seq {change.closed.seq}) for a session closed at seq {closed_at_seq}"
+            problems[(change.adapter_session_id, change.closed.seq)] = Problem("inconsistent", reason)
+        for seq in change.step_seqs:
+            if seq >= closed_at_seq:
+                reason = f"step seq {seq} is not before its session's close (seq {closed_at_seq})"
+                problems[(change.adapter_session_id, seq)] = Problem("inconsistent", reason)
+    return problems
+
+
 async def write_batch(
     conn: asyncpg.Connection, batch: MergedBatch, target: FileTarget, ingestor_id: str
 ) -> list[int]:
     """The batch transaction's body (the caller holds the transaction); returns the session ids it assigned
-    to ``target``. Raises FileSuperseded when ``target`` was finalized by someone else meanwhile."""
+    to ``target``. Raises FileSuperseded when ``target`` was finalized by someone else meanwhile, and
+    RecordsRejected naming the records that do not fit their stored session (nothing is written then)."""
     await conn.execute(_sql.LOCK_TASKS, sorted({task_lock_key(t) for t in batch.task_ids}))
     fresh = [apply_change(None, change) for change in batch.sessions]
     returned = await conn.fetch(_sql.UPSERT_SESSIONS, *_session_columns(fresh))
+    changes = {c.adapter_session_id: c for c in batch.sessions}
+    misfits = _misfits(returned, changes)
+    if misfits:
+        raise RecordsRejected(misfits)
     ids: dict[str, int] = {r["adapter_session_id"]: r["id"] for r in returned}
     inserted = {r["adapter_session_id"] for r in returned if r["inserted"]}
-    changes = {c.adapter_session_id: c for c in batch.sessions}
     to_merge = [
         ids[c.adapter_session_id]
         for c in batch.sessions
@@ -248,8 +315,64 @@ class Store:
         return int(found) == _sql.SCHEMA_CHECK_EXPECTED
 
     async def write(self, batch: MergedBatch, target: FileTarget) -> list[int]:
+        """One batch transaction. A batch that fails on its data raises RecordsRejected naming the records
+        at fault when they can be told (MessageRejected otherwise: the caller bisects)."""
+        try:
+            async with self.transaction() as conn:
+                return await write_batch(conn, batch, target, self._settings.ingestor_id)
+        except MessageRejected as err:
+            culprits = _unstorable_records(batch)
+            if culprits:
+                raise RecordsRejected(culprits) from err
+            raise
+        except (TypeError, ValueError, OverflowError) as err:  # a row the encoder cannot build
+            culprits = _unstorable_records(batch)
+            if culprits:
+                raise RecordsRejected(culprits) from err
+            raise MessageRejected(f"cannot build rows: {err}") from err
+
+    async def record_problems(self, problems: Sequence[ProblemRow]) -> None:
+        """Keep what could not be stored, and why, where ``producer audit`` finds it."""
+        unique = {(p.adapter_session_id, p.seq, p.problem.code): p for p in problems}
+        if not unique:
+            return
+        rows = list(unique.values())
+        async with self.connection() as conn:
+            await conn.execute(
+                _sql.RECORD_PROBLEMS,
+                [p.adapter_session_id for p in rows],
+                [p.task_id for p in rows],
+                [p.seq for p in rows],
+                [p.kind for p in rows],
+                [p.problem.code for p in rows],
+                [p.problem.reason[:4000] for p in rows],
+            )
+
+    async def flag_incomplete(self, grace_s: float, limit: int = 1000) -> int:
+        """Flag stubs that never opened and closed sessions still missing steps after ``grace_s``."""
+        grace = timedelta(seconds=grace_s)
+        never = f"no session.opened arrived within {grace_s:g}s of the session's first record"
         async with self.transaction() as conn:
-            return await write_batch(conn, batch, target, self._settings.ingestor_id)
+            stubs = await conn.fetch(_sql.FLAG_NEVER_OPENED, grace, limit, never)
+        async with self.connection() as conn:
+            incomplete = await conn.fetch(_sql.INCOMPLETE_SESSIONS, grace, limit)
+        rows = [
+            ProblemRow(r["adapter_session_id"], r["task_id"], -1, None, Problem("missing_steps", _missing(r)))
+            for r in incomplete
+        ]
+        await self.record_problems(rows)
+        for rec in (*stubs, *incomplete):
+            _log.warning("session.flagged_incomplete", adapter_session_id=rec["adapter_session_id"])
+        return len(stubs) + len(rows)
+
+    async def unaccounted(self, grace_s: float, lookback_s: float) -> int:
+        """Tasks the worker's ledger calls succeeded (within ``lookback_s``) whose session is not stored and
+        in a final JSONL file ``grace_s`` after they succeeded."""
+        async with self.connection() as conn:
+            found = await conn.fetchval(
+                _sql.UNACCOUNTED_COUNT, timedelta(seconds=grace_s), timedelta(seconds=lookback_s)
+            )
+        return int(found)
 
     async def lines(self, ids: Sequence[int]) -> list[bytes]:
         async with self.connection() as conn:

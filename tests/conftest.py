@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests._pgfixtures import pg_server  # noqa: F401
 from tests._pipeline import PipelineStack
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import asyncpg
 import orjson
 import pytest
 
@@ -101,7 +102,8 @@ async def test_two_ingestors(make_database, amqp_url: str, tmp_path: Path, clean
 
 
 async def test_nul_message_dead_lettered(make_database, amqp_url: str, tmp_path: Path, cleanup) -> None:
-    """NUL-byte messages are dead-lettered with the database error while the rest of their batch lands."""
+    """NUL-byte records are dead-lettered, named with the field at fault and noted in telemetry_problems,
+    while the rest of their batch lands."""
     gen = generate(30, seed=13, retry_share=0)
     victim_step = gen.sessions[3].steps[1]
     gen.sessions[3].steps[1] = victim_step.model_copy(update={"trace": "bad\x00trace"})
@@ -118,8 +120,18 @@ async def test_nul_message_dead_lettered(make_database, amqp_url: str, tmp_path:
     assert ingestor.stats["batches"] == 1
     dead = await dead_letters(amqp_url, settings.topology())
     assert {"{adapter_session_id}:{seq}".format(**orjson.loads(m.body)) for m in dead} == bad_ids
-    for m in dead:
-        assert str(m.headers[REASON_HEADER]).startswith("postgres 22")
+    reasons = sorted(str(m.headers[REASON_HEADER]) for m in dead)
+    assert reasons == [
+        "rejected: task_metadata holds a NUL character, which jsonb cannot hold",
+        "rejected: trace holds a NUL character, which PostgreSQL text cannot hold",
+    ]
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        noted = await conn.fetch("SELECT adapter_session_id, seq, problem FROM telemetry_problems")
+    finally:
+        await conn.close()
+    assert {f"{r['adapter_session_id']}:{r['seq']}" for r in noted} == bad_ids
+    assert {r["problem"] for r in noted} == {"rejected"}
     got = await snapshot(settings.database_url)
     assert got == await reference_snapshot(make_database, gen, skip=bad_ids)
     assert got["sessions"][victim_open.adapter_session_id]["task"] == ""  # a stub: its opened was refused

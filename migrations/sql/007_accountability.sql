@@ -29,3 +29,11 @@ CREATE INDEX IF NOT EXISTS telemetry_problems_task_idx ON telemetry_problems (ta
 -- The audit walks succeeded tasks by their session.
 CREATE INDEX IF NOT EXISTS task_ledger_session_idx ON task_ledger (adapter_session_id)
     WHERE adapter_session_id IS NOT NULL;
+
+-- The accountability figure counts recently succeeded tasks (succeeded rows are never updated again, so
+-- this partial index costs one insert per task and nothing per heartbeat).
+CREATE INDEX IF NOT EXISTS task_ledger_succeeded_idx ON task_ledger (updated_at) WHERE state = 'succeeded';
+
+-- The sweep that flags sessions whose opened never came (stubs are few: this index stays small).
+CREATE INDEX IF NOT EXISTS sessions_stub_idx ON sessions (created_at)
+    WHERE attempt IS NULL AND task_id IS NOT NULL AND status = 'running';
