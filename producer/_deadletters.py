@@ -216,6 +216,29 @@ async def list_dead_letters(
     connect_timeout_s: float = 10.0,
 ) -> DeadLetterListing:
     """Up to ``limit`` dead letters from the head of the queue, all left in the queue."""
+    name, depth, letters = await _read(amqp_url, topology, queue, limit, connect_timeout_s)
+    return DeadLetterListing(
+        name, present=depth is not None, depth=depth or 0, letters=[info for info, _ in letters]
+    )
+
+
+async def read_dead_letters(
+    amqp_url: str,
+    topology: Topology,
+    queue: DeadQueue = "tasks",
+    *,
+    limit: int = 10_000,
+    connect_timeout_s: float = 10.0,
+) -> list[tuple[DeadLetterInfo, bytes]]:
+    """Up to ``limit`` dead letters with their bodies (for the audit), all left in the queue."""
+    _, _, letters = await _read(amqp_url, topology, queue, limit, connect_timeout_s)
+    return letters
+
+
+async def _read(
+    amqp_url: str, topology: Topology, queue: DeadQueue, limit: int, connect_timeout_s: float
+) -> tuple[str, int | None, list[tuple[DeadLetterInfo, bytes]]]:
+    """The queue's name, its depth (None: absent) and up to ``limit`` letters from its head, handed back."""
     name = dead_queue_name(topology, queue)
     connection = await connect(amqp_url, timeout_s=connect_timeout_s, name="atlas-producer-dead")
     try:
@@ -223,9 +246,9 @@ async def list_dead_letters(
             try:
                 dlq = await channel.declare_queue(name, passive=True)
             except PASSIVE_MISSING:
-                return DeadLetterListing(name, present=False, depth=0, letters=[])
+                return name, None, []
             depth = dlq.declaration_result.message_count or 0
-            letters: list[DeadLetterInfo] = []
+            letters: list[tuple[DeadLetterInfo, bytes]] = []
             held: list[AbstractIncomingMessage] = []
             try:
                 while len(letters) < min(limit, depth):
@@ -233,10 +256,11 @@ async def list_dead_letters(
                     if message is None:
                         break
                     held.append(message)
-                    letters.append(describe(message.body, message.headers, message.message_id))
+                    info = describe(message.body, message.headers, message.message_id)
+                    letters.append((info, message.body))
             finally:
                 await _give_back(held)
-            return DeadLetterListing(name, present=True, depth=depth, letters=letters)
+            return name, depth, letters
     finally:
         await connection.close()
 
