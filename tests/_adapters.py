@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 
@@ -25,3 +26,54 @@ class Slow:
         if metadata.get("phase") == "plan":
             return {"steps": [{"id": 1, "description": "a", "depends_on": []}, {"id": 2, "description": "b"}]}
         return f"ok {metadata.get('phase')}"
+
+
+def _plan(metadata: dict[str, Any]) -> Any:
+    return {"steps": [{"id": 1, "description": "the one step", "depends_on": []}]}
+
+
+class HugeOutput:
+    """Its execute step returns 1.5 MB of text: more than one telemetry message may carry."""
+
+    def on_step(self, metadata: dict[str, Any]) -> Any:
+        if metadata.get("phase") == "plan":
+            return _plan(metadata)
+        if metadata.get("phase") == "execute":
+            return "x" * 1_500_000
+        return "summary"
+
+
+class ManyEvents:
+    """Its execute step reports 500 events of 1 KB each (the session aggregate keeps the newest 50)."""
+
+    def on_step(self, metadata: dict[str, Any]) -> Any:
+        if metadata.get("phase") == "plan":
+            return _plan(metadata)
+        if metadata.get("phase") == "execute":
+            return {
+                "output": "done",
+                "events": [{"type": "tick", "i": i, "pad": "p" * 1000} for i in range(500)],
+            }
+        return "summary"
+
+
+class GiantUsage:
+    """Reports 10**30 prompt tokens for its execute step: a count storage cannot hold."""
+
+    def on_step(self, metadata: dict[str, Any]) -> Any:
+        if metadata.get("phase") == "plan":
+            return _plan(metadata)
+        return {"output": "ok", "usage": {"prompt_tokens": 10**30, "completion_tokens": 1}}
+
+
+class Echo:
+    """Returns what the task asks for: the task text is JSON ``{"output": ..., "events": [...], "answer":
+    ...}`` (parsed with the stdlib, so any depth); the property-based pipeline test drives it."""
+
+    def on_step(self, metadata: dict[str, Any]) -> Any:
+        spec = json.loads(str(metadata.get("task")))
+        if metadata.get("phase") == "plan":
+            return _plan(metadata)
+        if metadata.get("phase") == "execute":
+            return {"output": spec.get("output"), "events": spec.get("events", [])}
+        return spec.get("answer", "")
