@@ -13,6 +13,7 @@ Shutdown (SIGTERM/SIGINT set the stop event), in this order: stop consuming; flu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import time
@@ -478,14 +479,48 @@ class Ingestor:
                 stopper = asyncio.create_task(self._stop_consuming_on_stop(broker))
                 try:
                     await broker.start()
-                    await self._loop(sink, broker, store, liveness, jsonl)
-                    await self._drain(sink, broker, store, liveness, jsonl)
-                    await self._finalize(jsonl, recoverer)
+                    serving = asyncio.create_task(
+                        self._serve(sink, broker, store, liveness, jsonl, recoverer=recoverer)
+                    )
+                    await self._until_done_or_deadline(serving)
                 finally:
                     for task in (recovery, stopper):
                         task.cancel()
                     await asyncio.gather(recovery, stopper, return_exceptions=True)
         _log.info("ingestor.stopped", **self.stats)
+
+    async def _serve(
+        self,
+        sink: asyncio.Queue[Incoming],
+        broker: Broker,
+        store: Store,
+        liveness: Liveness,
+        jsonl: RollingJsonl,
+        *,
+        recoverer: Recoverer,
+    ) -> None:
+        await self._loop(sink, broker, store, liveness, jsonl)
+        await self._drain(sink, broker, store, liveness, jsonl)
+        await self._finalize(jsonl, recoverer)
+
+    async def _until_done_or_deadline(self, serving: asyncio.Task[None]) -> None:
+        """Wait for the service to finish; once stop is set it gets the shutdown grace (and a little more)
+        to drain and finalize, even if a database call hangs (a silent network): then it is cancelled.
+        What it held is redelivered; a file it left open is finished by a recoverer."""
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not serving.done():
+            done, _ = await asyncio.wait({serving}, timeout=self._settings.shutdown_grace_s + 5)
+            if not done:
+                _log.warning("shutdown.deadline_cancelling", grace_s=self._settings.shutdown_grace_s)
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+                return
+        await serving  # its exception, if any, is the service's
 
     async def _stop_consuming_on_stop(self, broker: Broker) -> None:
         await self._stop.wait()
