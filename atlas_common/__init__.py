@@ -1,4 +1,4 @@
-"""What every atlas-pipeline service shares: logging, settings base, broker topology, URL redaction."""
+"""What every atlas-pipeline service shares: logging, settings base, topology, URL checks and redaction."""
 
 from atlas_common._broker import BROKER_ERRORS, BrokerConnection, sleep_unless
 from atlas_common._db import DB_TRANSIENT_ERRORS
@@ -10,8 +10,15 @@ from atlas_common._deadletter import (
     dead_letter_headers,
 )
 from atlas_common._logging import LogFormat, configure_logging
+from atlas_common._metrics import DEFAULT_METRICS_HOST, MetricsServerError, serve_metrics
 from atlas_common._retry import Backoff
-from atlas_common._settings import BrokerSettings
+from atlas_common._settings import (
+    DEFAULT_DATABASE_URL,
+    AmqpUrl,
+    BrokerSettings,
+    DatabaseUrl,
+    settings_problems,
+)
 from atlas_common._topology import (
     DEAD_TASK_ROUTING_KEY,
     DEAD_TELEMETRY_ROUTING_KEY,
@@ -19,7 +26,16 @@ from atlas_common._topology import (
     TELEMETRY_ROUTING_KEYS,
     Topology,
 )
-from atlas_common._urls import redact_url
+from atlas_common._urls import (
+    SECRET_QUERY_KEYS,
+    check_amqp_url,
+    check_database_url,
+    redact_url,
+    scrub_secrets,
+    scrub_text,
+    strip_url,
+    url_secrets,
+)
 
 __all__ = [
     "BROKER_ERRORS",
@@ -27,18 +43,32 @@ __all__ = [
     "DEAD_AT_HEADER",
     "DEAD_TASK_ROUTING_KEY",
     "DEAD_TELEMETRY_ROUTING_KEY",
+    "DEFAULT_DATABASE_URL",
+    "DEFAULT_METRICS_HOST",
     "REASON_HEADER",
     "ROUTING_KEY_HEADER",
+    "SECRET_QUERY_KEYS",
     "SOURCE_HEADER",
     "TASK_ROUTING_KEY",
     "TELEMETRY_ROUTING_KEYS",
+    "AmqpUrl",
     "Backoff",
     "BrokerConnection",
     "BrokerSettings",
+    "DatabaseUrl",
     "LogFormat",
+    "MetricsServerError",
     "Topology",
+    "check_amqp_url",
+    "check_database_url",
     "configure_logging",
     "dead_letter_headers",
     "redact_url",
+    "scrub_secrets",
+    "scrub_text",
+    "serve_metrics",
+    "settings_problems",
     "sleep_unless",
+    "strip_url",
+    "url_secrets",
 ]

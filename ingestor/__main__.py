@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 from pydantic import ValidationError
 
-from atlas_common import configure_logging
+from atlas_common import configure_logging, settings_problems
 from ingestor._errors import ConfigError, IngestorError
 from ingestor._export import export_sessions, parse_time
 from ingestor._metrics import IngestorMetrics
@@ -47,7 +47,7 @@ async def _serve(settings: IngestorSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     metrics = IngestorMetrics()
     if settings.metrics_port is not None:
-        metrics.serve(settings.metrics_port)
+        metrics.serve(settings.metrics_port, settings.metrics_host)
     await Ingestor(settings, metrics=metrics).run(stop)
 
 
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = IngestorSettings()
     except ValidationError as err:
-        sys.stderr.write(f"atlas-ingestor: invalid settings:\n{err}\n")
+        # pydantic's own text quotes the values, a URL's password included: one line per problem instead.
+        sys.stderr.write("".join(f"error: {problem}\n" for problem in settings_problems(err)))
         return 2
     configure_logging(level=settings.log_level, log_format=settings.log_format)
     try:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from atlas_common import DEFAULT_METRICS_HOST, MetricsServerError, serve_metrics
+from ingestor._errors import ConfigError
 
 _SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
 _FLUSH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -58,5 +62,9 @@ class IngestorMetrics:
         if oldest is not None:
             self.lag_seconds.set(max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, host: str = DEFAULT_METRICS_HOST) -> WSGIServer:
+        """Serve the metrics on ``host:port``; one that cannot be bound is a :class:`ConfigError`."""
+        try:
+            return serve_metrics(self.registry, port, host)
+        except MetricsServerError as exc:
+            raise ConfigError(str(exc)) from None

@@ -6,7 +6,8 @@ import socket
 
 import asyncpg
 
-from migrations._dsn import Target, parse_target, scrub
+from atlas_common import scrub_secrets
+from migrations._dsn import Target, parse_target
 from migrations._errors import DatabaseUnreachable, UnreachableReason
 
 _FIX_URL = "fix DATABASE_URL or --database-url"
@@ -81,5 +82,5 @@ def _unreachable(err: BaseException, url: str, target: Target) -> DatabaseUnreac
 
 def _detail(err: BaseException, url: str) -> str:
     # Driver messages carry no password today; scrub anyway, this text goes to logs and terminals.
-    text = scrub(str(err), url).strip()
+    text = scrub_secrets(str(err), url).strip()
     return f" ({text})" if text else ""

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+from atlas_common import DEFAULT_DATABASE_URL, DatabaseUrl
+
+__all__ = ["DEFAULT_DATABASE_URL", "MigrateSettings"]
 
 
 class MigrateSettings(BaseSettings):
@@ -14,4 +16,4 @@ class MigrateSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore")
 
     # repr=False: settings objects end up in logs, and this URL may hold a password.
-    database_url: str = Field(default=DEFAULT_DATABASE_URL, repr=False)
+    database_url: DatabaseUrl = Field(default=DEFAULT_DATABASE_URL, repr=False)

@@ -11,13 +11,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from atlas_common import BROKER_ERRORS, redact_url
+from atlas_common import BROKER_ERRORS, redact_url, scrub_secrets
 from producer._errors import BrokerUnavailable
 
 _QUIET_LOGGERS = ("aiormq", "aio_pika")
@@ -29,21 +28,12 @@ def quiet_broker_logs() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def scrub(text: str, url: str) -> str:
-    """``text`` with the URL's password (if any) replaced, in case an error message quoted it."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return text
-    return text.replace(password, "***") if password else text
-
-
 async def connect(url: str, *, timeout_s: float = 10.0, name: str = "atlas-producer") -> AbstractConnection:
     """A plain (non-robust) connection, or :class:`BrokerUnavailable` naming the URL without its secret."""
     try:
         return await aio_pika.connect(url, timeout=timeout_s, client_properties={"connection_name": name})
     except (*BROKER_ERRORS, ValueError) as exc:
-        detail = scrub(str(exc) or type(exc).__name__, url)
+        detail = scrub_secrets(str(exc) or type(exc).__name__, url)
         raise BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(url)}: {detail}") from None
 
 

@@ -7,35 +7,41 @@ import asyncio
 import json
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import structlog
+from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
-from atlas_common import configure_logging
+from atlas_common import configure_logging, settings_problems
 from producer._amqp import quiet_broker_logs
 from producer._deadletters import Selection, list_dead_letters, requeue_dead_letters
 from producer._demo import demo_tasks
 from producer._errors import ProducerError
 from producer._format import listing_text, requeue_text, status_text
-from producer._lines import ParsedLines, parse_lines
+from producer._lines import OversizedLine, ParsedLines, parse_lines, read_lines
 from producer._producer import Producer
 from producer._settings import ProducerSettings
 from producer._status import collect_status
 from schemas import TaskMessage
+from schemas._base import Identifier
+from schemas.limits import MAX_TASK_BYTES
 
 log = structlog.get_logger("producer")
 _MAX_REJECTS_SHOWN = 50
+_ADAPTER_NAME: TypeAdapter[str] = TypeAdapter(Identifier)
 
-SUBMIT_HELP = """\
+SUBMIT_HELP = f"""\
 Submit one task per line (JSON objects with at least "task"; blank lines are skipped).
 
 Bad lines: every line is validated BEFORE anything is sent. With --on-error=reject (the default) one bad
 line rejects the whole file: nothing is sent and every bad line is listed with its line number. With
 --on-error=skip the valid lines are sent and the bad ones are listed at the end (exit status 1).
 Nothing is ever dropped silently.
+
+Size: a task may be at most {MAX_TASK_BYTES // 1024} KiB encoded (schemas.limits.MAX_TASK_BYTES, what
+every worker accepts). A longer line is rejected by its number without ever being read into memory whole.
 
 Idempotency: task_id is the idempotency key. A line without "task_id" gets one derived from its content,
 so re-running the same file names the same tasks. The worker enforces it: its task ledger in PostgreSQL
@@ -88,12 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="submit N generated demo tasks")
-    demo.add_argument("--count", type=int, default=1000)
+    demo.add_argument("--count", type=_positive_int, default=1000, help="how many tasks (default 1000)")
     demo.add_argument(
         "--run-id", default=None, help="ids are demo-<run-id>-<n>; reuse to resubmit the same tasks"
     )
     demo.add_argument(
-        "--adapter", default=None, help="adapter name the tasks ask for (worker's default if unset)"
+        "--adapter",
+        type=_adapter_name,
+        default=None,
+        help="adapter name the tasks ask for (worker's default if unset)",
     )
     demo.add_argument("--no-progress", action="store_true")
 
@@ -141,20 +150,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
-def _read_lines(path: str) -> Iterator[bytes]:
-    stream: BinaryIO
+def _adapter_name(text: str) -> str:
+    """An adapter name as a task carries it (schemas' Identifier), checked before any task is built."""
+    try:
+        return _ADAPTER_NAME.validate_python(text)
+    except ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"{text[:200]!r} is not an adapter name (1-200 characters: letters, digits and _.:@/-, "
+            "starting with a letter or digit)"
+        ) from None
+
+
+def _read_lines(path: str) -> Iterator[bytes | OversizedLine]:
+    """The lines of ``path`` (``-``: standard input), each held up to the task size limit only."""
     if path == "-":
-        stream = sys.stdin.buffer
-        yield from stream
+        yield from read_lines(sys.stdin.buffer, max_bytes=MAX_TASK_BYTES)
         return
     with Path(path).open("rb") as stream:
-        yield from stream
+        yield from read_lines(stream, max_bytes=MAX_TASK_BYTES)
 
 
 def _report_rejects(parsed: ParsedLines) -> None:
@@ -182,7 +204,7 @@ async def _submit(settings: ProducerSettings, tasks: list[TaskMessage], *, progr
 
 def run_submit(settings: ProducerSettings, args: argparse.Namespace) -> int:
     try:
-        parsed = parse_lines(_read_lines(args.path), max_bytes=settings.max_message_bytes)
+        parsed = parse_lines(_read_lines(args.path), max_bytes=MAX_TASK_BYTES)
     except OSError as exc:
         print(f"error: cannot read {args.path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -270,27 +292,43 @@ def run_dead(settings: ProducerSettings, args: argparse.Namespace) -> int:
     return 1 if report.failed or report.not_found_ids else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _settings(args: argparse.Namespace) -> ProducerSettings | None:
+    """The settings from the environment and flags, or None after printing one line per problem."""
     given = {
         "amqp_url": args.amqp_url,
         "prefix": args.prefix,
         "database_url": getattr(args, "database_url", None),
     }
-    settings = ProducerSettings(**{k: v for k, v in given.items() if v is not None})
-    configure_logging(level=settings.log_level, log_format=settings.log_format)
     try:
-        if args.command == "submit":
-            return run_submit(settings, args)
-        if args.command == "demo":
-            return run_demo(settings, args)
-        if args.command in {"status", "dead"}:
-            quiet_broker_logs()
-            return run_status(settings, args) if args.command == "status" else run_dead(settings, args)
+        return ProducerSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        # pydantic's own text quotes the values, a URL's password included: one line per problem instead.
+        for problem in settings_problems(err):
+            print(f"error: {problem}", file=sys.stderr)
+        return None
+
+
+_COMMANDS: dict[str, Callable[[ProducerSettings, argparse.Namespace], int]] = {
+    "submit": run_submit,
+    "demo": run_demo,
+    "status": run_status,
+    "dead": run_dead,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    configure_logging(level=settings.log_level, log_format=settings.log_format)
+    if args.command in {"status", "dead"}:
+        quiet_broker_logs()
+    try:
+        return _COMMANDS[args.command](settings, args)
     except ProducerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: tasks confirmed so far are enqueued; re-run to submit the rest", file=sys.stderr)
         return 130
-    return 2

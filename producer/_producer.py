@@ -14,7 +14,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, DeliveryError
 
-from atlas_common import BROKER_ERRORS, TASK_ROUTING_KEY, Topology, redact_url
+from atlas_common import BROKER_ERRORS, TASK_ROUTING_KEY, Topology, redact_url, scrub_secrets
 from producer._errors import BrokerUnavailable, PublishRejected
 from schemas import TaskMessage, encode
 
@@ -76,9 +76,10 @@ class Producer:
             self._connection = await aio_pika.connect_robust(self._url, timeout=self._connect_timeout_s)
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._exchange, _ = await self._topology.declare_tasks(self._channel)
-        except (OSError, AMQPError, TimeoutError) as exc:
+        except (OSError, AMQPError, TimeoutError, ValueError) as exc:  # ValueError: a URL aio-pika refuses
             await self.close()
-            raise BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(self._url)}: {exc!r}") from exc
+            detail = scrub_secrets(repr(exc), self._url)
+            raise BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(self._url)}: {detail}") from exc
 
     async def close(self) -> None:
         """Close the connection; safe to call twice."""

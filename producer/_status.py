@@ -29,8 +29,8 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractConnection
 
-from atlas_common import Topology, redact_url
-from producer._amqp import PASSIVE_MISSING, connect, queue_depth, scrub, throwaway_channel
+from atlas_common import Topology, redact_url, scrub_secrets
+from producer._amqp import PASSIVE_MISSING, connect, queue_depth, throwaway_channel
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +214,7 @@ async def database_status(database_url: str, *, timeout_s: float = 5.0) -> Datab
     try:
         conn = await asyncpg.connect(database_url, timeout=timeout_s)
     except _DB_ERRORS as exc:
-        detail = scrub(str(exc) or type(exc).__name__, database_url)
+        detail = scrub_secrets(str(exc) or type(exc).__name__, database_url)
         return DatabaseStatus(safe_url, reachable=False, error=f"cannot reach PostgreSQL: {detail}")
     missing: list[str] = []
     try:
@@ -229,7 +229,7 @@ async def database_status(database_url: str, *, timeout_s: float = 5.0) -> Datab
         )
         newest = await _newest_jsonl_file(conn, missing)
     except _DB_ERRORS as exc:
-        detail = scrub(str(exc) or type(exc).__name__, database_url)
+        detail = scrub_secrets(str(exc) or type(exc).__name__, database_url)
         return DatabaseStatus(safe_url, reachable=False, error=f"PostgreSQL query failed: {detail}")
     finally:
         with contextlib.suppress(*_DB_ERRORS):

@@ -323,7 +323,7 @@ async def test_envelopes_never_pass_the_message_limit() -> None:
     exchange = _Exchange()
     sizes = [200, 900_000, 300, 1_000_000, 50, 700_000, 400_000, 100]
     parts = [encode(_step(seq=i + 1, output="o" * size)) for i, size in enumerate(sizes)]
-    parts = [storable(decode_telemetry(p))[1] for p in parts]  # type: ignore[arg-type]
+    parts = [storable(decode_telemetry(p))[1] for p in parts]
     async with TelemetryBatcher(exchange, linger_s=0.01) as batcher:  # type: ignore[arg-type]
         await asyncio.gather(*(batcher.send("step", p) for p in parts))
     assert all(len(b) <= limits.MAX_MESSAGE_BYTES for b in exchange.bodies)

@@ -1,16 +1,30 @@
-"""Prometheus metrics of the worker and the ingestor count what they are told (pure, no services)."""
+"""Prometheus metrics of the worker and the ingestor: what they count, and where they serve it."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from prometheus_client import generate_latest
 
+from ingestor._errors import ConfigError
 from ingestor._metrics import IngestorMetrics
+from ingestor._settings import IngestorSettings
 from schemas import SessionClosed, TaskMessage, Usage
+from tests._pipeline import ROOT, PipelineStack
+from worker._errors import WorkerError
 from worker._metrics import WorkerMetrics
 from worker._policy import Ack, DeadLetter, Retry
+from worker._settings import WorkerSettings
 from worker._telemetry import TelemetryPublisher
+
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 -- compose's value, read back from the settings, never bound here
 
 
 def _sample(registry_text: bytes, name: str) -> float:
@@ -70,3 +84,79 @@ def test_ingestor_batch_metrics_and_lag() -> None:
     assert _sample(text, "atlas_ingestor_sessions_exported_total") == 50
     assert _sample(text, "atlas_ingestor_batch_records_count") == 2
     assert 4.5 < _sample(text, "atlas_ingestor_lag_seconds") < 60
+
+
+@contextlib.contextmanager
+def _held_port() -> Iterator[int]:
+    """A loopback port some other socket is listening on, for as long as the block runs."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize("metrics_class", [WorkerMetrics, IngestorMetrics])
+def test_metrics_bind_loopback_by_default(metrics_class: type[WorkerMetrics | IngestorMetrics]) -> None:
+    """Without a host the metrics server listens on 127.0.0.1 only, and answers there."""
+    metrics = metrics_class()
+    server = metrics.serve(_free_port())
+    try:
+        host, port = server.socket.getsockname()[:2]
+        assert host == "127.0.0.1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert reply.status == 200
+            assert b"atlas_" in reply.read()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_metrics_host_settings_default_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WORKER_METRICS_HOST / INGESTOR_METRICS_HOST default to 127.0.0.1 and are read from the environment."""
+    assert WorkerSettings().metrics_host == "127.0.0.1"
+    assert IngestorSettings().metrics_host == "127.0.0.1"
+    monkeypatch.setenv("WORKER_METRICS_HOST", ALL_INTERFACES)
+    monkeypatch.setenv("INGESTOR_METRICS_HOST", ALL_INTERFACES)
+    assert WorkerSettings().metrics_host == ALL_INTERFACES
+    assert IngestorSettings().metrics_host == ALL_INTERFACES
+
+
+def test_port_in_use_is_a_clear_error_in_process() -> None:
+    """serve() on a port another socket holds raises the service's own error naming host, port and cause."""
+    with _held_port() as port:
+        with pytest.raises(WorkerError) as worker_err:
+            WorkerMetrics().serve(port)
+        with pytest.raises(ConfigError) as ingestor_err:
+            IngestorMetrics().serve(port)
+    for err in (worker_err, ingestor_err):
+        assert f"127.0.0.1:{port}" in str(err.value)
+        assert "in use" in str(err.value)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("service", ["worker", "ingestor"])
+def test_port_in_use_is_one_line_and_exit_2(pipeline: PipelineStack, service: str) -> None:
+    """python -m worker / ingestor with its metrics port taken: exit 2, one line, no traceback."""
+    with _held_port() as port:
+        result = subprocess.run(
+            [sys.executable, "-m", service],
+            env=pipeline.env(WORKER_METRICS_PORT=str(port), INGESTOR_METRICS_PORT=str(port)),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"127.0.0.1:{port}" in lines[0]
+    assert "in use" in lines[0]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from atlas_common import redact_url, scrub_secrets
 from migrations import (
     BadMigrationFile,
     ChecksumMismatch,
@@ -15,7 +16,7 @@ from migrations import (
     MigrationError,
     discover,
 )
-from migrations._dsn import mask_url, parse_target, scrub
+from migrations._dsn import parse_target
 from migrations._models import RecordedMigration
 from migrations._plan import late, plan
 
@@ -168,9 +169,9 @@ def test_plan_tolerates_versions_without_files(tmp_path: Path) -> None:
         ("postgresql:///atlas?host=/run/pg&password=x", "postgresql:///atlas?host=/run/pg&password=***"),
     ],
 )
-def test_mask_url_hides_passwords_only(url: str, masked: str) -> None:
+def test_redact_url_hides_passwords_only(url: str, masked: str) -> None:
     """Passwords in the user part or a password= parameter become ***; the rest is kept."""
-    assert mask_url(url) == masked
+    assert redact_url(url) == masked
 
 
 def test_parse_target_names_host_port_database_user() -> None:
@@ -194,7 +195,7 @@ def test_parse_target_rejects_bad_urls_without_leaking_the_password(url: str) ->
 
 def test_scrub_removes_raw_and_decoded_password() -> None:
     """Both the percent-encoded and the decoded password are removed from free text."""
-    assert scrub("p%40ss or p@ss", "postgresql://u:p%40ss@h/d") == "*** or ***"
+    assert scrub_secrets("p%40ss or p@ss", "postgresql://u:p%40ss@h/d") == "*** or ***"
 
 
 def test_settings_read_database_url_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

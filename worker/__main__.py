@@ -8,8 +8,9 @@ import signal
 import sys
 
 import structlog
+from pydantic import ValidationError
 
-from atlas_common import configure_logging
+from atlas_common import configure_logging, settings_problems
 from worker._errors import WorkerError
 from worker._ledger import LedgerUnavailable
 from worker._metrics import WorkerMetrics
@@ -62,7 +63,7 @@ async def _serve(settings: WorkerSettings, registry: AdapterRegistry) -> None:
         loop.add_signal_handler(sig, stop.set)
     metrics = WorkerMetrics()
     if settings.metrics_port is not None:
-        metrics.serve(settings.metrics_port)
+        metrics.serve(settings.metrics_port, settings.metrics_host)
     try:
         await Worker(settings, registry, metrics=metrics).run(stop)
     finally:
@@ -71,7 +72,13 @@ async def _serve(settings: WorkerSettings, registry: AdapterRegistry) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = settings_from(args)
+    try:
+        settings = settings_from(args)
+    except ValidationError as err:
+        # pydantic's own text quotes the values, a URL's password included: one line per problem instead.
+        for problem in settings_problems(err):
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     configure_logging(level=settings.log_level, log_format=settings.log_format)
     try:
         registry = AdapterRegistry.from_specs(settings.adapters, demo_latency_s=settings.demo_latency_s)

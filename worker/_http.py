@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
+from atlas_common import scrub_text, strip_url
 from worker._errors import AdapterConfigError, WorkerError
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ SNIPPET_CHARS: Final = 500
 MAX_BACKOFF_S: Final = 30.0
 _MIN_SECRET_CHARS: Final = 4
 _HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_REDACTED: Final = "***"
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 
@@ -59,16 +59,7 @@ class AdapterHTTPError(WorkerError):
 
 def redact_url(url: str) -> str:
     """``url`` without user info, query string or fragment (those may carry credentials)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "<invalid url>"
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{port}" if port is not None else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return strip_url(url)
 
 
 def check_url(url: str, what: str) -> str:
@@ -115,17 +106,10 @@ def secret_values(values: Iterable[str]) -> frozenset[str]:
     return frozenset(s for s in secrets if len(s) >= _MIN_SECRET_CHARS)
 
 
-def scrub(text: str, secrets: Collection[str]) -> str:
-    """``text`` with every secret replaced by ``***`` (longest first, so no partial secret survives)."""
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, _REDACTED)
-    return text
-
-
 def snippet(body: bytes, secrets: Collection[str]) -> str:
     """The start of a response body for an error message (decoded leniently, secrets scrubbed)."""
     text = body[: SNIPPET_CHARS * 4].decode("utf-8", errors="replace").strip()
-    text = scrub(text, secrets)
+    text = scrub_text(text, secrets)
     if len(text) > SNIPPET_CHARS:
         text = text[: SNIPPET_CHARS - 1] + "…"
     return text or "(empty body)"
@@ -273,9 +257,9 @@ class JSONPoster:
                 problem = f"timed out after {self.timeout_s:g}s"
             except _RETRYABLE_ERRORS as exc:
                 status = None
-                problem = f"connection error: {scrub(f'{type(exc).__name__}: {exc}', secrets)}"
+                problem = f"connection error: {scrub_text(f'{type(exc).__name__}: {exc}', secrets)}"
             except aiohttp.ClientError as exc:  # a bad URL, an unreadable response: retrying cannot help
-                detail = scrub(f"{type(exc).__name__}: {exc}", secrets)
+                detail = scrub_text(f"{type(exc).__name__}: {exc}", secrets)
                 raise AdapterHTTPError(
                     f"{what}: POST {safe_url} failed: {detail}", url=safe_url, attempts=attempt
                 ) from None

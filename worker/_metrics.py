@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from wsgiref.simple_server import WSGIServer
 
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from atlas_common import DEFAULT_METRICS_HOST, MetricsServerError, serve_metrics
+from worker._errors import WorkerError
 from worker._policy import Ack, DeadLetter, Outcome, Requeue, Retry
 from worker._telemetry import TelemetryPublisher
 
@@ -75,5 +79,9 @@ class WorkerMetrics:
         self.tokens.labels(kind="prompt").inc(close.totals.prompt_tokens)
         self.tokens.labels(kind="completion").inc(close.totals.completion_tokens)
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, host: str = DEFAULT_METRICS_HOST) -> WSGIServer:
+        """Serve the metrics on ``host:port``; one that cannot be bound is a :class:`WorkerError`."""
+        try:
+            return serve_metrics(self.registry, port, host)
+        except MetricsServerError as exc:
+            raise WorkerError(str(exc)) from None

@@ -7,7 +7,7 @@ import socket
 
 from pydantic import Field
 
-from atlas_common import BrokerSettings
+from atlas_common import DEFAULT_DATABASE_URL, BrokerSettings, DatabaseUrl
 
 
 def default_worker_id() -> str:
@@ -17,7 +17,8 @@ def default_worker_id() -> str:
 class WorkerSettings(BrokerSettings):
     """Read from the environment (``AMQP_URL``, ``DATABASE_URL``, ``WORKER_*``); CLI flags override."""
 
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    # repr=False: settings objects end up in logs, and this URL may hold a password.
+    database_url: DatabaseUrl = Field(default=DEFAULT_DATABASE_URL, repr=False)
     concurrency: int = Field(default=16, ge=1, le=10_000, validation_alias="WORKER_CONCURRENCY")
     adapters: tuple[str, ...] = Field(default=(), validation_alias="WORKER_ADAPTERS")
     """``name=module:attr`` specs; the first is the default. Empty: the built-in demo adapter."""
@@ -36,4 +37,6 @@ class WorkerSettings(BrokerSettings):
     At least three heartbeats; longer database outages than this may make a live run stand down."""
     ledger_timeout_s: float = Field(default=60.0, gt=0, validation_alias="WORKER_LEDGER_TIMEOUT_S")
     """Deadline of one ledger call; past it the task is handed back to the queue."""
-    metrics_port: int | None = Field(default=None, validation_alias="WORKER_METRICS_PORT")
+    metrics_port: int | None = Field(default=None, ge=1, le=65_535, validation_alias="WORKER_METRICS_PORT")
+    metrics_host: str = Field(default="127.0.0.1", min_length=1, validation_alias="WORKER_METRICS_HOST")
+    """Address the metrics server binds: loopback unless set (compose sets 0.0.0.0 inside its network)."""
