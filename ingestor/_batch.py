@@ -15,15 +15,17 @@ same way in the transaction (``_store.write_batch``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
 from schemas import SessionClosed, SessionOpened, StepRecorded, TelemetryMessage
 
-RecordKey = tuple[str, int]
-"""``(adapter_session_id, seq)``: what identifies one telemetry record."""
+RecordKey = tuple[str, int, str]
+"""``(adapter_session_id, seq, task_id)``: what identifies one telemetry record (the task_id too, so a forged
+record that reuses a real one's seq is told apart from it)."""
 
 ProblemCode = Literal["rejected", "inconsistent", "invalid", "never_opened", "missing_steps"]
 
@@ -37,7 +39,7 @@ class Problem:
 
 
 def key_of(message: TelemetryMessage) -> RecordKey:
-    return (message.adapter_session_id, message.seq)
+    return (message.adapter_session_id, message.seq, message.task_id)
 
 
 @dataclass(slots=True)
@@ -55,7 +57,7 @@ class SessionChange:
 
     def keys(self) -> list[RecordKey]:
         """The record keys this change carries (what to set aside if the session refuses them all)."""
-        keys = [(self.adapter_session_id, seq) for seq in self.step_seqs]
+        keys = [(self.adapter_session_id, seq, self.task_id) for seq in self.step_seqs]
         if self.opened is not None:
             keys.append(key_of(self.opened))
         if self.closed is not None:
@@ -70,6 +72,9 @@ class MergedBatch:
     duplicates: int = 0
     rejected: dict[RecordKey, Problem] = field(default_factory=dict)
     """Records set aside because they do not fit their session (not part of ``sessions``/``steps``)."""
+    ambiguous: set[str] = field(default_factory=set)
+    """Sessions whose records name different tasks, with no opened in the batch and no known owner: the
+    caller looks their stored task up and merges again (see :func:`merge_batch`)."""
 
     @property
     def task_ids(self) -> list[str]:
@@ -87,22 +92,40 @@ def task_lock_key(task_id: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _session_task_ids(messages: list[TelemetryMessage]) -> dict[str, str]:
-    """The task each session belongs to, as far as this batch says: its opened's, else its first record's."""
-    owners: dict[str, str] = {}
+def _session_task_ids(
+    messages: list[TelemetryMessage], known: Mapping[str, str], *, decide: bool
+) -> tuple[dict[str, str], set[str]]:
+    """The task each session belongs to: what the database holds (``known``); else what its opened records
+    say; else what its records agree on. Records that disagree, with nothing known, make the session
+    ambiguous, unless ``decide``: then the opened's task, else the task most records name, wins (the first
+    seen on a tie)."""
+    opened: dict[str, Counter[str]] = {}
+    claimed: dict[str, Counter[str]] = {}
     for msg in messages:
+        claimed.setdefault(msg.adapter_session_id, Counter())[msg.task_id] += 1
         if isinstance(msg, SessionOpened):
-            owners[msg.adapter_session_id] = msg.task_id
-    for msg in messages:
-        owners.setdefault(msg.adapter_session_id, msg.task_id)
-    return owners
+            opened.setdefault(msg.adapter_session_id, Counter())[msg.task_id] += 1
+    owners: dict[str, str] = {}
+    ambiguous: set[str] = set()
+    for asid, tasks in claimed.items():
+        votes = opened.get(asid) or tasks
+        if asid in known:
+            owners[asid] = known[asid]
+            continue
+        if len(votes) > 1 and not decide:
+            ambiguous.add(asid)
+        owners[asid] = votes.most_common(1)[0][0]
+    return owners, ambiguous
 
 
-def merge_batch(messages: Iterable[TelemetryMessage]) -> MergedBatch:
+def merge_batch(
+    messages: Iterable[TelemetryMessage], known: Mapping[str, str] | None = None, *, decide: bool = False
+) -> MergedBatch:
     """Group ``messages`` by session, dropping duplicates and setting aside what does not fit its session;
-    the result is sorted for lock ordering."""
+    the result is sorted for lock ordering. ``known``: stored task ids of sessions the batch named
+    ambiguously (``MergedBatch.ambiguous``); ``decide``: settle the remaining ambiguity by majority."""
     batch = list(messages)
-    owners = _session_task_ids(batch)
+    owners, ambiguous = _session_task_ids(batch, known or {}, decide=decide)
     closes: dict[str, SessionClosed] = {}
     for msg in batch:
         if isinstance(msg, SessionClosed) and msg.task_id == owners[msg.adapter_session_id]:
@@ -139,6 +162,7 @@ def merge_batch(messages: Iterable[TelemetryMessage]) -> MergedBatch:
         steps=[steps[k] for k in sorted(steps)],
         duplicates=duplicates,
         rejected=rejected,
+        ambiguous=ambiguous,
     )
 
 

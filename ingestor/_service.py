@@ -59,8 +59,15 @@ class Decoded:
     """The delivery was this one record (so a dead letter carries the original body)."""
 
     @property
-    def body(self) -> bytes:
-        return self.delivery.body if self.bare else encode(self.message)
+    def body(self) -> bytes | None:
+        """This record's own JSON for its dead letter (None: the delivery's body, when it was this record
+        alone, or when the record is nested too deeply to encode again)."""
+        if self.bare:
+            return None
+        try:
+            return encode(self.message)
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,14 +252,24 @@ class Ingestor:
         The records at fault are named when they can be (they do not fit their session, or a field holds
         what storage refuses); when Postgres refuses a batch for a reason not traced to a record, the batch
         is bisected until the culprit is alone. The rest is always written."""
-        work: list[list[Decoded]] = [items] if items else []
+        work: list[list[Decoded]] = [list(items)] if items else []
         refused: list[Refused] = []
+        known: dict[str, str] = {}
         while work:
             part = work[-1]
             if not part:
                 work.pop()
                 continue
-            merged = merge_batch(d.message for d in part)
+            merged = merge_batch((d.message for d in part), known)
+            if (
+                merged.ambiguous
+            ):  # records name different tasks: the stored session decides, else the majority
+                try:
+                    known.update(await store.owners(merged.ambiguous))
+                except TransientError as err:
+                    await self._back_off(err)
+                    continue
+                merged = merge_batch((d.message for d in part), known, decide=True)
             if merged.rejected:
                 refused.extend(_take_out(part, merged.rejected))
                 continue
@@ -304,15 +321,35 @@ class Ingestor:
     async def _handle(
         self, batch: list[Incoming], broker: Broker, store: Store, liveness: Liveness, jsonl: RollingJsonl
     ) -> None:
-        """One batch's life: decode (done as it arrived) -> write what can be stored (Postgres, one
-        transaction; the culprits set aside) -> append the completed sessions' lines and fsync -> note the
-        refused records' reasons -> dead-letter them (confirmed) -> ack the batch. A crash anywhere before
-        the ack means redelivery, and every step is idempotent."""
+        """Process one batch; whatever goes wrong, the process goes on: a lost channel or the shutdown
+        deadline drops the batch unacked (redelivered), and an unexpected error (a bug) is isolated to the
+        delivery that causes it, which is dead-lettered with the error instead of crashing the ingestor
+        again on every redelivery."""
         live = [i for i in batch if not is_stale(i.delivery)]
         if len(live) < len(batch):
             _log.warning("batch.stale_deliveries_dropped", count=len(batch) - len(live))
         if not live:
             return
+        try:
+            await self._process(live, broker, store, liveness, jsonl)
+        except (BrokerUnavailable, ShutdownDeadline) as err:
+            _log.warning("batch.dropped_unacked", reason=str(err), messages=len(live))
+        except Exception as exc:  # noqa: BLE001 -- a bug must not crash the process on a batch it gets again
+            if len(live) > 1:
+                _log.exception("batch.unexpected_error_isolating", messages=len(live))
+                for one in live:
+                    await self._handle([one], broker, store, liveness, jsonl)
+                return
+            _log.exception("message.unexpected_error_dead_lettered", message_id=live[0].delivery.message_id)
+            await self._give_up(live[0], exc, broker, store)
+
+    async def _process(
+        self, live: list[Incoming], broker: Broker, store: Store, liveness: Liveness, jsonl: RollingJsonl
+    ) -> None:
+        """One batch's life: decode (done as it arrived) -> write what can be stored (Postgres, one
+        transaction; the culprits set aside) -> append the completed sessions' lines and fsync -> note the
+        refused records' reasons -> dead-letter them (confirmed) -> ack the batch. A crash anywhere before
+        the ack means redelivery, and every step is idempotent."""
         decoded: list[Decoded] = []
         dead: list[DeadLetter] = []
         for incoming in live:
@@ -322,49 +359,49 @@ class Ingestor:
             decoded.extend(Decoded(incoming.delivery, m, incoming.bare) for m in incoming.records)
         started = time.perf_counter()
         exported_before = self.stats["exported"]
-        try:
-            try:
-                refused = await self._write(decoded, store, liveness, jsonl)
-            except (ShutdownDeadline, BrokerUnavailable):
-                raise
-            except Exception as exc:  # noqa: BLE001 -- a bug must not crash the process on a batch it gets again
-                if len(live) > 1:
-                    _log.exception("batch.unexpected_error_isolating", messages=len(live))
-                    for one in live:
-                        await self._handle([one], broker, store, liveness, jsonl)
-                    return
-                _log.exception(
-                    "message.unexpected_error_dead_lettered", message_id=live[0].delivery.message_id
-                )
-                problem = Problem("rejected", f"the ingestor could not store it: {exc!r}")
-                refused = [Refused(d, problem) for d in decoded]
-            dead.extend(DeadLetter.refused(r) for r in refused)
-            await self._flush_jsonl(jsonl)
-            await self._note_problems(store, dead)
-            for letter in dead:
-                await broker.dead_letter(letter.delivery, letter.reason, letter.body)
-                _log.warning(
-                    "message.dead_lettered",
-                    adapter_session_id=letter.adapter_session_id,
-                    task_id=letter.task_id,
-                    reason=letter.reason,
-                    message_id=letter.delivery.message_id,
-                    routing_key=letter.delivery.routing_key,
-                )
-            await broker.ack_through(live[-1].delivery)
-        except (BrokerUnavailable, ShutdownDeadline) as err:
-            _log.warning("batch.dropped_unacked", reason=str(err), messages=len(live))
-            return
+        refused = await self._write(decoded, store, liveness, jsonl)
+        dead.extend(DeadLetter.refused(r) for r in refused)
+        await self._flush_jsonl(jsonl)
+        await self._note_problems(store, dead)
+        await self._dead_letter(broker, dead)
+        await broker.ack_through(live[-1].delivery)
         self.stats["batches"] += 1
-        self.stats["messages"] += len(decoded)
+        self.stats["messages"] += len(decoded) - len(refused)
         self.stats["dead_lettered"] += len(dead)
         self.metrics.observe_batch(
-            records=len(decoded),
+            records=len(decoded) - len(refused),
             dead=len(dead),
             exported=self.stats["exported"] - exported_before,
             seconds=time.perf_counter() - started,
             oldest=min((d.message.emitted_at for d in decoded), default=None),
         )
+
+    async def _dead_letter(self, broker: Broker, dead: list[DeadLetter]) -> None:
+        for letter in dead:
+            await broker.dead_letter(letter.delivery, letter.reason, letter.body)
+            _log.warning(
+                "message.dead_lettered",
+                adapter_session_id=letter.adapter_session_id,
+                task_id=letter.task_id,
+                reason=letter.reason,
+                message_id=letter.delivery.message_id,
+                routing_key=letter.delivery.routing_key,
+            )
+
+    async def _give_up(self, incoming: Incoming, exc: Exception, broker: Broker, store: Store) -> None:
+        """Dead-letter a delivery the ingestor failed on unexpectedly: its original body, the error, and a
+        problem row per record it names (best effort: the dead letter itself is what must not be lost)."""
+        problem = Problem("rejected", f"the ingestor could not store it: {exc!r}")
+        rows = [ProblemRow(m.adapter_session_id, m.task_id, m.seq, m.kind, problem) for m in incoming.records]
+        letter = DeadLetter(incoming.delivery, None, f"rejected: {problem.reason}")
+        try:
+            with contextlib.suppress(TransientError):
+                await store.record_problems(rows)
+            await self._dead_letter(broker, [letter])
+            await broker.ack_through(incoming.delivery)
+        except BrokerUnavailable as err:
+            _log.warning("batch.dropped_unacked", reason=str(err), messages=1)
+        self.stats["dead_lettered"] += 1
 
     # --- housekeeping -----------------------------------------------------------------------------------
 

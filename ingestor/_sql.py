@@ -37,6 +37,10 @@ ON CONFLICT (adapter_session_id) DO UPDATE
 RETURNING s.id, s.adapter_session_id, (s.xmax = 0) AS inserted, s.task_id, s.steps_expected
 """
 
+SESSION_OWNERS: Final = """
+SELECT adapter_session_id, task_id FROM sessions WHERE adapter_session_id = ANY($1::text[])
+"""
+
 SELECT_SESSIONS: Final = """
 SELECT id, adapter_session_id, task_id, task, status, metadata, final_answer, created_at, completed_at,
        adapter_usage, adapter_events, attempt, steps_expected
@@ -191,13 +195,15 @@ ON CONFLICT (adapter_session_id, seq, problem) DO UPDATE
     SET reason = EXCLUDED.reason, occurrences = p.occurrences + 1, last_seen = now()
 """
 
-# Stubs (a step or a close came, the opened never did) older than the grace: flagged, and no longer left
-# running (a late opened and close still complete the session as usual).
+# Stubs (a step or a close came, the opened never did) older than the grace: flagged; one still running
+# stops being left running (a late opened and close still complete the session as usual).
 FLAG_NEVER_OPENED: Final = """
 WITH stale AS (
-    SELECT s.id, s.adapter_session_id, s.task_id FROM sessions AS s
-    WHERE s.attempt IS NULL AND s.task_id IS NOT NULL AND s.status = 'running'
-      AND s.created_at < now() - $1::interval
+    SELECT s.id, s.adapter_session_id, s.task_id, s.status FROM sessions AS s
+    WHERE s.attempt IS NULL AND s.task_id IS NOT NULL AND s.created_at < now() - $1::interval
+      AND NOT EXISTS (SELECT 1 FROM telemetry_problems AS p
+                      WHERE p.adapter_session_id = s.adapter_session_id AND p.seq = -1
+                        AND p.problem = 'never_opened')
     ORDER BY s.id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -205,12 +211,13 @@ WITH stale AS (
     INSERT INTO telemetry_problems (adapter_session_id, task_id, problem, reason)
     SELECT adapter_session_id, task_id, 'never_opened', $3 FROM stale
     ON CONFLICT (adapter_session_id, seq, problem) DO NOTHING
+), stopped AS (
+    UPDATE sessions AS s
+    SET status = 'abandoned', completed_at = now(),
+        metadata = coalesce(s.metadata, '{}'::jsonb) || jsonb_build_object('reason', $3::text)
+    FROM stale WHERE s.id = stale.id AND stale.status = 'running'
 )
-UPDATE sessions AS s
-SET status = 'abandoned', completed_at = now(),
-    metadata = coalesce(s.metadata, '{}'::jsonb) || jsonb_build_object('reason', $3::text)
-FROM stale WHERE s.id = stale.id
-RETURNING s.adapter_session_id, s.task_id
+SELECT adapter_session_id, task_id FROM stale
 """
 
 # Closed sessions still missing steps after the grace: never exported; flagged with what is missing.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,7 +16,7 @@ import structlog
 
 from atlas_common import redact_url
 from ingestor import _sql
-from ingestor._batch import MergedBatch, Problem, RecordKey, SessionChange, task_lock_key
+from ingestor._batch import MergedBatch, Problem, RecordKey, SessionChange, key_of, task_lock_key
 from ingestor._errors import (
     DatabaseUnavailable,
     FileSuperseded,
@@ -61,10 +61,10 @@ def _unstorable_records(batch: MergedBatch) -> dict[RecordKey, Problem]:
     for change in batch.sessions:
         for message in (change.opened, change.closed):
             if message is not None and (problem := unstorable(message)) is not None:
-                culprits[(message.adapter_session_id, message.seq)] = problem
+                culprits[key_of(message)] = problem
     for step in batch.steps:
         if (problem := unstorable(step)) is not None:
-            culprits[(step.adapter_session_id, step.seq)] = problem
+            culprits[key_of(step)] = problem
     return culprits
 
 
@@ -161,18 +161,16 @@ def _misfits(returned: Sequence[Record], changes: dict[str, SessionChange]) -> d
             reason = f"task_id {change.task_id!r} does not match its session's task_id {rec['task_id']!r}"
             problems.update(dict.fromkeys(change.keys(), Problem("inconsistent", reason)))
             continue
-        closed_at_seq = (
-            None if rec["inserted"] or rec["steps_expected"] is None else rec["steps_expected"] + 1
-        )
-        if closed_at_seq is None:
-            continue
+        if rec["inserted"] or rec["steps_expected"] is None:
+            continue  # not closed before this batch (a close in the batch was checked by merge_batch)
+        closed_at_seq = rec["steps_expected"] + 1
         if change.closed is not None and change.closed.seq != closed_at_seq:
             reason = f"a second close (seq {change.closed.seq}) for a session closed at seq {closed_at_seq}"
-            problems[(change.adapter_session_id, change.closed.seq)] = Problem("inconsistent", reason)
+            problems[key_of(change.closed)] = Problem("inconsistent", reason)
         for seq in change.step_seqs:
             if seq >= closed_at_seq:
                 reason = f"step seq {seq} is not before its session's close (seq {closed_at_seq})"
-                problems[(change.adapter_session_id, seq)] = Problem("inconsistent", reason)
+                problems[(change.adapter_session_id, seq, change.task_id)] = Problem("inconsistent", reason)
     return problems
 
 
@@ -330,6 +328,12 @@ class Store:
             if culprits:
                 raise RecordsRejected(culprits) from err
             raise MessageRejected(f"cannot build rows: {err}") from err
+
+    async def owners(self, adapter_session_ids: Iterable[str]) -> dict[str, str]:
+        """The stored task of each of these sessions that the database holds."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(_sql.SESSION_OWNERS, sorted(adapter_session_ids))
+        return {r["adapter_session_id"]: r["task_id"] for r in rows if r["task_id"] is not None}
 
     async def record_problems(self, problems: Sequence[ProblemRow]) -> None:
         """Keep what could not be stored, and why, where ``producer audit`` finds it."""

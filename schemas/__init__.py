@@ -14,7 +14,7 @@ from schemas._codec import (
 )
 from schemas._errors import DecodeError
 from schemas._export import json_schemas, write_json_schemas
-from schemas._storable import NUL_ESCAPE, clean_json, cut_chars, cut_text, storable
+from schemas._storable import NUL_ESCAPE, clean_json, cut_chars, cut_text, json_text, storable
 from schemas._task import TaskMessage, new_task_id, utcnow
 from schemas._telemetry import (
     ROUTING_KEYS,
@@ -58,6 +58,7 @@ __all__ = [
     "encode_telemetry_batch",
     "json_depth_exceeds",
     "json_schemas",
+    "json_text",
     "limits",
     "new_task_id",
     "storable",

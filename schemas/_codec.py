@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 import orjson
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from schemas._base import SCHEMA_VERSION, WireModel
@@ -25,21 +27,56 @@ def encode(message: WireModel) -> bytes:
 
     Text that is not valid Unicode (a lone surrogate, e.g. from an adapter that mis-decoded bytes) cannot
     be UTF-8: rather than fail the whole message, such characters are replaced (U+FFFD's ASCII cousin '?').
+    Values nested deeper than the serializer goes (a decoded record the worker's rule did not make, e.g.
+    one the ingestor dead-letters) are written by the standard library instead. Raises ValueError only for
+    a value deeper than Python itself can recurse.
     """
     try:
         return message.__pydantic_serializer__.to_json(message)
     except PydanticSerializationError:
-        return orjson.dumps(_scrub(message.model_dump(mode="json")))
+        pass
+    plain = _scrub(_fields(message))
+    try:
+        return orjson.dumps(plain)
+    except TypeError:
+        pass
+    try:
+        return json.dumps(plain, ensure_ascii=False, separators=(",", ":"), default=str).encode()
+    except RecursionError:
+        raise ValueError(f"a {type(message).__name__} nested too deeply to encode") from None
+
+
+def _fields(value: Any) -> Any:
+    """A model as plain values (its own fields only; JSON values inside are already plain)."""
+    if isinstance(value, BaseModel):
+        return {name: _fields(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, list):
+        return [_fields(v) for v in value]
+    return value
 
 
 def _scrub(value: Any) -> Any:
+    """Lone surrogates replaced; iterative, so any depth Python can hold is fine."""
     if isinstance(value, str):
-        return value.encode("utf-8", "replace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_scrub(k): _scrub(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(v) for v in value]
-    return value
+        return value.encode("utf-8", "replace").decode("utf-8") if not value.isascii() else value
+    root: list[Any] = [value]
+    stack: list[tuple[Any, Any, Any]] = [(root, 0, value)]
+    while stack:
+        parent, key, item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                parent[key] = item.encode("utf-8", "replace").decode("utf-8")
+        elif isinstance(item, dict):
+            copy = {_scrub(k) if isinstance(k, str) else k: v for k, v in item.items()}
+            parent[key] = copy
+            stack.extend((copy, k, v) for k, v in copy.items())
+        elif isinstance(item, list):
+            copy_list = list(item)
+            parent[key] = copy_list
+            stack.extend((copy_list, i, v) for i, v in enumerate(copy_list))
+    return root[0]
 
 
 def _load(body: bytes, max_bytes: int) -> dict[str, Any]:

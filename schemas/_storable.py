@@ -192,15 +192,12 @@ def json_text(value: Any) -> str:
     """Compact JSON text of any value, however deep (what a too-deep subtree is stored as)."""
     try:
         return orjson.dumps(value).decode()
-    except TypeError:  # deeper than orjson goes, an integer past 64 bits, a surrogate
+    except TypeError:  # deeper than orjson goes, an integer past 64 bits, a surrogate, a non-JSON leaf
         pass
     try:
-        return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str, allow_nan=False)
-    except (ValueError, RecursionError):
-        try:
-            return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)
-        except RecursionError:
-            return "<a value nested too deeply to encode>"
+        return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)
+    except (ValueError, RecursionError, TypeError):  # a cycle, or deeper than Python recurses
+        return "<a value that cannot be written as JSON>"
 
 
 def _marker(text: str) -> str:

@@ -66,14 +66,22 @@ class GiantUsage:
         return {"output": "ok", "usage": {"prompt_tokens": 10**30, "completion_tokens": 1}}
 
 
+def echo_output(spec: dict[str, Any]) -> Any:
+    """The output :class:`Echo` returns for ``spec`` (``pad_bytes`` wraps it beside that much padding)."""
+    output = spec.get("output")
+    pad = int(spec.get("pad_bytes", 0))
+    return {"pad": "b" * pad, "v": output} if pad else output
+
+
 class Echo:
     """Returns what the task asks for: the task text is JSON ``{"output": ..., "events": [...], "answer":
-    ...}`` (parsed with the stdlib, so any depth); the property-based pipeline test drives it."""
+    ..., "pad_bytes": n}`` (parsed with the stdlib, so any depth); the property-based pipeline test
+    drives it."""
 
     def on_step(self, metadata: dict[str, Any]) -> Any:
         spec = json.loads(str(metadata.get("task")))
         if metadata.get("phase") == "plan":
             return _plan(metadata)
         if metadata.get("phase") == "execute":
-            return {"output": spec.get("output"), "events": spec.get("events", [])}
+            return {"output": echo_output(spec), "events": spec.get("events", [])}
         return spec.get("answer", "")

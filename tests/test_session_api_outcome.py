@@ -182,3 +182,15 @@ def test_outputs_are_made_json_able() -> None:
     """Non-JSON values inside outputs (sets, bytes, objects) become JSON-able."""
     outcome = normalize_outcome({"output": {"s": {1}, "b": b"hi", "o": object}})
     assert outcome.output == {"s": [1], "b": "hi", "o": str(object)}
+
+
+def test_text_of_values_orjson_refuses() -> None:
+    """Prompts and answers are built from any output: integers past 64 bits and deep nesting included (a
+    step output of 10**30 used to fail the next step's prompt with TypeError, a poison pill)."""
+    from worker._json import to_text
+
+    assert to_text({"n": 10**30}) == '{"n":1000000000000000000000000000000}'
+    deep: object = 1
+    for _ in range(300):
+        deep = [deep]
+    assert to_text(deep) == "[" * 200 + '"' + "[" * 100 + "1" + "]" * 100 + '"' + "]" * 200

@@ -11,20 +11,26 @@ from typing import Any, Final
 import orjson
 from pydantic import BaseModel, JsonValue
 
-_MAX_DEPTH: Final = 64
+from schemas import json_text
+
+# A guard against cycles and Python's recursion limit, well past the contract's MAX_JSON_DEPTH: the
+# storable rule applies the real limit later, and notes it in the record (schemas.storable).
+_MAX_DEPTH: Final = 200
 
 
 def to_jsonable(value: Any, _depth: int = 0) -> JsonValue:  # noqa: PLR0911 -- one return per kind
     """A JSON-able copy of ``value``: strings stay strings, models/dataclasses become objects.
 
     Mappings get string keys, sequences and sets become lists, bytes are decoded as UTF-8 (with
-    replacement), dates become ISO strings, enums their value; anything else (and anything nested
-    deeper than 64 levels, e.g. a cycle) becomes ``str(value)``.
+    replacement), dates become ISO strings, enums their value; anything nested deeper than 200 levels (a
+    cycle too) becomes its JSON text, as the storable rule writes what is deeper than ``MAX_JSON_DEPTH``
+    (:func:`schemas.storable`, which applies that limit and notes it); anything else becomes
+    ``str(value)``.
     """
     if value is None or isinstance(value, str | bool | int | float):
         return value
     if _depth >= _MAX_DEPTH:
-        return str(value)
+        return json_text(value)
     depth = _depth + 1
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v, depth) for k, v in value.items()}
@@ -58,5 +64,5 @@ def to_text(value: Any) -> str:
         return ""
     try:  # fast path: already JSON-able (the common case)
         return orjson.dumps(value).decode()
-    except TypeError:
-        return orjson.dumps(to_jsonable(value)).decode()
+    except TypeError:  # objects, and JSON orjson refuses (integers past 64 bits, nesting past 255)
+        return json_text(to_jsonable(value))

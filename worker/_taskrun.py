@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from structlog.contextvars import bound_contextvars
 
 from atlas_common import BROKER_ERRORS
-from schemas import DecodeError, TaskMessage, decode_task
+from schemas import DecodeError, TaskMessage, cut_chars, decode_task, limits
 from worker._batcher import TelemetryBatcher
 from worker._errors import AdapterError
 from worker._ledger import Claim, LedgerUnavailable, SettleState, TaskLedger
@@ -43,7 +43,8 @@ from worker._telemetry import TelemetryError, TelemetryPublisher, republish_clos
 log = structlog.get_logger("worker")
 
 CLEANUP_TIMEOUT_S: Final = 5.0
-_CLEANUP_ERRORS: Final = (TelemetryError, LedgerUnavailable, TimeoutError, RuntimeError, *BROKER_ERRORS)
+_INFRA: Final = (TelemetryError, LedgerUnavailable, *BROKER_ERRORS)
+_CLEANUP_ERRORS: Final = (*_INFRA, TimeoutError, RuntimeError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,13 @@ class TaskRun:
         except asyncio.CancelledError:
             await self._abandon(task, publisher, claim)
             raise
+        except _INFRA:  # the broker or the ledger, not the session: the runtime hands the task back
+            raise
+        except Exception as exc:
+            log.exception("task_session_error")
+            reason = cut_chars(f"worker error: {exc!r}", limits.MAX_REASON_CHARS)
+            publisher.close_instead("failed", reason)
+            return await self._failed(task, publisher, claim, reason)
         if publisher.close is None:
             raise TelemetryError("the Student finished without reporting a close")
         # 4. every record but the close is confirmed

@@ -36,4 +36,4 @@ CREATE INDEX IF NOT EXISTS task_ledger_succeeded_idx ON task_ledger (updated_at)
 
 -- The sweep that flags sessions whose opened never came (stubs are few: this index stays small).
 CREATE INDEX IF NOT EXISTS sessions_stub_idx ON sessions (created_at)
-    WHERE attempt IS NULL AND task_id IS NOT NULL AND status = 'running';
+    WHERE attempt IS NULL AND task_id IS NOT NULL;
