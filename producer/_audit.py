@@ -54,6 +54,19 @@ WHERE adapter_session_id = ANY($1::text[]) OR task_id = ANY($2::text[])
 ORDER BY last_seen DESC
 """
 _FINAL_FILES: Final = "SELECT name FROM jsonl_files WHERE state = 'final' ORDER BY name"
+_UNACCOUNTED: Final = """
+SELECT count(*) FROM task_ledger AS l
+LEFT JOIN sessions AS s ON s.adapter_session_id = l.adapter_session_id
+LEFT JOIN jsonl_files AS f ON f.name = s.export_file
+WHERE l.state = 'succeeded' AND l.updated_at < now() - $1::interval
+  AND (s.id IS NULL OR s.status <> 'succeeded' OR f.state IS DISTINCT FROM 'final')
+"""
+
+
+async def count_unaccounted(conn: asyncpg.Connection, grace_s: float) -> int:
+    """Succeeded tasks not stored and in a final JSONL file ``grace_s`` after they succeeded (the figure
+    ``status`` shows; ``run_audit`` lists and explains them)."""
+    return int(await conn.fetchval(_UNACCOUNTED, timedelta(seconds=grace_s)))
 
 
 class AuditError(ProducerError):

@@ -8,6 +8,7 @@ import json
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from atlas_common import configure_logging, settings_problems
 from producer._amqp import quiet_broker_logs
+from producer._audit import audit_text, run_audit
 from producer._deadletters import Selection, list_dead_letters, requeue_dead_letters
 from producer._demo import demo_tasks
 from producer._errors import ProducerError
@@ -24,8 +26,7 @@ from producer._lines import OversizedLine, ParsedLines, parse_lines, read_lines
 from producer._producer import Producer
 from producer._settings import ProducerSettings
 from producer._status import collect_status
-from schemas import TaskMessage
-from schemas._base import Identifier
+from schemas import Identifier, TaskMessage
 from schemas.limits import MAX_TASK_BYTES
 
 log = structlog.get_logger("producer")
@@ -59,6 +60,17 @@ the task ledger by state, the newest finalized JSONL file.
 
 Exit status: 0 when RabbitMQ answered (whatever PostgreSQL said: what is missing is shown), 2 when
 RabbitMQ cannot be reached.
+"""
+
+AUDIT_HELP = """\
+Reconcile the task ledger, the sessions and steps in PostgreSQL, the telemetry dead letters and (with
+--jsonl-dir) the finalised JSONL files: every task the ledger calls succeeded must have its session stored
+(status succeeded, every step) and in exactly one line of a final JSONL file. Each one that is not is
+listed as in flight (younger than --grace-s), explained (the pipeline recorded why: a record the ingestor
+refused, a session flagged incomplete, a dead letter naming it) or unexplained.
+
+Dead letters are read without consuming them. Exit status: 0 when nothing is unexplained, 1 otherwise,
+2 when PostgreSQL cannot be reached.
 """
 
 DEAD_HELP = """\
@@ -114,6 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    audit = sub.add_parser(
+        "audit",
+        help="is every succeeded task stored and exported exactly once? (lists those that are not)",
+        description=AUDIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    audit.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
+    audit.add_argument(
+        "--jsonl-dir", type=Path, help="read the finalised JSONL files too: each session in exactly one line"
+    )
+    audit.add_argument(
+        "--grace-s", type=float, default=600.0, help="younger successes are in flight (default 600)"
+    )
+    audit.add_argument("--since", type=_iso_time, help="only tasks that succeeded since (ISO 8601)")
+    audit.add_argument("--dead-letter-limit", type=int, default=10_000, help="telemetry dead letters to read")
+    audit.add_argument("--limit", type=_positive_int, default=50, help="findings to show (default 50)")
+    audit.add_argument("--json", action="store_true", help="machine-readable output, every finding")
 
     dead = sub.add_parser(
         "dead",
@@ -251,6 +281,34 @@ def run_status(settings: ProducerSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_audit_command(settings: ProducerSettings, args: argparse.Namespace) -> int:
+    report = asyncio.run(
+        run_audit(
+            settings.database_url,
+            amqp_url=settings.amqp_url,
+            topology=settings.topology(),
+            jsonl_dir=args.jsonl_dir,
+            grace_s=args.grace_s,
+            since=args.since,
+            dead_letter_limit=args.dead_letter_limit,
+            connect_timeout_s=settings.connect_timeout_s,
+        )
+    )
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(audit_text(report, limit=args.limit))
+    return 1 if report.unexplained else 0
+
+
+def _iso_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 def run_dead(settings: ProducerSettings, args: argparse.Namespace) -> int:
     if args.dead_command == "list":
         listing = asyncio.run(
@@ -312,6 +370,7 @@ _COMMANDS: dict[str, Callable[[ProducerSettings, argparse.Namespace], int]] = {
     "submit": run_submit,
     "demo": run_demo,
     "status": run_status,
+    "audit": run_audit_command,
     "dead": run_dead,
 }
 
@@ -322,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return 2
     configure_logging(level=settings.log_level, log_format=settings.log_format)
-    if args.command in {"status", "dead"}:
+    if args.command in {"status", "dead", "audit"}:
         quiet_broker_logs()
     try:
         return _COMMANDS[args.command](settings, args)

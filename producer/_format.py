@@ -70,6 +70,10 @@ def status_text(status: PipelineStatus) -> str:
         return "\n".join(out)
     out.append(f"  sessions by status (rows with a task_id): {_counts(db.sessions_by_status)}")
     out.append(f"  task ledger by state: {_counts(db.ledger_by_state)}")
+    if db.unaccounted is not None:
+        minutes = f"{db.unaccounted_grace_s / 60:g} min"
+        hint = " (python -m producer audit lists them)" if db.unaccounted else ""
+        out.append(f"  succeeded but not stored and exported after {minutes}: {db.unaccounted}{hint}")
     newest = db.newest_jsonl_file
     if newest is not None:
         out.append(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import orjson
@@ -31,6 +31,11 @@ from aio_pika.abc import AbstractConnection
 
 from atlas_common import Topology, redact_url, scrub_secrets
 from producer._amqp import PASSIVE_MISSING, connect, queue_depth, throwaway_channel
+from producer._audit import count_unaccounted
+
+UNACCOUNTED_GRACE_S: Final = 600.0
+"""How long a succeeded task may take to be stored and in a final JSONL file (files become final within
+``JSONL_MAX_AGE_S``, 300 s by default) before ``status`` counts it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,10 @@ class DatabaseStatus:
     ledger_by_state: dict[str, int] | None = None
     newest_jsonl_file: JsonlFile | None = None
     missing: list[str] = field(default_factory=list)
+    unaccounted: int | None = None
+    """Tasks the ledger calls succeeded whose session is not stored and exported after the grace period
+    (``python -m producer audit`` lists them with reasons)."""
+    unaccounted_grace_s: float = UNACCOUNTED_GRACE_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +127,8 @@ class PipelineStatus:
                     "finalized_at": _iso(newest.finalized_at),
                 },
                 "missing": db.missing,
+                "succeeded_not_stored": db.unaccounted,
+                "succeeded_not_stored_grace_s": db.unaccounted_grace_s,
             },
         }
 
@@ -228,6 +239,9 @@ async def database_status(database_url: str, *, timeout_s: float = 5.0) -> Datab
             conn, "SELECT state, count(*) FROM task_ledger GROUP BY state", "table task_ledger", missing
         )
         newest = await _newest_jsonl_file(conn, missing)
+        unaccounted = None
+        if not missing:
+            unaccounted = await count_unaccounted(conn, UNACCOUNTED_GRACE_S)
     except _DB_ERRORS as exc:
         detail = scrub_secrets(str(exc) or type(exc).__name__, database_url)
         return DatabaseStatus(safe_url, reachable=False, error=f"PostgreSQL query failed: {detail}")
@@ -236,7 +250,7 @@ async def database_status(database_url: str, *, timeout_s: float = 5.0) -> Datab
             await conn.close()
     if missing:
         missing.append(_MIGRATE_HINT)
-    return DatabaseStatus(safe_url, True, None, sessions, ledger, newest, missing)
+    return DatabaseStatus(safe_url, True, None, sessions, ledger, newest, missing, unaccounted)
 
 
 async def _counts(conn: Any, sql: str, what: str, missing: list[str]) -> dict[str, int] | None:

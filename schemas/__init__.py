@@ -2,7 +2,7 @@
 limits (``schemas.limits``) with the rule that makes a record storable (``schemas.storable``)."""
 
 from schemas import limits
-from schemas._base import SCHEMA_VERSION, JsonObject, json_depth_exceeds
+from schemas._base import SCHEMA_VERSION, Identifier, JsonObject, json_depth_exceeds
 from schemas._codec import (
     DecodedBatch,
     RejectedRecord,
@@ -37,6 +37,7 @@ __all__ = [
     "DecodeError",
     "DecodedBatch",
     "Event",
+    "Identifier",
     "JsonObject",
     "Phase",
     "RejectedRecord",
