@@ -1,10 +1,12 @@
 """Enqueue agent tasks to RabbitMQ: persistent, publisher-confirmed, pipelined, idempotent by task_id.
 
-Also the operator's view of a running pipeline: :func:`collect_status` (``python -m producer status``)
-and the dead-letter tools :func:`list_dead_letters` / :func:`requeue_dead_letters`
+Also the operator's view of a running pipeline: :func:`collect_status` (``python -m producer status``),
+:func:`run_audit` (``python -m producer audit``: is every succeeded task stored and exported?) and the
+dead-letter tools :func:`list_dead_letters` / :func:`requeue_dead_letters`
 (``python -m producer dead list|requeue``).
 """
 
+from producer._audit import AuditReport, Finding, run_audit
 from producer._deadletters import (
     DeadLetterError,
     DeadLetterInfo,
@@ -22,10 +24,12 @@ from producer._settings import ProducerSettings
 from producer._status import PipelineStatus, collect_status
 
 __all__ = [
+    "AuditReport",
     "BrokerUnavailable",
     "DeadLetterError",
     "DeadLetterInfo",
     "DeadLetterListing",
+    "Finding",
     "InvalidTaskLine",
     "ParsedLines",
     "PipelineStatus",
@@ -42,4 +46,5 @@ __all__ = [
     "list_dead_letters",
     "parse_lines",
     "requeue_dead_letters",
+    "run_audit",
 ]

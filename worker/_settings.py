@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from atlas_common import DEFAULT_DATABASE_URL, BrokerSettings, DatabaseUrl
 
@@ -40,3 +40,10 @@ class WorkerSettings(BrokerSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65_535, validation_alias="WORKER_METRICS_PORT")
     metrics_host: str = Field(default="127.0.0.1", min_length=1, validation_alias="WORKER_METRICS_HOST")
     """Address the metrics server binds: loopback unless set (compose sets 0.0.0.0 inside its network)."""
+
+    @model_validator(mode="after")
+    def _stale_after_three_heartbeats(self) -> WorkerSettings:
+        # A claim must survive a missed heartbeat or two (a slow commit) before anyone may take it over.
+        if self.ledger_stale_after_s < 3 * self.ledger_heartbeat_s:
+            raise ValueError("WORKER_LEDGER_STALE_AFTER_S must be at least three WORKER_LEDGER_HEARTBEAT_S")
+        return self
