@@ -24,7 +24,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from atlas_common import Topology
 from bench._stack import delete_topology
-from producer import Producer
+from producer import AuditReport, Producer, run_audit
 from schemas import SessionClosed, SessionOpened, StepRecorded, TaskMessage, decode_telemetry_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,6 +225,20 @@ class PipelineStack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    async def audit(self, **options: Any) -> AuditReport:
+        """``producer audit`` over this stack (its dead letters and JSONL files too), grace 0 unless given;
+        fails the test when anything is unexplained."""
+        options.setdefault("grace_s", 0)
+        report = await run_audit(
+            self.database_url,
+            amqp_url=self.amqp_url,
+            topology=self.topology,
+            jsonl_dir=self.jsonl_dir,
+            **options,
+        )
+        assert report.unexplained == 0, [f.to_json() for f in report.findings[:10]]
+        return report
 
     async def delete_topology(self) -> None:
         """Remove every queue and exchange this stack's prefix created."""

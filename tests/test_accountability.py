@@ -16,7 +16,6 @@ import orjson
 import pytest
 
 from ingestor import read_lines
-from producer._audit import AuditReport, run_audit
 from schemas import NUL_ESCAPE, TaskMessage, limits
 from tests._pipeline import PipelineStack, TelemetryLog
 
@@ -67,18 +66,6 @@ def _lines(stack: PipelineStack) -> dict[str, dict[str, Any]]:
     return found
 
 
-async def _audit(stack: PipelineStack) -> AuditReport:
-    report = await run_audit(
-        stack.database_url,
-        amqp_url=stack.amqp_url,
-        topology=stack.topology,
-        jsonl_dir=stack.jsonl_dir,
-        grace_s=0,
-    )
-    assert report.unexplained == 0, [f.to_json() for f in report.findings]
-    return report
-
-
 async def _sessions_by_task(stack: PipelineStack) -> dict[str, asyncpg.Record]:
     conn = await asyncpg.connect(stack.database_url)
     try:
@@ -104,7 +91,7 @@ async def test_oversized_records_take_no_innocent_session_with_them(pipeline: Pi
     pipeline.start_worker("w1", *_ADAPTERS, "--concurrency", "16")
     await _settled(pipeline, len(tasks), timeout_s=240)
     pipeline.stop_all(signal.SIGTERM)
-    report = await _audit(pipeline)
+    report = await pipeline.audit()
     assert (report.checked, report.exported) == (len(tasks), len(tasks))
     lines = _lines(pipeline)
     sessions = await _sessions_by_task(pipeline)
@@ -135,7 +122,7 @@ async def test_nul_text_and_giant_counts_are_stored_or_accounted(pipeline: Pipel
     pipeline.start_worker("w1", *_ADAPTERS, ATLAS_MAX_ATTEMPTS="2")
     await _settled(pipeline, len(tasks), timeout_s=120)
     pipeline.stop_all(signal.SIGTERM)
-    await _audit(pipeline)
+    await pipeline.audit()
     sessions = await _sessions_by_task(pipeline)
     assert "giant" not in sessions
     nul = sessions["nul"]

@@ -26,6 +26,7 @@ from schemas import (
     limits,
     storable,
 )
+from tests._json import json_depth, json_strings
 from worker import OutcomeError, normalize_usage
 from worker._batcher import TelemetryBatcher
 
@@ -88,24 +89,6 @@ def _nested(depth: int) -> dict[str, Any]:
     return value
 
 
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
-
-
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for k, v in value.items() for s in (k, *_strings(v))]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
-    return []
-
-
 def test_an_ordinary_record_is_untouched() -> None:
     """The common record passes unchanged (the same object) and its bytes are the plain encoding."""
     record = _step(output="fine", events=[{"type": "tool_call", "tool": "search"}])
@@ -123,7 +106,7 @@ def test_nul_is_escaped_in_text_keys_and_values() -> None:
     assert decoded.trace == f"a{NUL_ESCAPE}b"
     assert decoded.output == {f"k{NUL_ESCAPE}": [f"v{NUL_ESCAPE}"]}
     assert decoded.limits == {"trace": {"nul_escaped": True}, "output": {"nul_escaped": True}}
-    assert all("\x00" not in s for s in _strings(decoded.model_dump(mode="json")))
+    assert all("\x00" not in s for s in json_strings(decoded.model_dump(mode="json")))
     assert fixed.limits == decoded.limits
 
 
@@ -141,7 +124,7 @@ def test_deep_values_keep_their_content_as_json_text(depth: int) -> None:
     """A value nested past MAX_JSON_DEPTH keeps its content: the deep subtree becomes its JSON text."""
     fixed, body = storable(_step(output=_nested(depth)))
     decoded = decode_telemetry(body)
-    assert _depth(decoded.output) <= limits.MAX_JSON_DEPTH  # type: ignore[union-attr]
+    assert json_depth(decoded.output) <= limits.MAX_JSON_DEPTH  # type: ignore[union-attr]
     assert fixed.limits == {"output": {"deep_values_as_text": True}}
     # Downstream nesting (session metadata, JSONL line) stays well within orjson's limit of 255.
     orjson.dumps([[[[[[decoded.model_dump(mode="json")]]]]]])
@@ -259,13 +242,13 @@ _json_leaf = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(["\x00", "\ud800", "é", "😀"])),
 )
-_json = st.recursive(
-    _json_leaf,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
-    ),
-    max_leaves=30,
-)
+
+
+def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+
+
+_json = st.recursive(_json_leaf, _containers, max_leaves=30)
 
 
 def _deep(draw_depth: int, leaf: Any) -> Any:
@@ -297,10 +280,10 @@ def test_any_value_becomes_a_storable_record(
     assert len(body) <= limits.MAX_RECORD_BYTES
     decoded = decode_telemetry(body)
     dumped = decoded.model_dump(mode="json")
-    assert all("\x00" not in s for s in _strings(dumped))
-    assert _depth(decoded.output) <= limits.MAX_JSON_DEPTH  # type: ignore[union-attr]
+    assert all("\x00" not in s for s in json_strings(dumped))
+    assert json_depth(decoded.output) <= limits.MAX_JSON_DEPTH  # type: ignore[union-attr]
     orjson.dumps([[[[[[dumped]]]]]])
-    for value in _strings(dumped):
+    for value in json_strings(dumped):
         value.encode("utf-8")  # valid Unicode throughout (no lone surrogate survives)
 
 

@@ -18,7 +18,6 @@ import asyncpg
 import pytest
 
 from migrations import apply_migrations
-from producer._audit import run_audit
 from schemas import TaskMessage
 from tests._pgserver import PgServer
 from tests._pipeline import PipelineStack
@@ -79,10 +78,7 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: s
 async def _exactly_once(stack: PipelineStack, ids: list[str], database_url: str) -> None:
     """Ledger all succeeded, nothing running; one succeeded session per task, each in exactly one
     finalised JSONL line (the audit reads the files); nothing unexplained."""
-    report = await run_audit(
-        database_url, amqp_url=stack.amqp_url, topology=stack.topology, jsonl_dir=stack.jsonl_dir, grace_s=0
-    )
-    assert report.unexplained == 0, [f.to_json() for f in report.findings[:10]]
+    report = await stack.audit()
     assert (report.checked, report.exported) == (len(ids), len(ids)), report.to_json()["findings"][:10]
     conn = await asyncpg.connect(database_url)
     try:

@@ -33,6 +33,7 @@ from ingestor import read_lines
 from producer._audit import run_audit
 from schemas import SessionOpened, StepRecorded, TaskMessage, Usage, decode_task, encode, limits, storable
 from tests._adapters import echo_output
+from tests._json import json_depth, json_strings
 from tests._pipeline import PipelineStack
 from worker import normalize_outcome
 
@@ -168,24 +169,6 @@ def _nan_as_null(value: Any) -> Any:
     return value
 
 
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for k, v in value.items() for s in (k, *_strings(v))]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
-    return []
-
-
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
-
-
 async def _wait_accounted(stack: PipelineStack, ids: list[str]) -> None:
     """Until every task is settled in the ledger and then (in that order: a task may succeed between two
     reads) the audit finds none of them missing."""
@@ -285,8 +268,8 @@ async def test_any_values_are_stored_by_the_rule_or_accounted(
         metadata = orjson.loads(row["metadata"])
         assert _same(metadata["task_metadata"], _expected_task_metadata(task))
         for value in (stored, events, metadata):
-            assert all("\x00" not in s for s in _strings(value))
-            assert _depth(value) <= limits.MAX_JSON_DEPTH + 4
+            assert all("\x00" not in s for s in json_strings(value))
+            assert json_depth(value) <= limits.MAX_JSON_DEPTH + 4
     asids = {r["adapter_session_id"] for r in rows.values()}
     files = [p for p in stack.jsonl_dir.iterdir() if not p.name.startswith(".")]
     found = Counter(

@@ -132,3 +132,27 @@ async def test_lone_surrogates_are_replaced_not_fatal() -> None:
     executes = [r for r in sink.records if isinstance(r, StepRecorded) and r.phase == "execute"]
     decoded = decode_telemetry(encode(executes[0]))
     assert decoded.output == "half a character: ? then more"  # type: ignore[union-attr]
+
+
+class _BadSessionId:
+    """An adapter whose sessions carry an id no record may carry (spaces, too long)."""
+
+    name = "bad-id"
+
+    async def open_session(self, context: Any) -> Any:
+        from worker import StatelessSession
+
+        session = StatelessSession(PythonAdapter(_NotJson), context)
+        session._session_id = "not a valid id " * 20
+        return session
+
+
+async def test_an_invalid_adapter_session_id_fails_the_session_not_the_envelope() -> None:
+    """A session id the wire refuses would get every record refused downstream: the session fails at once,
+    saying why, and nothing is published under that id."""
+    sink = _Collecting()
+    task = TaskMessage(task="t")
+    publisher = TelemetryPublisher(sink, task, adapter="odd", attempt=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="is not a valid identifier"):
+        await Student(_BadSessionId()).run(task.task, task_id=task.task_id, observer=publisher)  # type: ignore[arg-type]
+    assert sink.records == []

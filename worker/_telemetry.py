@@ -12,10 +12,12 @@ from datetime import datetime
 from typing import Final
 
 import structlog
+from pydantic import TypeAdapter, ValidationError
 
 from atlas_common import BROKER_ERRORS
 from schemas import (
     DecodeError,
+    Identifier,
     SessionClosed,
     SessionOpened,
     SessionStatus,
@@ -35,6 +37,7 @@ class TelemetryError(WorkerError):
 
 
 _CONFIRM_TIMEOUT_S: Final = 60.0
+_SESSION_ID: Final = TypeAdapter(Identifier)
 
 
 class TelemetryPublisher:
@@ -66,6 +69,14 @@ class TelemetryPublisher:
         self.close_body = b""
 
     async def opened(self, info: OpenedInfo) -> None:
+        try:
+            _SESSION_ID.validate_python(info.adapter_session_id)
+        except ValidationError:
+            # Every record of the session would be refused downstream: fail the session now, saying why.
+            raise ValueError(
+                f"the adapter's session id {info.adapter_session_id[:100]!r} is not a valid identifier "
+                "(1-200 characters: letters, digits and _.:@/-, starting with a letter or digit)"
+            ) from None
         self.adapter_session_id = info.adapter_session_id
         self.opened_at = info.opened_at
         # Every log line of the rest of this task (its own asyncio task context) names the session.
