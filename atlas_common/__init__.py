@@ -4,13 +4,17 @@ from atlas_common._broker import BROKER_ERRORS, BrokerConnection, sleep_unless
 from atlas_common._db import DB_TRANSIENT_ERRORS
 from atlas_common._deadletter import (
     DEAD_AT_HEADER,
+    LAST_ERROR_HEADER,
     REASON_HEADER,
+    RETRY_HEADER,
     ROUTING_KEY_HEADER,
     SOURCE_HEADER,
     dead_letter_headers,
 )
+from atlas_common._errors import BrokerUnavailable, PublishNotConfirmed
 from atlas_common._logging import LogFormat, configure_logging
 from atlas_common._metrics import DEFAULT_METRICS_HOST, MetricsServerError, serve_metrics
+from atlas_common._publish import persistent_copy, publish_confirmed
 from atlas_common._retry import Backoff
 from atlas_common._settings import (
     DEFAULT_DATABASE_URL,
@@ -45,7 +49,9 @@ __all__ = [
     "DEAD_TELEMETRY_ROUTING_KEY",
     "DEFAULT_DATABASE_URL",
     "DEFAULT_METRICS_HOST",
+    "LAST_ERROR_HEADER",
     "REASON_HEADER",
+    "RETRY_HEADER",
     "ROUTING_KEY_HEADER",
     "SECRET_QUERY_KEYS",
     "SOURCE_HEADER",
@@ -55,14 +61,18 @@ __all__ = [
     "Backoff",
     "BrokerConnection",
     "BrokerSettings",
+    "BrokerUnavailable",
     "DatabaseUrl",
     "LogFormat",
     "MetricsServerError",
+    "PublishNotConfirmed",
     "Topology",
     "check_amqp_url",
     "check_database_url",
     "configure_logging",
     "dead_letter_headers",
+    "persistent_copy",
+    "publish_confirmed",
     "redact_url",
     "scrub_secrets",
     "scrub_text",

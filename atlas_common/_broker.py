@@ -20,7 +20,16 @@ from aio_pika.exceptions import AMQPError
 
 from atlas_common._urls import redact_url
 
-BROKER_ERRORS = (AMQPError, aiormq.exceptions.AMQPError, OSError, TimeoutError, ConnectionError)
+BROKER_ERRORS = (
+    AMQPError,
+    aiormq.exceptions.AMQPError,
+    # What aio-pika raises for an operation on a channel that closed under it.
+    aiormq.exceptions.ChannelInvalidStateError,
+    OSError,
+    TimeoutError,
+    ConnectionError,
+)
+"""Everything the broker client raises when RabbitMQ, the connection or the channel is not there."""
 
 
 class BrokerConnection:

@@ -1,4 +1,5 @@
-"""How a dead letter carries its reason: the original body, untouched, plus these headers."""
+"""The headers the pipeline adds to a message: a dead letter's reason (the original body stays untouched),
+and a retried task's count and last error."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ REASON_HEADER: Final = "x-atlas-reason"
 SOURCE_HEADER: Final = "x-atlas-source"
 ROUTING_KEY_HEADER: Final = "x-atlas-original-routing-key"
 DEAD_AT_HEADER: Final = "x-atlas-dead-at"
+RETRY_HEADER: Final = "x-atlas-retry"
+"""How many times the worker sent a task back through the retry tiers (absent on first submission)."""
+LAST_ERROR_HEADER: Final = "x-atlas-last-error"
+"""The error of a retried task's last run."""
 _MAX_REASON_CHARS: Final = 4000
 
 

@@ -1,4 +1,4 @@
-"""The broker side: a robust connection, the ingestor queue, time/size batching, dead letters, acks.
+"""The broker side: one connection per epoch, the ingestor queue, time/size batching, dead letters, acks.
 
 A delivery carries a :class:`schemas.TelemetryBatch` envelope (workers coalesce records of one kind) or,
 leniently, one bare record; it is decoded as it arrives (:func:`parse`) and a batch is cut by the number
@@ -6,9 +6,9 @@ of *records* it holds (``batch_max_messages``).
 
 Deliveries go into an in-memory queue; the broker sends at most ``prefetch`` unacked ones, which bounds
 memory whatever happens downstream (nothing is acked while Postgres is down, so consumption stops by
-itself). When the channel drops, aio-pika reconnects and re-consumes; deliveries of the old channel are
-*stale* (their tags mean nothing on the new one), so a batch drops them unacked: the broker redelivers
-them and the writes are idempotent.
+itself). When the connection or channel drops, the epoch ends: the service drops what it holds unacked
+(the broker redelivers it; every write is idempotent), reconnects with backoff and consumes again, the
+same reconnect model as the worker's (``atlas_common.BrokerConnection``).
 """
 
 from __future__ import annotations
@@ -20,25 +20,22 @@ from typing import Final, Protocol, Self, TypeVar
 
 import aio_pika
 import structlog
-from aio_pika.abc import (
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustChannel,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
-from atlas_common import BROKER_ERRORS as SHARED_BROKER_ERRORS
-from atlas_common import DEAD_TELEMETRY_ROUTING_KEY, dead_letter_headers, redact_url
-from ingestor._errors import BrokerUnavailable
+from atlas_common import (
+    BROKER_ERRORS,
+    DEAD_TELEMETRY_ROUTING_KEY,
+    BrokerConnection,
+    BrokerUnavailable,
+    dead_letter_headers,
+    persistent_copy,
+    publish_confirmed,
+)
 from ingestor._settings import IngestorSettings
-from schemas import DecodeError, RejectedRecord, TelemetryMessage, decode_telemetry_batch
+from schemas import MAX_MESSAGE_BYTES, DecodeError, RejectedRecord, TelemetryMessage, decode_telemetry_batch
 
 _log = structlog.get_logger("ingestor.consumer")
 
-# The shared broker errors, plus RuntimeError: aio-pika raises it for an operation on a closed channel.
-BROKER_ERRORS: Final = (*SHARED_BROKER_ERRORS, RuntimeError)
-_PUBLISH_TIMEOUT_S: Final = 30.0
 _MIN_PREFETCH: Final = 8
 _LARGE: Final = 256 * 1024
 
@@ -122,72 +119,37 @@ async def collect(
 
 
 class Broker:
-    """Connection, channel (publisher confirms) and consumer; ``close()`` is safe to call twice."""
+    """One connection (an *epoch*), its channel (publisher confirms), the ingestor queue's consumer and the
+    deliveries it received (``sink``). ``lost`` is set when the connection or channel goes away: the
+    service then drops what it holds (redelivered) and opens a new Broker, with backoff, the same model as
+    the worker's. ``close()`` is safe to call twice."""
 
-    def __init__(
-        self, settings: IngestorSettings, sink: asyncio.Queue[Incoming], stop: asyncio.Event | None = None
-    ) -> None:
+    def __init__(self, settings: IngestorSettings) -> None:
         self._settings = settings
-        self._sink = sink
-        self._stop = stop or asyncio.Event()
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None
+        self.sink: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._connection = BrokerConnection(
+            settings.amqp_url, name=f"atlas-ingestor {settings.ingestor_id}", connect_timeout_s=10.0
+        )
+        self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._dead: AbstractExchange | None = None
         self._consumer_tag: str | None = None
-        # Start as if every delivery were a full worker envelope (256 KiB) and grow as sizes are seen: the
+        # Start as if every delivery were a full worker envelope (256 KiB) and follow the sizes seen: the
         # broker pushes a whole prefetch's worth the moment consuming starts.
         self._prefetch = max(
             _MIN_PREFETCH, min(settings.prefetch_count, settings.max_in_flight_bytes // _LARGE)
         )
         self._avg_bytes: float | None = None
         self._seen = 0
-        self._adapting = False
+        self._sizes_seen = asyncio.Event()
+        self._adapter: asyncio.Task[None] | None = None
         self._stopped = False
 
-    async def _connect(self) -> AbstractRobustConnection:
-        """The first connection, retried (capped backoff) until it works or stop is set; aio-pika's robust
-        connection handles every later reconnect by itself."""
-        delay = 0.5
-        while True:
-            try:
-                return await aio_pika.connect_robust(
-                    self._settings.amqp_url,
-                    client_properties={"connection_name": f"atlas-ingestor {self._settings.ingestor_id}"},
-                )
-            except BROKER_ERRORS as err:
-                _log.warning("broker.unavailable", url=redact_url(self._settings.amqp_url), error=repr(err))
-            if self._stop.is_set():
-                raise BrokerUnavailable("stopped before the broker could be reached")
-            try:
-                await asyncio.wait_for(self._stop.wait(), delay)
-            except TimeoutError:
-                delay = min(delay * 2, 10.0)
+    @property
+    def lost(self) -> asyncio.Event:
+        return self._connection.lost
 
     async def __aenter__(self) -> Self:
-        return await self.open()
-
-    async def open(self) -> Self:
-        """Connect, declare the topology, set the prefetch (a no-op when already open)."""
-        if self._connection is not None:
-            return self
-        topology = self._settings.topology()
-        self._connection = await self._connect()
-        try:
-            channel = await self._connection.channel(publisher_confirms=True)
-            self._channel = channel
-            await channel.set_qos(prefetch_count=self._prefetch)
-            self._queue = await topology.declare_ingestor(channel)
-            self._dead = await topology.declare_dead_letters(channel)
-        except BaseException:
-            await self.close()
-            raise
-        _log.info(
-            "broker.connected",
-            url=redact_url(self._settings.amqp_url),
-            queue=topology.ingestor_queue,
-            prefetch=self._prefetch,
-        )
         return self
 
     async def __aexit__(
@@ -195,11 +157,46 @@ class Broker:
     ) -> None:
         await self.close()
 
-    async def _on_message(self, delivery: Delivery) -> None:
-        self._sink.put_nowait(parse(delivery, max_bytes=self._settings.max_message_bytes))
-        await self._adapt_prefetch(len(delivery.body))
+    async def open(self) -> None:
+        """Connect, declare the topology, set the prefetch; BrokerUnavailable if RabbitMQ does not answer."""
+        topology = self._settings.topology()
+        try:
+            await self._connection.open()
+            self._channel = await self._connection.channel(
+                publisher_confirms=True, prefetch_count=self._prefetch
+            )
+            self._queue = await topology.declare_ingestor(self._channel)
+            self._dead = await topology.declare_dead_letters(self._channel)
+        except BROKER_ERRORS as err:
+            await self.close()
+            raise BrokerUnavailable(f"cannot reach RabbitMQ at {self._connection.safe_url}: {err!r}") from err
+        _log.info(
+            "broker.connected",
+            url=self._connection.safe_url,
+            queue=topology.ingestor_queue,
+            prefetch=self._prefetch,
+        )
 
-    async def _adapt_prefetch(self, size: int) -> None:
+    async def _on_message(self, delivery: Delivery) -> None:
+        # Only decode, hand over and count: re-subscribing is the adapter task's job, never a callback's.
+        self.sink.put_nowait(parse(delivery, max_bytes=MAX_MESSAGE_BYTES))
+        size = len(delivery.body)
+        self._avg_bytes = size if self._avg_bytes is None else 0.95 * self._avg_bytes + 0.05 * size
+        self._seen += 1
+        if self._seen % 32 == 0:
+            self._sizes_seen.set()
+
+    async def _adapt_loop(self) -> None:
+        """Follow the message sizes (see :meth:`adapt_prefetch`) for as long as this epoch consumes."""
+        while not self._stopped:
+            await self._sizes_seen.wait()
+            self._sizes_seen.clear()
+            try:
+                await self.adapt_prefetch()
+            except Exception:  # noqa: BLE001 -- a long-lived task never dies silently: logged, goes on
+                _log.exception("broker.prefetch_adapter_failed")
+
+    async def adapt_prefetch(self) -> None:
         """Keep about ``max_in_flight_bytes`` of deliveries in flight, whatever their size.
 
         AMQP bounds what the broker pushes by message count only (RabbitMQ ignores prefetch-size), and a
@@ -207,47 +204,43 @@ class Broker:
         messages would hold gigabytes of large ones. So the count follows the average body size. RabbitMQ
         applies a new per-consumer prefetch only to consumers started after it (and quorum queues refuse
         the channel-wide kind), so a change re-subscribes: the old consumer's unacked deliveries stay
-        valid on the channel and are acked with the batch as usual.
-        """
-        self._avg_bytes = size if self._avg_bytes is None else 0.95 * self._avg_bytes + 0.05 * size
-        self._seen += 1
-        if self._seen % 32 or self._channel is None or self._queue is None or self._adapting:
+        valid on the channel and are acked with the batch as usual."""
+        if self._avg_bytes is None or self._channel is None or self._queue is None or self._stopped:
             return
         want = prefetch_for(
             self._avg_bytes, self._settings.max_in_flight_bytes, self._settings.prefetch_count
         )
-        if want * 2 > self._prefetch and want < self._prefetch * 2:
-            return  # within a factor of 2: not worth re-subscribing
         tag = self._consumer_tag
-        if tag is None:
-            return
-        self._adapting = True
+        if tag is None or (want * 2 > self._prefetch and want < self._prefetch * 2):
+            return  # not consuming, or within a factor of 2: not worth re-subscribing
         try:
             await self._channel.set_qos(prefetch_count=want)
             await self._queue.cancel(tag)
-            if self._stopping():
+            if self._stopping():  # stop() ran meanwhile: stay stopped
                 return
             new_tag = await self._queue.consume(self._on_message)
-            if self._stopping():  # stop() ran while we re-subscribed: stay stopped
+            if self._stopping():
                 await self._queue.cancel(new_tag)
                 return
             self._consumer_tag = new_tag
         except BROKER_ERRORS as err:
             _log.warning("broker.prefetch_change_failed", error=repr(err))
             return
-        finally:
-            self._adapting = False
         _log.info("broker.prefetch_adapted", prefetch=want, avg_message_bytes=round(self._avg_bytes))
         self._prefetch = want
 
     def _stopping(self) -> bool:
-        # A method, not the attribute inline: stop() flips it while _adapt_prefetch awaits.
+        # A method, not the attribute inline: stop() flips it while adapt_prefetch awaits.
         return self._stopped
 
     async def start(self) -> None:
-        if self._queue is None or self._consumer_tag is not None:
+        if self._queue is None or self._consumer_tag is not None or self._stopped:
             return
-        self._consumer_tag = await self._queue.consume(self._on_message)
+        try:
+            self._consumer_tag = await self._queue.consume(self._on_message)
+        except BROKER_ERRORS as err:
+            raise BrokerUnavailable(f"cannot consume: {err!r}") from err
+        self._adapter = asyncio.create_task(self._adapt_loop(), name="ingestor-prefetch")
 
     async def stop(self) -> None:
         """Stop consuming (deliveries already received stay in the sink); safe twice."""
@@ -266,17 +259,9 @@ class Broker:
         if self._dead is None:
             raise BrokerUnavailable("broker is closed")
         routing_key = delivery.routing_key or ""
-        message = aio_pika.Message(
-            body=delivery.body if body is None else body,
-            headers=dead_letter_headers(reason, source="ingestor", routing_key=routing_key),
-            content_type=delivery.content_type,
-            message_id=delivery.message_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        try:
-            await self._dead.publish(message, DEAD_TELEMETRY_ROUTING_KEY, timeout=_PUBLISH_TIMEOUT_S)
-        except BROKER_ERRORS as err:
-            raise BrokerUnavailable(f"dead-letter publish failed: {err!r}") from err
+        headers = dead_letter_headers(reason, source="ingestor", routing_key=routing_key)
+        copy = persistent_copy(delivery, headers=headers, body=body)
+        await publish_confirmed(self._dead, copy, DEAD_TELEMETRY_ROUTING_KEY, mandatory=False)
 
     async def ack_through(self, delivery: Delivery) -> None:
         """Ack every delivery up to and including this one (``multiple=True``)."""
@@ -287,10 +272,9 @@ class Broker:
 
     async def close(self) -> None:
         await self.stop()
-        connection, self._connection = self._connection, None
+        adapter, self._adapter = self._adapter, None
+        if adapter is not None:
+            adapter.cancel()
+            await asyncio.gather(adapter, return_exceptions=True)
         self._channel, self._queue, self._dead = None, None, None
-        if connection is not None:
-            try:
-                await asyncio.wait_for(connection.close(), timeout=10)
-            except BROKER_ERRORS as err:
-                _log.warning("broker.close_failed", error=str(err))
+        await self._connection.close()

@@ -6,7 +6,8 @@
   retry the batch transaction.
 - :class:`ShutdownDeadline`: shutting down and the grace period is over; drop the held batch unacked (the
   broker redelivers it).
-- :class:`BrokerUnavailable`: the channel is gone; drop the batch unacked (redelivered after reconnect).
+- ``atlas_common.BrokerUnavailable``: the channel is gone; drop the batch unacked (redelivered after the
+  reconnect).
 - :class:`RecordsRejected`: these records cannot be stored (they do not fit their session, or storage
   refuses them): dead-letter them with their reasons, note them in ``telemetry_problems``, write the rest.
 - :class:`MessageRejected`: Postgres refused the batch's data and the culprit is not known: bisect.
@@ -46,10 +47,6 @@ class FileSuperseded(IngestorError):
 
 class ShutdownDeadline(IngestorError):
     """The shutdown grace period ran out while a batch was held."""
-
-
-class BrokerUnavailable(IngestorError):
-    """The AMQP channel or connection dropped; the batch is dropped unacked and redelivered."""
 
 
 class MessageRejected(IngestorError):

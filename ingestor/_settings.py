@@ -13,7 +13,6 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from atlas_common import DEFAULT_DATABASE_URL, BrokerSettings, DatabaseUrl
-from schemas import MAX_MESSAGE_BYTES
 
 Compression = Literal["none", "gzip", "zstd"]
 
@@ -46,7 +45,6 @@ class IngestorSettings(BrokerSettings):
     backlog of large envelopes cannot fill memory (the count never exceeds ``prefetch``)."""
     """Unacked deliveries the broker may send ahead; default twice ``batch_max_messages``, so the next
     batch fills while one is being written. It also bounds memory while Postgres is down."""
-    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=1024)
 
     jsonl_dir: Path = Path("var/jsonl")
     jsonl_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)

@@ -6,6 +6,7 @@ dead-letter tools :func:`list_dead_letters` / :func:`requeue_dead_letters`
 (``python -m producer dead list|requeue``).
 """
 
+from atlas_common import BrokerUnavailable
 from producer._audit import AuditReport, Finding, run_audit
 from producer._deadletters import (
     DeadLetterError,
@@ -17,7 +18,7 @@ from producer._deadletters import (
     requeue_dead_letters,
 )
 from producer._demo import demo_tasks
-from producer._errors import BrokerUnavailable, InvalidTaskLine, ProducerError, PublishRejected
+from producer._errors import InvalidTaskLine, ProducerError, PublishRejected
 from producer._lines import ParsedLines, content_task_id, parse_lines
 from producer._producer import Producer, SubmitReport
 from producer._settings import ProducerSettings

@@ -16,8 +16,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from atlas_common import BROKER_ERRORS, redact_url, scrub_secrets
-from producer._errors import BrokerUnavailable
+from atlas_common import BROKER_ERRORS, BrokerUnavailable, redact_url, scrub_secrets
 
 _QUIET_LOGGERS = ("aiormq", "aio_pika")
 

@@ -15,7 +15,7 @@ import structlog
 from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
-from atlas_common import configure_logging, settings_problems
+from atlas_common import BrokerUnavailable, configure_logging, settings_problems
 from producer._amqp import quiet_broker_logs
 from producer._audit import audit_text, run_audit
 from producer._deadletters import Selection, list_dead_letters, requeue_dead_letters
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_broker_logs()
     try:
         return _COMMANDS[args.command](settings, args)
-    except ProducerError as exc:
+    except (ProducerError, BrokerUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

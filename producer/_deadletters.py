@@ -28,7 +28,6 @@ from datetime import datetime
 from typing import Any, Final, Literal
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage, FieldValue
 from aio_pika.exceptions import DeliveryError
 
@@ -36,18 +35,20 @@ from atlas_common import (
     BROKER_ERRORS,
     DEAD_AT_HEADER,
     REASON_HEADER,
+    RETRY_HEADER,
     ROUTING_KEY_HEADER,
     SOURCE_HEADER,
     TASK_ROUTING_KEY,
+    PublishNotConfirmed,
     Topology,
+    persistent_copy,
+    publish_confirmed,
 )
 from producer._amqp import PASSIVE_MISSING, connect, queue_depth, throwaway_channel
 from producer._errors import ProducerError
 
 DeadQueue = Literal["tasks", "telemetry"]
 
-RETRY_HEADER: Final = "x-atlas-retry"
-"""The worker's retry count (``worker._policy.RETRY_HEADER``); stripped on requeue: a full set of attempts."""
 PREVIEW_CHARS: Final = 80
 _STRIPPED_PREFIXES: Final = ("x-atlas-", "x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
 _PUBLISH_CHUNK: Final = 256
@@ -426,27 +427,13 @@ async def _republish(
         routing_key = info.original_routing_key
     else:
         raise DeadLetterError("no original routing key (x-atlas-original-routing-key): left in place")
-    copy = aio_pika.Message(
-        original.body,
-        headers=requeue_headers(original.headers),
-        content_type=original.content_type,
-        content_encoding=original.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=original.priority,
-        correlation_id=original.correlation_id,
-        message_id=original.message_id,
-        timestamp=original.timestamp,
-        type=original.type,
-        app_id=original.app_id,
-    )
+    copy = persistent_copy(original, headers=requeue_headers(original.headers))
     try:
-        confirm = await exchange.publish(copy, routing_key, mandatory=True)
-    except DeliveryError as exc:
-        raise DeadLetterError(f"unroutable: no queue bound to {exchange.name}/{routing_key}") from exc
-    except BROKER_ERRORS as exc:
-        raise DeadLetterError(f"publish to {exchange.name}/{routing_key} failed: {exc!r}") from exc
-    if not isinstance(confirm, aiormq.spec.Basic.Ack):
-        raise DeadLetterError(f"broker answered {type(confirm).__name__}, not Ack")
+        await publish_confirmed(exchange, copy, routing_key)
+    except PublishNotConfirmed as exc:
+        if isinstance(exc.__cause__, DeliveryError):
+            raise DeadLetterError(f"unroutable: no queue bound to {exchange.name}/{routing_key}") from exc
+        raise DeadLetterError(str(exc)) from exc
 
 
 async def _give_back(messages: Iterable[AbstractIncomingMessage]) -> None:
@@ -454,5 +441,5 @@ async def _give_back(messages: Iterable[AbstractIncomingMessage]) -> None:
     for message in messages:
         try:
             await message.nack(requeue=True)
-        except (*BROKER_ERRORS, RuntimeError):
+        except BROKER_ERRORS:
             return

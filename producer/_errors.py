@@ -7,10 +7,6 @@ class ProducerError(Exception):
     """Root of every error the producer raises."""
 
 
-class BrokerUnavailable(ProducerError):
-    """The broker cannot be reached or refused us: fix the URL / start RabbitMQ, then run again."""
-
-
 class PublishRejected(ProducerError):
     """The broker did not take a message (nack, unroutable, channel closed); the task was not enqueued."""
 

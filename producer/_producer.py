@@ -9,13 +9,20 @@ from types import TracebackType
 from typing import Self
 
 import aio_pika
-import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, DeliveryError
 
-from atlas_common import BROKER_ERRORS, TASK_ROUTING_KEY, Topology, redact_url, scrub_secrets
-from producer._errors import BrokerUnavailable, PublishRejected
+from atlas_common import (
+    TASK_ROUTING_KEY,
+    BrokerUnavailable,
+    PublishNotConfirmed,
+    Topology,
+    publish_confirmed,
+    redact_url,
+    scrub_secrets,
+)
+from producer._errors import PublishRejected
 from schemas import TaskMessage, encode
 
 log = structlog.get_logger("producer")
@@ -146,13 +153,11 @@ class Producer:
         if self._exchange is None:
             raise BrokerUnavailable("the producer is not open (use 'async with Producer(...)')")
         try:
-            confirm = await self._exchange.publish(task_message(task), TASK_ROUTING_KEY, mandatory=True)
-        except DeliveryError as exc:
-            raise PublishRejected(task.task_id, f"returned by the broker ({exc})") from exc
-        except BROKER_ERRORS as exc:
-            raise PublishRejected(task.task_id, repr(exc)) from exc
-        if not isinstance(confirm, aiormq.spec.Basic.Ack):
-            raise PublishRejected(task.task_id, f"broker answered {type(confirm).__name__}, not Ack")
+            await publish_confirmed(self._exchange, task_message(task), TASK_ROUTING_KEY)
+        except PublishNotConfirmed as exc:
+            if isinstance(exc.__cause__, DeliveryError):
+                raise PublishRejected(task.task_id, f"returned by the broker ({exc.__cause__})") from exc
+            raise PublishRejected(task.task_id, str(exc)) from exc
 
 
 async def _aiter(tasks: Iterable[TaskMessage] | AsyncIterable[TaskMessage]) -> AsyncIterable[TaskMessage]:

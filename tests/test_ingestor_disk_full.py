@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -17,10 +18,11 @@ import structlog
 from structlog.testing import LogCapture
 
 from atlas_common import Topology
-from ingestor import IngestorSettings, _files, _service
+from ingestor import IngestorSettings, _files, _health
 from ingestor._batch import merge_batch
 from ingestor._errors import DatabaseUnavailable, JsonlWriteError
 from ingestor._files import Compression
+from ingestor._health import Hold
 from ingestor._liveness import Liveness, lock_key
 from ingestor._recovery import Recoverer
 from ingestor._store import FileTarget, Store
@@ -39,14 +41,14 @@ _FILE = "sessions-20261125T090000.000000Z-dead-ingestor-000001.jsonl"
 
 
 def _capture_service_log(monkeypatch: pytest.MonkeyPatch) -> LogCapture:
-    """Record what ingestor._service logs (its module logger is replaced for the test)."""
+    """Record what ingestor._health logs (its module logger is replaced for the test)."""
     cap = LogCapture()
     logger = structlog.wrap_logger(
         structlog.ReturnLogger(),
         processors=[cap],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
     )
-    monkeypatch.setattr(_service, "_log", logger)
+    monkeypatch.setattr(_health, "_log", logger)
     return cap
 
 
@@ -58,31 +60,38 @@ def _enospc(path: Path) -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
-# --- _Health: what failed is what gets logged ---------------------------------------------------------
+# --- Hold: what failed is what gets logged -----------------------------------------------------------
 
 
-def test_health_logs_jsonl_and_postgres_trouble_separately(monkeypatch: pytest.MonkeyPatch) -> None:
+def _hold(log_interval_s: float) -> Hold:
+    settings = IngestorSettings(
+        db_down_log_interval_s=log_interval_s, db_retry_backoff_s=0.001, db_retry_backoff_max_s=0.001
+    )
+    return Hold(settings, asyncio.Event())
+
+
+async def test_health_logs_jsonl_and_postgres_trouble_separately(monkeypatch: pytest.MonkeyPatch) -> None:
     """A JsonlWriteError logs jsonl.* events, a DatabaseUnavailable postgres.*; each recovers on its own."""
     cap = _capture_service_log(monkeypatch)
-    health = _service._Health(interval_s=3600)
-    health.failed(JsonlWriteError("cannot append to .x.tmp: [Errno 28] No space left on device"))
-    health.failed(JsonlWriteError("still full"))  # within the interval: not logged again
+    health = _hold(3600)
+    await health.failed(JsonlWriteError("cannot append to .x.tmp: [Errno 28] No space left on device"))
+    await health.failed(JsonlWriteError("still full"))  # within the interval: not logged again
     assert _events(cap) == ["jsonl.write_failed"]
     assert cap.entries[0]["dependency"] == "jsonl"
     assert "No space left" in cap.entries[0]["error"]
 
-    health.failed(DatabaseUnavailable("ConnectionRefusedError"))
+    await health.failed(DatabaseUnavailable("ConnectionRefusedError"))
     assert _events(cap) == ["jsonl.write_failed", "postgres.unavailable"]
-    assert health.failures == 3
+    assert health._backoff.failures == 3
 
     health.ok("postgres")  # a batch reached Postgres: says nothing about the disk
     assert _events(cap)[2:] == ["postgres.available"]
-    health.failed(JsonlWriteError("still full"))
+    await health.failed(JsonlWriteError("still full"))
     assert _events(cap)[3:] == []  # the JSONL outage is still the same one
 
     health.ok()  # a JSONL append succeeded
     assert _events(cap)[3:] == ["jsonl.writable"]
-    assert health.failures == 0
+    assert health._backoff.failures == 0
     health.ok()
     assert len(cap.entries) == 4
 
@@ -90,11 +99,11 @@ def test_health_logs_jsonl_and_postgres_trouble_separately(monkeypatch: pytest.M
 def test_health_repeats_by_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
     """While an outage lasts it is re-logged as jsonl.still_failing / postgres.still_unavailable."""
     cap = _capture_service_log(monkeypatch)
-    health = _service._Health(interval_s=1e-9)
-    health.failed(JsonlWriteError("full"))
-    health.failed(JsonlWriteError("full"))
-    health.failed(DatabaseUnavailable("down"))
-    health.failed(DatabaseUnavailable("down"))
+    health = _hold(1e-9)
+    health.note(JsonlWriteError("full"))
+    health.note(JsonlWriteError("full"))
+    health.note(DatabaseUnavailable("down"))
+    health.note(DatabaseUnavailable("down"))
     assert _events(cap) == [
         "jsonl.write_failed",
         "jsonl.still_failing",
