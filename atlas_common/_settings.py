@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+import os
+import warnings
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, Field, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from atlas_common._logging import LogFormat
 from atlas_common._topology import Topology
@@ -24,23 +27,70 @@ _SECRET_FIELD_WORDS: Final = ("url", "password", "secret", "token", "key", "dsn"
 _MAX_INPUT_CHARS: Final = 80
 
 
+class LegacyEnv(PydanticBaseSettingsSource):
+    """Reads the unprefixed names a service's variables had before it got its own prefix
+    (``JSONL_DIR`` for ``INGESTOR_JSONL_DIR``), with a warning naming the new one; the new name wins."""
+
+    def __init__(self, settings_cls: type[BaseSettings], prefix: str) -> None:
+        super().__init__(settings_cls)
+        self._prefix = prefix
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        old = field_name.upper()
+        value = os.environ.get(old) or None
+        if field.validation_alias is not None or value is None or f"{self._prefix}{old}" in os.environ:
+            return None, old, False
+        return value, old, self.field_is_complex(field)
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, old, complex_value = self.get_field_value(field, name)
+            if value is None:
+                continue
+            warnings.warn(
+                f"environment variable {old} is deprecated: use {self._prefix}{old}",
+                FutureWarning,
+                stacklevel=1,
+            )
+            found[name] = self.decode_complex_value(name, field, value) if complex_value else value
+        return found
+
+
 class BrokerSettings(BaseSettings):
-    """Base of each service's settings; each field reads the upper-case environment variable of its name."""
+    """Base of each service's settings. Shared variables have fixed names (``AMQP_URL``, ``DATABASE_URL``,
+    ``ATLAS_*``, ``LOG_*``); a service's own read ``<PREFIX>_<NAME>`` (its ``env_prefix``), and the old
+    unprefixed names still work with a deprecation warning (:class:`LegacyEnv`)."""
 
     model_config = SettingsConfigDict(
         frozen=True, extra="ignore", env_ignore_empty=True, populate_by_name=True
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        prefix = str(cls.model_config.get("env_prefix") or "")
+        legacy = (LegacyEnv(settings_cls, prefix),) if prefix else ()
+        return (init_settings, env_settings, *legacy, dotenv_settings, file_secret_settings)
+
     # repr=False: settings objects end up in logs, and a URL may hold a password.
-    amqp_url: AmqpUrl = Field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
+    amqp_url: AmqpUrl = Field(
+        default="amqp://guest:guest@127.0.0.1:5672/", repr=False, validation_alias="AMQP_URL"
+    )
     prefix: str = Field(default="atlas", pattern=r"^[A-Za-z0-9_.-]+$", validation_alias="ATLAS_PREFIX")
     queue_type: Literal["quorum", "classic"] = Field(default="quorum", validation_alias="ATLAS_QUEUE_TYPE")
     max_attempts: int = Field(default=3, ge=1, le=20, validation_alias="ATLAS_MAX_ATTEMPTS")
     retry_backoff_s: float = Field(default=1.0, gt=0, validation_alias="ATLAS_RETRY_BACKOFF_S")
     retry_backoff_max_s: float = Field(default=300.0, gt=0, validation_alias="ATLAS_RETRY_BACKOFF_MAX_S")
     delivery_limit: int = Field(default=10, ge=2, validation_alias="ATLAS_DELIVERY_LIMIT")
-    log_level: str = "INFO"
-    log_format: LogFormat = "auto"
+    log_level: str = Field(default="INFO", validation_alias="LOG_LEVEL")
+    log_format: LogFormat = Field(default="auto", validation_alias="LOG_FORMAT")
 
     def topology(self) -> Topology:
         return Topology(

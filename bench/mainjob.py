@@ -71,7 +71,7 @@ class Run:
             AMQP_URL=self.amqp_url,
             DATABASE_URL=self.database_url,
             ATLAS_PREFIX=self.prefix,
-            JSONL_DIR=str(self.jsonl_dir),
+            INGESTOR_JSONL_DIR=str(self.jsonl_dir),
             LOG_FORMAT="json",
         )
         env.update(extra)

@@ -29,31 +29,36 @@ def default_ingestor_id() -> str:
 
 
 class IngestorSettings(BrokerSettings):
-    """Every knob of ``atlas-ingestor``; each field reads the upper-case environment variable of its name."""
+    """Every knob of ``atlas-ingestor``: each reads ``INGESTOR_<NAME>`` (``INGESTOR_JSONL_DIR``,
+    ``INGESTOR_BATCH_MAX_MESSAGES``, ...); the unprefixed names of earlier versions still work, with a
+    deprecation warning. ``AMQP_URL``, ``DATABASE_URL``, ``ATLAS_*`` and ``LOG_*`` are shared by every
+    service."""
 
-    model_config = SettingsConfigDict(validate_by_name=True, validate_by_alias=True)
+    model_config = SettingsConfigDict(env_prefix="INGESTOR_", validate_by_name=True, validate_by_alias=True)
 
     # repr=False: settings objects end up in logs, and this URL may hold a password.
-    database_url: DatabaseUrl = Field(default=DEFAULT_DATABASE_URL, repr=False)
+    database_url: DatabaseUrl = Field(
+        default=DEFAULT_DATABASE_URL, repr=False, validation_alias="DATABASE_URL"
+    )
     ingestor_id: str = Field(default_factory=default_ingestor_id, pattern=INGESTOR_ID_PATTERN)
 
     batch_max_messages: int = Field(default=1000, ge=1, le=_MAX_PREFETCH // 2)
     flush_interval_s: float = Field(default=0.2, gt=0, le=60)
     prefetch: int | None = Field(default=None, ge=1, le=_MAX_PREFETCH)
+    """Unacked deliveries the broker may send ahead; default twice ``batch_max_messages``, so the next
+    batch fills while one is being written. It also bounds memory while Postgres is down."""
     max_in_flight_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
     """Unacked delivery bytes to aim for: the prefetch count adapts to the average message size, so a
     backlog of large envelopes cannot fill memory (the count never exceeds ``prefetch``)."""
-    """Unacked deliveries the broker may send ahead; default twice ``batch_max_messages``, so the next
-    batch fills while one is being written. It also bounds memory while Postgres is down."""
 
     jsonl_dir: Path = Path("var/jsonl")
     jsonl_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     jsonl_max_age_s: float = Field(default=300.0, gt=0)
     jsonl_compression: Compression = "none"
 
-    metrics_port: int | None = Field(default=None, ge=1, le=65_535, validation_alias="INGESTOR_METRICS_PORT")
+    metrics_port: int | None = Field(default=None, ge=1, le=65_535)
     """Serve Prometheus metrics on this port (off when unset)."""
-    metrics_host: str = Field(default="127.0.0.1", min_length=1, validation_alias="INGESTOR_METRICS_HOST")
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
     """Address the metrics server binds: loopback unless set (compose sets 0.0.0.0 inside its network)."""
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     db_connect_timeout_s: float = Field(default=5.0, gt=0)

@@ -108,11 +108,11 @@ class PipelineStack:
         """An ingestor process with fast timers, writing JSONL under ``self.jsonl_dir``."""
         log = (self.workdir / f"{name}.log").open("ab")
         settings = {
-            "JSONL_DIR": str(self.jsonl_dir),
-            "FLUSH_INTERVAL_S": "0.05",
-            "JSONL_MAX_AGE_S": "2",
-            "RECOVERY_INTERVAL_S": "1",
-            "SWEEP_INTERVAL_S": "2",
+            "INGESTOR_JSONL_DIR": str(self.jsonl_dir),
+            "INGESTOR_FLUSH_INTERVAL_S": "0.05",
+            "INGESTOR_JSONL_MAX_AGE_S": "2",
+            "INGESTOR_RECOVERY_INTERVAL_S": "1",
+            "INGESTOR_SWEEP_INTERVAL_S": "2",
         }
         settings.update(env)
         proc = subprocess.Popen(

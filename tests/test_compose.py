@@ -180,7 +180,7 @@ def test_volumes_are_declared_and_jsonl_dir_is_the_mount() -> None:
                 assert source in declared, f"{name}: volume {source} is not declared"
     assert "pgdata:/var/lib/postgresql/data" in compose["services"]["postgres"]["volumes"]
     ingestor = compose["services"]["ingestor"]
-    assert f"jsonl:{ingestor['environment']['JSONL_DIR']}" in ingestor["volumes"]
+    assert f"jsonl:{ingestor['environment']['INGESTOR_JSONL_DIR']}" in ingestor["volumes"]
 
 
 def test_demo_producer_is_behind_the_demo_profile() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -142,9 +143,9 @@ def tmp_path_of(directory: Path, name: str) -> str:
 
 def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Prefetch defaults to twice the batch, env names are the documented ones, ids are unique per process."""
-    monkeypatch.setenv("JSONL_DIR", str(tmp_path))
+    monkeypatch.setenv("INGESTOR_JSONL_DIR", str(tmp_path))
     monkeypatch.setenv("DATABASE_URL", "postgresql://u@h/db")
-    monkeypatch.setenv("BATCH_MAX_MESSAGES", "300")
+    monkeypatch.setenv("INGESTOR_BATCH_MAX_MESSAGES", "300")
     settings = IngestorSettings()
     assert settings.jsonl_dir == tmp_path
     assert settings.database_url == "postgresql://u@h/db"
@@ -155,6 +156,28 @@ def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         300,
         0.2,
     )
+
+
+def test_old_unprefixed_names_still_work_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """JSONL_DIR (the name before the INGESTOR_ prefix) is still read, with a warning naming the new name;
+    the new name wins when both are set."""
+    monkeypatch.setenv("JSONL_DIR", str(tmp_path / "old"))
+    monkeypatch.setenv("FLUSH_INTERVAL_S", "0.7")
+    with pytest.warns(FutureWarning) as warned:
+        settings = IngestorSettings()
+    messages = sorted(str(w.message) for w in warned)
+    assert messages == [
+        "environment variable FLUSH_INTERVAL_S is deprecated: use INGESTOR_FLUSH_INTERVAL_S",
+        "environment variable JSONL_DIR is deprecated: use INGESTOR_JSONL_DIR",
+    ]
+    assert (settings.jsonl_dir, settings.flush_interval_s) == (tmp_path / "old", 0.7)
+    monkeypatch.setenv("INGESTOR_JSONL_DIR", str(tmp_path / "new"))
+    monkeypatch.delenv("FLUSH_INTERVAL_S")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name set: the old one is ignored, and nothing warns
+        assert IngestorSettings().jsonl_dir == tmp_path / "new"
 
 
 class _RollLimits(TypedDict):
