@@ -216,12 +216,14 @@ class PipelineStack:
             await conn.close()
 
     def stop_all(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
+        """Signal every process, wait up to ``timeout_s`` in all, then SIGKILL what is left."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(sig)
+        deadline = time.monotonic() + timeout_s
         for proc in self.procs:
             try:
-                proc.wait(timeout=timeout_s)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -109,5 +109,5 @@ async def pipeline(amqp_url: str, migrated_database: str, tmp_path: Path) -> Asy
     try:
         yield stack
     finally:
-        stack.stop_all(signal.SIGKILL, timeout_s=10)
+        stack.stop_all(signal.SIGTERM, timeout_s=15)  # SIGTERM first (coverage is written), SIGKILL after
         await stack.delete_topology()

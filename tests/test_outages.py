@@ -44,7 +44,7 @@ async def private_stack(amqp_url: str, pg_server: PgServer, tmp_path: Path) -> A
     try:
         yield stack
     finally:
-        stack.stop_all(signal.SIGKILL, timeout_s=10)
+        stack.stop_all(signal.SIGTERM, timeout_s=15)  # SIGTERM first (coverage is written), SIGKILL after
         await stack.delete_topology()
         pg_server.start()  # the server is shared by the test session: leave it running
 
