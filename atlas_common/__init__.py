@@ -15,6 +15,7 @@ from atlas_common._errors import BrokerUnavailable, PublishNotConfirmed
 from atlas_common._logging import LogFormat, configure_logging
 from atlas_common._metrics import DEFAULT_METRICS_HOST, MetricsServerError, serve_metrics
 from atlas_common._publish import persistent_copy, publish_confirmed
+from atlas_common._resource import Resource
 from atlas_common._retry import Backoff
 from atlas_common._settings import (
     DEFAULT_DATABASE_URL,
@@ -66,6 +67,7 @@ __all__ = [
     "LogFormat",
     "MetricsServerError",
     "PublishNotConfirmed",
+    "Resource",
     "Topology",
     "check_amqp_url",
     "check_database_url",

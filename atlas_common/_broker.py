@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import AMQPError
 
+from atlas_common._resource import Resource
 from atlas_common._urls import redact_url
 
 BROKER_ERRORS = (
@@ -32,7 +32,7 @@ BROKER_ERRORS = (
 """Everything the broker client raises when RabbitMQ, the connection or the channel is not there."""
 
 
-class BrokerConnection:
+class BrokerConnection(Resource):
     """``async with BrokerConnection(url) as broker``: ``broker.lost`` is set once the connection or any
     channel opened through it closes unexpectedly; ``close()`` is safe twice."""
 
@@ -47,15 +47,6 @@ class BrokerConnection:
     @property
     def safe_url(self) -> str:
         return redact_url(self._url)
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Connect (a no-op when already open, so ``open()`` then ``async with`` is one connection)."""

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Final, Protocol, Self, TypeVar
+from typing import Final, Protocol, TypeVar
 
 import aio_pika
 import structlog
@@ -27,6 +26,7 @@ from atlas_common import (
     DEAD_TELEMETRY_ROUTING_KEY,
     BrokerConnection,
     BrokerUnavailable,
+    Resource,
     dead_letter_headers,
     persistent_copy,
     publish_confirmed,
@@ -118,7 +118,7 @@ async def collect(
     return batch
 
 
-class Broker:
+class Broker(Resource):
     """One connection (an *epoch*), its channel (publisher confirms), the ingestor queue's consumer and the
     deliveries it received (``sink``). ``lost`` is set when the connection or channel goes away: the
     service then drops what it holds (redelivered) and opens a new Broker, with backoff, the same model as
@@ -149,16 +149,11 @@ class Broker:
     def lost(self) -> asyncio.Event:
         return self._connection.lost
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
     async def open(self) -> None:
-        """Connect, declare the topology, set the prefetch; BrokerUnavailable if RabbitMQ does not answer."""
+        """Connect, declare the topology, set the prefetch; BrokerUnavailable if RabbitMQ does not answer.
+        A no-op when already open."""
+        if self._channel is not None:
+            return
         topology = self._settings.topology()
         try:
             await self._connection.open()

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from types import TracebackType
-from typing import Self
 
 import asyncpg
 import structlog
 
+from atlas_common import Resource
 from ingestor import _sql
 from ingestor._errors import DatabaseUnavailable
 from ingestor._settings import IngestorSettings
@@ -31,21 +30,13 @@ def lock_key(owner_token: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-class Liveness:
+class Liveness(Resource):
     def __init__(self, settings: IngestorSettings) -> None:
         self._settings = settings
         self._nonce = secrets.token_hex(4)
         self._generation = 0
         self._conn: asyncpg.Connection | None = None
         self._token: str | None = None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     @property
     def token(self) -> str | None:

@@ -108,26 +108,28 @@ class Ingestor:
         """Epochs until stop: connect (with backoff), consume, run the loop; drain on stop; finalize."""
         backoff = Backoff(initial_s=0.5, max_s=10.0)
         while not self._stop.is_set():
-            async with Broker(self._settings) as broker:
-                try:
-                    await broker.open()
+            try:
+                async with Broker(self._settings) as broker:
                     await broker.start()
-                except BrokerUnavailable as err:
-                    _log.warning("broker.unavailable", error=str(err))
-                    await sleep_unless(self._stop, backoff.next())
-                    continue
-                backoff.reset()
-                stopper = asyncio.create_task(self._stop_consuming_on_stop(broker))
-                try:
-                    await self._loop(broker, parts)
-                    if self._stop.is_set():
-                        await self._drain(broker, parts)
-                finally:
-                    stopper.cancel()
-                    await asyncio.gather(stopper, return_exceptions=True)
-                if broker.lost.is_set() and not self._stop.is_set():
-                    _log.warning("broker.connection_lost_reconnecting", dropped=broker.sink.qsize())
+                    backoff.reset()
+                    await self._epoch(broker, parts)
+            except BrokerUnavailable as err:
+                _log.warning("broker.unavailable", error=str(err))
+                await sleep_unless(self._stop, backoff.next())
         await self._finalize(parts)
+
+    async def _epoch(self, broker: Broker, parts: _Parts) -> None:
+        """One connection's life: the main loop until stop or a lost connection; on stop, the drain."""
+        stopper = asyncio.create_task(self._stop_consuming_on_stop(broker))
+        try:
+            await self._loop(broker, parts)
+            if self._stop.is_set():
+                await self._drain(broker, parts)
+        finally:
+            stopper.cancel()
+            await asyncio.gather(stopper, return_exceptions=True)
+        if broker.lost.is_set() and not self._stop.is_set():
+            _log.warning("broker.connection_lost_reconnecting", dropped=broker.sink.qsize())
 
     async def _until_done_or_deadline(self, serving: asyncio.Task[None]) -> None:
         """Wait for the service to finish; once stop is set it gets the shutdown grace (and a little more)

@@ -7,14 +7,13 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import asyncpg
 import orjson
 import structlog
 
-from atlas_common import redact_url
+from atlas_common import Resource, redact_url
 from ingestor import _sql
 from ingestor._batch import MergedBatch, Problem, RecordKey, SessionChange, key_of, task_lock_key
 from ingestor._errors import (
@@ -259,14 +258,16 @@ async def fetch_lines(conn: asyncpg.Connection, ids: Sequence[int]) -> list[byte
     return lines
 
 
-class Store:
+class Store(Resource):
     """The connection pool. Every method raises DatabaseUnavailable or MessageRejected, never asyncpg's."""
 
     def __init__(self, settings: IngestorSettings) -> None:
         self._settings = settings
         self._pool: asyncpg.Pool | None = None
 
-    async def __aenter__(self) -> Self:
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
         # min_size=0: creating the pool never connects, so a start while Postgres is down does not fail.
         self._pool = await asyncpg.create_pool(
             self._settings.database_url,
@@ -276,12 +277,6 @@ class Store:
             timeout=self._settings.db_connect_timeout_s,
             command_timeout=self._settings.db_command_timeout_s,
         )
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -163,19 +163,8 @@ def _state(row: _Row, lines: Counter[str] | None) -> str | None:  # noqa: PLR091
 
 
 def _rows(records: Iterable[Any]) -> Iterator[_Row]:
-    for r in records:
-        yield _Row(
-            task_id=r["task_id"],
-            adapter_session_id=r["adapter_session_id"],
-            succeeded_at=r["succeeded_at"],
-            status=r["status"],
-            steps_expected=r["steps_expected"],
-            stored_steps=r["stored_steps"],
-            export_file=r["export_file"],
-            file_state=r["file_state"],
-            attempt=r["attempt"],
-            session_id=r["session_id"],
-        )
+    for record in records:
+        yield _Row(**dict(record))  # the query selects exactly the fields of _Row
 
 
 def count_lines(jsonl_dir: Path, names: Iterable[str]) -> Counter[str]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 import aio_pika
 import structlog
@@ -17,6 +15,7 @@ from atlas_common import (
     TASK_ROUTING_KEY,
     BrokerUnavailable,
     PublishNotConfirmed,
+    Resource,
     Topology,
     publish_confirmed,
     redact_url,
@@ -46,7 +45,7 @@ def task_message(task: TaskMessage) -> aio_pika.Message:
     )
 
 
-class Producer:
+class Producer(Resource):
     """Submit tasks; each ``submit*`` returns only once the broker has confirmed every message.
 
     ``async with Producer(url, topology) as p: await p.submit_many(tasks)``. Publishes are pipelined:
@@ -68,15 +67,6 @@ class Producer:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         try:

@@ -17,6 +17,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from atlas_common import Topology
+from bench._stack import delete_topology
 from tests._pgfixtures import pg_server  # noqa: F401
 from tests._pipeline import PipelineStack
 
@@ -94,6 +96,15 @@ async def migrated_database(make_database: MakeDatabase) -> str:
     url = await make_database()
     await apply_migrations(url)
     return url
+
+
+@pytest.fixture
+async def cleanup(amqp_url: str) -> AsyncIterator[list[Topology]]:
+    """Topologies a test used: every queue and exchange of each is deleted afterwards."""
+    topologies: list[Topology] = []
+    yield topologies
+    for topology in topologies:
+        await delete_topology(amqp_url, topology)
 
 
 @pytest.fixture

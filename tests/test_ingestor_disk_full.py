@@ -7,7 +7,6 @@ import errno
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from atlas_common import Topology
 from ingestor import IngestorSettings, _files, _health
 from ingestor._batch import merge_batch
 from ingestor._errors import DatabaseUnavailable, JsonlWriteError
@@ -27,7 +25,6 @@ from ingestor._liveness import Liveness, lock_key
 from ingestor._recovery import Recoverer
 from ingestor._store import FileTarget, Store
 from tests._ingest_env import (
-    delete_topology,
     exported_counts,
     fresh_settings,
     open_files,
@@ -112,14 +109,6 @@ def test_health_repeats_by_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     assert [e["dependency"] for e in cap.entries] == ["jsonl", "jsonl", "postgres", "postgres"]
     assert cap.entries[1]["down_s"] >= 0
-
-
-@pytest.fixture
-async def cleanup(amqp_url: str) -> AsyncIterator[list[Topology]]:
-    topologies: list[Topology] = []
-    yield topologies
-    for topology in topologies:
-        await delete_topology(amqp_url, topology)
 
 
 @pytest.mark.integration

@@ -23,7 +23,6 @@ from schemas.limits import MAX_JSON_DEPTH
 from tests._ingest_env import (
     db_counts,
     dead_letters,
-    delete_topology,
     exported_counts,
     final_files,
     fresh_settings,
@@ -37,14 +36,6 @@ pytestmark = pytest.mark.integration
 
 MakeDatabase = Callable[[], Awaitable[str]]
 Item = tuple[str, bytes, str]
-
-
-@pytest.fixture
-async def cleanup(amqp_url: str) -> AsyncIterator[list[Topology]]:
-    topologies: list[Topology] = []
-    yield topologies
-    for topology in topologies:
-        await delete_topology(amqp_url, topology)
 
 
 @contextlib.asynccontextmanager

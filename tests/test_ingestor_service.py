@@ -7,7 +7,6 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import asyncpg
 import orjson
 import pytest
 
-from atlas_common import REASON_HEADER, SOURCE_HEADER, Topology
+from atlas_common import REASON_HEADER, SOURCE_HEADER
 from ingestor import read_lines
 from tests._ingest_env import (
     check_against_generated,
@@ -40,14 +39,6 @@ from tests._ingest_gen import BAD_RECORD, INVALID_BODIES, bodies, generate, publ
 from tests._proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def cleanup(amqp_url: str) -> AsyncIterator[list[Topology]]:
-    topologies: list[Topology] = []
-    yield topologies
-    for topology in topologies:
-        await delete_topology(amqp_url, topology)
 
 
 async def test_duplicated_reordered_invalid(make_database, amqp_url: str, tmp_path: Path, cleanup) -> None:
