@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420
 
 _ADAPTERS = (
     "--adapter",
-    "demo=worker:DemoAdapter",
+    "demo=worker.adapters:DemoAdapter",
     "--adapter",
     "huge=tests._adapters:HugeOutput",
     "--adapter",

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from worker import AdapterError, DemoAdapter, DemoFailureError, SessionContext, Student
+from worker.adapters import DemoAdapter, DemoFailureError
+from worker.sessions import AdapterError, SessionContext, Student
 
 CTX = SessionContext(task_id="t", execution_mode="stepwise")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,9 +13,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from worker import AdapterConfigError, AdapterError, SessionContext, Student, load_adapter
-from worker._http import AdapterHTTPError, parse_retry_after, redact_url
-from worker._http_adapter import HTTPAdapter, HTTPAdapterFromEnv, http_adapter_from_env
+from tests._logs import captured
+from worker.adapters import AdapterHTTPError, HTTPAdapter, HTTPAdapterFromEnv, http_adapter_from_env
+from worker.adapters._http import parse_retry_after, redact_url
+from worker.sessions import AdapterConfigError, AdapterError, SessionContext, Student, load_adapter
 
 Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
 
@@ -216,20 +216,21 @@ async def test_non_json_reply_is_output_text(
 
 @pytest.mark.parametrize("code", [500, 502, 429])
 async def test_retries_then_succeeds(
-    agent: FakeAgent, make_adapter: Callable[..., HTTPAdapter], code: int, caplog: pytest.LogCaptureFixture
+    agent: FakeAgent, make_adapter: Callable[..., HTTPAdapter], code: int
 ) -> None:
     """5xx and 429 are retried (same step number each time) until the endpoint answers 2xx."""
-    caplog.set_level(logging.WARNING, logger="worker")
     agent.script += [status(code), status(code)]
     adapter = make_adapter(session_events=False, max_retries=3)
-    async with adapter.session(ctx("r")) as session:
-        outcome = await session.step("try")
+    with captured("worker.adapters._http") as logs:
+        async with adapter.session(ctx("r")) as session:
+            outcome = await session.step("try")
     assert len(agent.seen) == 3
     assert [b["step"] for b in agent.bodies("step")] == [1, 1, 1]
     assert outcome.output == "r#1: try (seen 1)"
-    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    retries = [entry for entry in logs if entry["event"] == "http.retrying"]
     assert len(retries) == 2
-    assert f"HTTP {code}" in retries[0].getMessage()
+    assert retries[0]["log_level"] == "warning"
+    assert f"HTTP {code}" in retries[0]["problem"]
 
 
 async def test_retries_exhausted_raise_clear_error(
@@ -292,31 +293,26 @@ async def test_timeout_raises(agent: FakeAgent, make_adapter: Callable[..., HTTP
     assert "timed out after 0.2s" in str(info.value)
 
 
-async def test_connection_error_is_retried_then_raises(
-    make_adapter: Callable[..., HTTPAdapter], caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_connection_error_is_retried_then_raises(make_adapter: Callable[..., HTTPAdapter]) -> None:
     """Nothing listening on the port: each attempt fails to connect, is retried, then a clear error."""
-    caplog.set_level(logging.WARNING, logger="worker")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     adapter = make_adapter(url=f"http://127.0.0.1:{port}/agent", session_events=False, max_retries=2)
     session = await adapter.open_session(ctx())
-    with pytest.raises(AdapterHTTPError) as info:
+    with captured("worker.adapters._http") as logs, pytest.raises(AdapterHTTPError) as info:
         await session.step("x")
     assert "connection error" in str(info.value)
     assert info.value.attempts == 3
-    assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 2
+    assert len([entry for entry in logs if entry["event"] == "http.retrying"]) == 2
 
 
 async def test_auth_header_from_env_reaches_server_but_never_leaks(
     agent: FakeAgent,
     make_adapter: Callable[..., HTTPAdapter],
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Env and static headers reach the server; they are absent from logs, errors and repr, even if echoed."""
-    caplog.set_level(logging.DEBUG)
     token = "Bearer tok-9f8e7d6c5b4a"  # noqa: S105 -- a test credential
     static = "static-key-1234567"
     adapter = make_adapter(headers={"X-Api-Key": static}, headers_from_env={"Authorization": "AGENT_TOKEN"})
@@ -331,18 +327,18 @@ async def test_auth_header_from_env_reaches_server_but_never_leaks(
 
     session = await adapter.open_session(ctx())
     agent.script += [echo, echo_401]
-    with pytest.raises(AdapterHTTPError) as info:
+    with captured("worker.adapters._http") as logs, pytest.raises(AdapterHTTPError) as info:
         await session.step("x")
     closed = await session.close("failed")
     assert agent.seen[0].headers["Authorization"] == token
     assert agent.seen[0].headers["X-Api-Key"] == static
     assert "HTTP 401" in str(info.value)
     assert "bad token ***" in str(info.value)
-    assert any("retrying" in r.getMessage() for r in caplog.records)
+    assert any(entry["event"] == "http.retrying" for entry in logs)
     for text in (
         str(info.value),
         repr(info.value),
-        caplog.text,
+        str(logs),
         repr(adapter),
         str(session.metadata),
         str(closed),
@@ -451,7 +447,7 @@ async def test_from_env_factory_and_worker_spec(agent: FakeAgent, monkeypatch: p
     built = http_adapter_from_env()
     assert (built.url, built.timeout_s, built.retry_policy.max_retries) == (agent.url, 7.5, 1)
     assert built.session_events is False
-    loaded = load_adapter("worker._http_adapter:HTTPAdapterFromEnv", name="web")
+    loaded = load_adapter("worker.adapters:HTTPAdapterFromEnv", name="web")
     assert isinstance(loaded, HTTPAdapterFromEnv)
     try:
         assert loaded.name == "web"
@@ -464,7 +460,7 @@ async def test_from_env_factory_and_worker_spec(agent: FakeAgent, monkeypatch: p
     assert agent.seen[0].headers["Authorization"] == "Token abcdef123"
     monkeypatch.delenv("ATLAS_HTTP_ADAPTER_URL")
     with pytest.raises(AdapterConfigError, match="ATLAS_HTTP_ADAPTER_URL"):
-        load_adapter("worker._http_adapter:HTTPAdapterFromEnv", name="web")
+        load_adapter("worker.adapters:HTTPAdapterFromEnv", name="web")
 
 
 def test_bad_configuration_is_rejected_without_values() -> None:

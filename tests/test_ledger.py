@@ -10,7 +10,9 @@ import asyncpg
 import pytest
 
 from tests._proxy import TcpProxy
-from worker._ledger import LedgerUnavailable, TaskLedger, new_token
+from worker.runtime import LedgerUnavailable
+from worker.runtime._ledger import TaskLedger
+from worker.runtime._ledger_group import new_token
 
 pytestmark = pytest.mark.integration
 

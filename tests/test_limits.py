@@ -27,8 +27,8 @@ from schemas import (
     storable,
 )
 from tests._json import json_depth, json_strings
-from worker import OutcomeError, normalize_usage
-from worker._batcher import TelemetryBatcher
+from worker.runtime._batcher import TelemetryBatcher
+from worker.sessions import OutcomeError, normalize_usage
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""configure_logging: stdlib logging (aiormq, asyncpg, asyncio, worker modules) goes through structlog."""
+"""configure_logging: stdlib logging (aiormq, aiohttp, asyncpg, asyncio) goes through structlog."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ except KeyError:
     log.exception("probe.failed", attempt=2)
 log.info("probe.plain", n=1)
 with structlog.contextvars.bound_contextvars(task_id="t1", adapter_session_id="s1"):
-    logging.getLogger("worker._http").warning("POST %s failed; retrying", "http://agent")
+    logging.getLogger("aiohttp.client").warning("POST %s failed; retrying", "http://agent")
     log.warning("probe.bound")
-logging.getLogger("worker._http").warning("outside any task")
+logging.getLogger("aiohttp.client").warning("outside any task")
 
 
 async def main() -> None:
@@ -119,10 +119,11 @@ def test_json_structlog_lines_keep_their_keys() -> None:
 
 
 def test_json_stdlib_lines_carry_bound_contextvars() -> None:
-    """A stdlib line (worker._http) logged inside bound_contextvars carries task_id and adapter_session_id."""
+    """A stdlib line (aiohttp, under an HTTP adapter) logged inside bound_contextvars carries task_id and
+    adapter_session_id."""
     lines = _json_lines()
     inside = _one(lines, event="POST http://agent failed; retrying")
-    assert inside["logger"] == "worker._http"
+    assert inside["logger"] == "aiohttp.client"
     assert inside["level"] == "warning"
     assert (inside["task_id"], inside["adapter_session_id"]) == ("t1", "s1")
     outside = _one(lines, event="outside any task")

@@ -18,11 +18,10 @@ from ingestor._metrics import IngestorMetrics
 from ingestor._settings import IngestorSettings
 from schemas import SessionClosed, TaskMessage, Usage
 from tests._pipeline import ROOT, PipelineStack
-from worker._errors import WorkerError
-from worker._metrics import WorkerMetrics
-from worker._policy import Ack, DeadLetter, Retry
-from worker._settings import WorkerSettings
-from worker._telemetry import TelemetryPublisher
+from worker.runtime import WorkerMetrics, WorkerSettings
+from worker.runtime._policy import Ack, DeadLetter, Retry
+from worker.runtime._telemetry import TelemetryPublisher
+from worker.sessions import WorkerError
 
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 -- compose's value, read back from the settings, never bound here
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -12,9 +11,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from worker import AdapterConfigError, AdapterError, SessionContext, Student, load_adapter
-from worker._http import AdapterHTTPError
-from worker._openai_adapter import OpenAIChatAdapter, OpenAIChatAdapterFromEnv, openai_adapter_from_env
+from tests._logs import captured
+from worker.adapters import (
+    AdapterHTTPError,
+    OpenAIChatAdapter,
+    OpenAIChatAdapterFromEnv,
+    openai_adapter_from_env,
+)
+from worker.sessions import AdapterConfigError, AdapterError, SessionContext, Student, load_adapter
 
 Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
 KEY = "sk-test-4f3e2d1c0b9a8877"  # a test credential, checked for leaks below
@@ -294,10 +298,8 @@ async def test_key_never_leaks(
     llm: FakeLLM,
     make_adapter: Callable[..., OpenAIChatAdapter],
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The key is in no repr, log line, session metadata or exception, even when the server echoes it."""
-    caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("TEST_LLM_KEY", KEY)
     adapter = make_adapter()
 
@@ -309,17 +311,18 @@ async def test_key_never_leaks(
 
     llm.script += [echo, echo_401]
     session = await adapter.open_session(ctx())
-    with pytest.raises(AdapterHTTPError) as info:
+    modules = ("worker.adapters._http", "worker.adapters._openai_adapter")
+    with captured(*modules) as logs, pytest.raises(AdapterHTTPError) as info:
         await session.step("x")
     closed = await session.close("failed")
     assert llm.seen[0].headers["Authorization"] == f"Bearer {KEY}"
     assert "invalid key ***" in str(info.value)
-    assert any("retrying" in r.getMessage() and "echo ***" in r.getMessage() for r in caplog.records)
+    assert any(entry["event"] == "http.retrying" and "echo ***" in entry["problem"] for entry in logs)
     for text in (
         repr(adapter),
         str(info.value),
         repr(info.value),
-        caplog.text,
+        str(logs),
         str(session.metadata),
         str(closed),
     ):
@@ -390,7 +393,7 @@ async def test_from_env_factory_and_worker_spec(llm: FakeLLM, monkeypatch: pytes
         9.0,
         2,
     )
-    loaded = load_adapter("worker._openai_adapter:OpenAIChatAdapterFromEnv", name="llm")
+    loaded = load_adapter("worker.adapters:OpenAIChatAdapterFromEnv", name="llm")
     assert isinstance(loaded, OpenAIChatAdapterFromEnv)
     try:
         assert loaded.name == "llm"
@@ -403,7 +406,7 @@ async def test_from_env_factory_and_worker_spec(llm: FakeLLM, monkeypatch: pytes
     assert llm.seen[0].headers["Authorization"] == "Bearer env-key-123456"
     monkeypatch.delenv("ATLAS_OPENAI_MODEL")
     with pytest.raises(AdapterConfigError, match="ATLAS_OPENAI_MODEL"):
-        load_adapter("worker._openai_adapter:OpenAIChatAdapterFromEnv")
+        load_adapter("worker.adapters:OpenAIChatAdapterFromEnv")
 
 
 def test_bad_configuration_is_rejected() -> None:

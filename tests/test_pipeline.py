@@ -113,7 +113,7 @@ async def test_sigterm_drains_in_flight_sessions_without_redelivery(pipeline: Pi
     pipeline.start_worker("w2", "--adapter", "slow=tests._adapters:Slow", "--concurrency", "10")
     log = await pipeline.read_telemetry(log, until=lambda lg: len(lg.closes()) >= 30, timeout_s=120)
     assert {r["attempts"] for r in await pipeline.ledger()} == {1}
-    assert "worker_stopped" in pipeline.log_of("w1")
+    assert "worker.stopped" in pipeline.log_of("w1")
 
 
 async def test_failing_adapter_retries_with_backoff_then_dead_letters(pipeline: PipelineStack) -> None:
@@ -137,7 +137,7 @@ async def test_failing_adapter_retries_with_backoff_then_dead_letters(pipeline: 
     assert "the agent endpoint is broken" in str(dead[0].headers[REASON_HEADER])
     rows = await pipeline.ledger()
     assert [(r["state"], r["attempts"]) for r in rows] == [("dead", 3)]
-    failures = [orjson.loads(line) for line in pipeline.log_of("w1").splitlines() if '"task_failed"' in line]
+    failures = [orjson.loads(line) for line in pipeline.log_of("w1").splitlines() if '"task.failed"' in line]
     assert len(failures) == 3
     assert {f["adapter_session_id"] for f in failures} == {o.adapter_session_id for o in opened}
     assert {f["task_id"] for f in failures} == {"doomed"}

@@ -35,7 +35,7 @@ from schemas import SessionOpened, StepRecorded, TaskMessage, Usage, decode_task
 from tests._adapters import echo_output
 from tests._json import json_depth, json_strings
 from tests._pipeline import PipelineStack
-from worker import normalize_outcome
+from worker.sessions import normalize_outcome
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -10,12 +10,15 @@ from typing import Any
 import pytest
 
 import worker
-from worker import (
+import worker.adapters
+import worker.runtime
+import worker.sessions
+from worker.adapters import DemoAdapter
+from worker.sessions import (
     AdapterConfigError,
     AgentAdapter,
     AgentSession,
     BaseSession,
-    DemoAdapter,
     PythonAdapter,
     SessionClosedError,
     SessionContext,
@@ -213,7 +216,7 @@ def test_load_adapter_returns_instances_and_wraps_others() -> None:
     """load_adapter keeps adapters, instantiates adapter classes, and wraps other objects."""
     demo = DemoAdapter()
     assert load_adapter(demo) is demo
-    made = load_adapter("worker:DemoAdapter", name="demo2")
+    made = load_adapter("worker.adapters:DemoAdapter", name="demo2")
     assert isinstance(made, DemoAdapter)
     assert made.name == "demo2"
     wrapped = load_adapter("examples.stateful_adapter_sql.adapter:SQLiteAgent")
@@ -239,23 +242,37 @@ def test_load_adapter_bad_import_strings_name_the_string(spec: str, fragment: st
 
 
 def test_public_api_is_exported() -> None:
-    """Everything the brief lists is importable from ``worker``."""
-    required = {
-        "AgentAdapter", "AgentSession", "SessionContext", "StatelessSession", "StatefulAgentAdapterMixin",
-        "PythonAdapter", "Student", "StudentResult", "StepOutcome", "normalize_outcome", "SessionObserver",
-        "OpenedInfo", "StepReport", "CloseReport", "DemoAdapter", "WorkerError", "AdapterError",
-        "AdapterConfigError", "load_adapter",
+    """The SDK's names are importable from ``worker.sessions``, the adapter author's short list from
+    ``worker`` itself, the built-in adapters from ``worker.adapters``, the service from ``worker.runtime``."""
+    sdk = {
+        "AgentAdapter", "AgentSession", "BaseSession", "SessionContext", "StatelessSession",
+        "StatefulAgentAdapterMixin", "PythonAdapter", "Student", "StudentResult", "StepOutcome",
+        "normalize_outcome", "SessionObserver", "OpenedInfo", "StepReport", "CloseReport", "WorkerError",
+        "AdapterError", "AdapterConfigError", "load_adapter",
     }  # fmt: skip
-    assert required <= set(worker.__all__)
-    assert all(hasattr(worker, name) for name in worker.__all__)
+    author = {
+        "AgentAdapter", "SessionContext", "StatefulAgentAdapterMixin", "StatelessSession", "PythonAdapter",
+        "Student",
+    }  # fmt: skip
+    assert sdk <= set(worker.sessions.__all__)
+    assert author <= set(worker.__all__)
+    assert {"DemoAdapter", "HTTPAdapterFromEnv", "OpenAIChatAdapterFromEnv"} <= set(worker.adapters.__all__)
+    assert {"Worker", "WorkerSettings", "AdapterRegistry"} <= set(worker.runtime.__all__)
+    for package in (worker, worker.sessions, worker.adapters, worker.runtime):
+        assert all(hasattr(package, name) for name in package.__all__), package.__name__
+    assert all(getattr(worker, name) is getattr(worker.sessions, name) for name in worker.__all__)
 
 
 def test_error_hierarchy() -> None:
     """Every worker error derives from WorkerError."""
     for cls in (
-        worker.AdapterError,
-        worker.AdapterConfigError,
-        worker.OutcomeError,
-        worker.SessionClosedError,
+        worker.sessions.AdapterError,
+        worker.sessions.AdapterConfigError,
+        worker.sessions.OutcomeError,
+        worker.sessions.SessionClosedError,
+        worker.adapters.AdapterHTTPError,
+        worker.runtime.BrokerUnavailable,
+        worker.runtime.SchemaBehind,
+        worker.runtime.LedgerUnavailable,
     ):
-        assert issubclass(cls, worker.WorkerError)
+        assert issubclass(cls, worker.sessions.WorkerError)

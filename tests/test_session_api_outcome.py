@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 from schemas import Usage
-from worker import OutcomeError, StepOutcome, normalize_events, normalize_outcome, normalize_usage
+from worker.sessions import OutcomeError, StepOutcome, normalize_events, normalize_outcome, normalize_usage
 
 
 class OpenAIUsage(BaseModel):
@@ -187,7 +187,7 @@ def test_outputs_are_made_json_able() -> None:
 def test_text_of_values_orjson_refuses() -> None:
     """Prompts and answers are built from any output: integers past 64 bits and deep nesting included (a
     step output of 10**30 used to fail the next step's prompt with TypeError, a poison pill)."""
-    from worker._json import to_text
+    from worker.sessions._json import to_text
 
     assert to_text({"n": 10**30}) == '{"n":1000000000000000000000000000000}'
     deep: object = 1

@@ -10,12 +10,12 @@ import orjson
 import pytest
 
 from schemas import SessionClosed, SessionOpened, StepRecorded, Usage
-from worker import (
+from worker.adapters import DemoAdapter
+from worker.sessions import (
     AdapterError,
     AgentAdapter,
     AgentSession,
     CloseReport,
-    DemoAdapter,
     OpenedInfo,
     PythonAdapter,
     SessionContext,

@@ -7,8 +7,7 @@ from typing import Any, cast
 
 import pytest
 
-from worker import parse_plan
-from worker._plan import MAX_PLAN_STEPS, execute_prompt, plan_prompt, synthesize_prompt
+from worker.sessions._plan import MAX_PLAN_STEPS, execute_prompt, parse_plan, plan_prompt, synthesize_prompt
 
 
 def steps_of(plan: Mapping[str, Any] | None) -> list[dict[str, Any]]:

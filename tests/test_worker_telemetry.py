@@ -16,8 +16,9 @@ from schemas import (
     decode_telemetry,
     encode,
 )
-from worker import AdapterError, DemoAdapter, PythonAdapter, Student
-from worker._telemetry import TelemetryPublisher
+from worker.adapters import DemoAdapter
+from worker.runtime._telemetry import TelemetryPublisher
+from worker.sessions import AdapterError, PythonAdapter, Student
 
 Record = SessionOpened | StepRecorded | SessionClosed
 

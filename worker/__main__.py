@@ -7,18 +7,19 @@ import asyncio
 import signal
 import sys
 
-import structlog
 from pydantic import ValidationError
 
 from atlas_common import configure_logging, settings_problems
-from worker._errors import WorkerError
-from worker._ledger import LedgerUnavailable
-from worker._metrics import WorkerMetrics
-from worker._registry import AdapterRegistry
-from worker._runtime import BrokerUnavailable, Worker
-from worker._settings import WorkerSettings
-
-log = structlog.get_logger("worker")
+from worker.runtime import (
+    AdapterRegistry,
+    BrokerUnavailable,
+    LedgerUnavailable,
+    SchemaBehind,
+    Worker,
+    WorkerMetrics,
+    WorkerSettings,
+)
+from worker.sessions import WorkerError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         registry = AdapterRegistry.from_specs(settings.adapters, demo_latency_s=settings.demo_latency_s)
         asyncio.run(_serve(settings, registry))
-    except (BrokerUnavailable, LedgerUnavailable) as exc:
+    except (BrokerUnavailable, SchemaBehind, LedgerUnavailable) as exc:  # a service missing or behind
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except WorkerError as exc:
+    except WorkerError as exc:  # a configuration it cannot run with: an adapter spec, the metrics port
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

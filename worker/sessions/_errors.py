@@ -6,7 +6,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from worker._result import StudentResult
+    from worker.sessions._result import StudentResult
 
 
 class WorkerError(Exception):
@@ -28,9 +28,9 @@ class SessionClosedError(WorkerError):
 class AdapterError(WorkerError):
     """The adapter failed during a run. ``reason`` is the close reason; ``result`` the partial result.
 
-    Raised by :meth:`worker.Student.run` after the session was closed with ``reason`` and the observer
-    (if any) saw the failing step and a ``failed`` close. ``phase`` and ``step_id`` say where it failed
-    (``None`` when the failure was not in a step).
+    Raised by :meth:`worker.sessions.Student.run` after the session was closed with ``reason`` and the
+    observer (if any) saw the failing step and a ``failed`` close. ``phase`` and ``step_id`` say where it
+    failed (``None`` when the failure was not in a step).
     """
 
     def __init__(

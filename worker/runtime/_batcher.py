@@ -140,7 +140,7 @@ class TelemetryBatcher:
             self.batches_sent += 1
             self.records_sent += len(futures)
         else:
-            log.warning("telemetry_batch_not_confirmed", kind=kind, records=len(futures), error=repr(error))
+            log.warning("telemetry.batch_not_confirmed", kind=kind, records=len(futures), error=repr(error))
 
     async def close(self) -> None:
         """Send what is queued, wait for those confirms, stop. Safe to call twice."""

@@ -30,15 +30,15 @@ from structlog.contextvars import bound_contextvars
 
 from atlas_common import BROKER_ERRORS
 from schemas import DecodeError, TaskMessage, cut_chars, decode_task, limits
-from worker._batcher import TelemetryBatcher
-from worker._errors import AdapterError
-from worker._ledger import Claim, LedgerUnavailable, SettleState, TaskLedger
-from worker._metrics import WorkerMetrics
-from worker._policy import Ack, DeadLetter, Outcome, Retry, after_failure, retries_so_far
-from worker._registry import AdapterRegistry
-from worker._settings import WorkerSettings
-from worker._student import Student
-from worker._telemetry import TelemetryError, TelemetryPublisher, republish_close
+from worker.runtime._batcher import TelemetryBatcher
+from worker.runtime._ledger import LedgerUnavailable, TaskLedger
+from worker.runtime._ledger_group import Claim, SettleState
+from worker.runtime._metrics import WorkerMetrics
+from worker.runtime._policy import Ack, DeadLetter, Outcome, Retry, after_failure, retries_so_far
+from worker.runtime._registry import AdapterRegistry
+from worker.runtime._settings import WorkerSettings
+from worker.runtime._telemetry import TelemetryError, TelemetryPublisher, republish_close
+from worker.sessions import AdapterError, Student
 
 log = structlog.get_logger("worker")
 
@@ -71,12 +71,12 @@ class TaskRun:
         try:
             task = decode_task(self._message.body)
         except DecodeError as exc:
-            log.warning("task_invalid_dead_lettered", error=str(exc), message_id=self._message.message_id)
+            log.warning("task.invalid_dead_lettered", error=str(exc), message_id=self._message.message_id)
             return DeadLetter(f"invalid task message: {exc}")
         resolved = self._services.registry.resolve(task.adapter)
         if resolved is None:
             names = self._services.registry.names()
-            log.warning("task_unknown_adapter_dead_lettered", task_id=task.task_id, adapter=task.adapter)
+            log.warning("task.unknown_adapter_dead_lettered", task_id=task.task_id, adapter=task.adapter)
             return DeadLetter(f"unknown adapter {task.adapter!r}; this worker has {names}")
         adapter_name, adapter = resolved
         with bound_contextvars(task_id=task.task_id):
@@ -85,10 +85,10 @@ class TaskRun:
             if claim.outcome == "done":
                 if claim.close_message is not None:
                     await republish_close(self._services.batcher, claim.close_message)
-                log.info("task_already_succeeded_skipped")
+                log.info("task.already_succeeded_skipped")
                 return Ack(duplicate=True)
             if claim.outcome == "busy":
-                log.info("task_duplicate_of_a_running_task_dropped", holder=claim.holder)
+                log.info("task.duplicate_dropped", holder=claim.holder)
                 return Ack(duplicate=True)
             publisher = TelemetryPublisher(
                 self._services.batcher, task, adapter=adapter_name, attempt=claim.attempt
@@ -119,7 +119,7 @@ class TaskRun:
         except _INFRA:  # the broker or the ledger, not the session: the runtime hands the task back
             raise
         except Exception as exc:
-            log.exception("task_session_error")
+            log.exception("task.session_error")
             reason = cut_chars(f"worker error: {exc!r}", limits.MAX_REASON_CHARS)
             publisher.close_instead("failed", reason)
             return await self._failed(task, publisher, claim, reason)
@@ -135,7 +135,7 @@ class TaskRun:
         # 6. the close, confirmed
         publisher.publish_close()
         await publisher.flush()
-        log.debug("task_succeeded", steps=publisher.steps)
+        log.debug("task.succeeded", steps=publisher.steps)
         return Ack()
 
     async def _claim(self, task_id: str) -> Claim:
@@ -168,9 +168,9 @@ class TaskRun:
         outcome = after_failure(self._topology, reason, retries)
         state: SettleState = "retrying" if isinstance(outcome, Retry) else "dead"
         if not await self._services.ledger.settle(task.task_id, claim.token, state, reason):
-            log.info("task_failed_after_takeover", reason=reason)
+            log.info("task.failed_after_takeover", reason=reason)
             return Ack(duplicate=True)
-        log.info("task_failed", reason=reason, retries=retries, next=state)
+        log.info("task.failed", reason=reason, retries=retries, next=state)
         return outcome
 
     async def _superseded(self, publisher: TelemetryPublisher) -> Outcome:
@@ -180,7 +180,7 @@ class TaskRun:
         publisher.close_instead("abandoned", "another run of this task took it over")
         publisher.publish_close()
         await publisher.flush()
-        log.warning("task_taken_over_by_another_run")
+        log.warning("task.taken_over")
         return Ack(duplicate=True)
 
     async def _abandon(self, task: TaskMessage, publisher: TelemetryPublisher, claim: Claim) -> None:

@@ -7,9 +7,9 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from atlas_common import DEFAULT_METRICS_HOST, MetricsServerError, serve_metrics
-from worker._errors import WorkerError
-from worker._policy import Ack, DeadLetter, Outcome, Requeue, Retry
-from worker._telemetry import TelemetryPublisher
+from worker.runtime._policy import Ack, DeadLetter, Outcome, Retry
+from worker.runtime._telemetry import TelemetryPublisher
+from worker.sessions import WorkerError
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 
@@ -61,8 +61,6 @@ class WorkerMetrics:
                 label = "retried"
             case DeadLetter():
                 label = "dead_lettered"
-            case Requeue():
-                label = "requeued"
         self.tasks.labels(outcome=label).inc()
         self.task_seconds.observe(seconds)
 

@@ -16,13 +16,13 @@ Wire format (every request is ``POST <url>`` with a JSON body and the header
 
     {"event": "close", "adapter_session_id", "task_id", "execution_mode", "reason", "steps"}
 
-A step's reply is normalised by :func:`worker.normalize_outcome` when it is JSON (content type
+A step's reply is normalised by :func:`worker.sessions.normalize_outcome` when it is JSON (content type
 ``application/json`` or ``*+json``), so ``{"output": ..., "usage": {...}, "events": [...]}`` reports
 usage and events; any other 2xx body is the output text. A JSON object replied to open is kept in the
 session's metadata as ``endpoint``; one replied to close goes into the close metadata as ``endpoint``.
-Timeouts, retries and error reporting are those of :mod:`worker._http`.
+Timeouts, retries and error reporting are those of :mod:`worker.adapters._http`.
 
-For a worker spec (``--adapter web=worker._http_adapter:HTTPAdapterFromEnv``) use
+For a worker spec (``--adapter web=worker.adapters:HTTPAdapterFromEnv``) use
 :class:`HTTPAdapterFromEnv`, which takes no arguments and reads ``ATLAS_HTTP_ADAPTER_*`` when built.
 """
 
@@ -32,32 +32,29 @@ import os
 from collections.abc import Mapping
 from typing import Any, Final
 
-from worker._adapter import StatefulAgentAdapterMixin
-from worker._context import SessionContext
-from worker._errors import AdapterConfigError
-from worker._http import (
+from pydantic_settings import SettingsConfigDict
+
+from worker.adapters._env import AdapterEnvSettings, from_env
+from worker.adapters._http import (
     JSONPoster,
     RetryPolicy,
     check_header_name,
     check_headers,
     check_url,
-    env_bool,
-    env_float,
-    env_int,
-    env_text,
     redact_url,
     secret_values,
 )
-from worker._json import to_json_object, to_jsonable
-from worker._session import AgentSession, BaseSession, new_session_id
+from worker.sessions import (
+    AdapterConfigError,
+    AgentSession,
+    BaseSession,
+    SessionContext,
+    StatefulAgentAdapterMixin,
+)
+from worker.sessions._json import to_json_object, to_jsonable
+from worker.sessions._session import new_session_id
 
 SESSION_HEADER: Final = "X-Atlas-Session-Id"
-
-ENV_URL: Final = "ATLAS_HTTP_ADAPTER_URL"
-ENV_TIMEOUT_S: Final = "ATLAS_HTTP_ADAPTER_TIMEOUT_S"
-ENV_MAX_RETRIES: Final = "ATLAS_HTTP_ADAPTER_MAX_RETRIES"
-ENV_SESSION_EVENTS: Final = "ATLAS_HTTP_ADAPTER_SESSION_EVENTS"
-ENV_AUTH_ENV: Final = "ATLAS_HTTP_ADAPTER_AUTH_ENV"
 
 
 class HTTPAdapter(StatefulAgentAdapterMixin):
@@ -209,21 +206,32 @@ class _HTTPSession(BaseSession):
         return {"endpoint": reply} if isinstance(reply, dict) and reply else None
 
 
+class HTTPAdapterSettings(AdapterEnvSettings):
+    """``ATLAS_HTTP_ADAPTER_*``; the defaults are :class:`HTTPAdapter`'s (a test holds them equal)."""
+
+    model_config = SettingsConfigDict(env_prefix="ATLAS_HTTP_ADAPTER_")
+
+    url: str
+    timeout_s: float = 30.0
+    max_retries: int = 3
+    session_events: bool = True
+    auth_env: str | None = None
+    """The *name* of the variable whose value is sent as the ``Authorization`` header."""
+
+    def adapter_arguments(self) -> dict[str, Any]:
+        arguments: dict[str, Any] = {
+            "url": self.url,
+            "timeout_s": self.timeout_s,
+            "max_retries": self.max_retries,
+            "session_events": self.session_events,
+        }
+        if self.auth_env is not None:
+            arguments["headers_from_env"] = {"Authorization": self.auth_env}
+        return arguments
+
+
 def _settings_from_env() -> dict[str, Any]:
-    settings: dict[str, Any] = {"url": env_text(ENV_URL, required=True)}
-    timeout_s = env_float(ENV_TIMEOUT_S)
-    if timeout_s is not None:
-        settings["timeout_s"] = timeout_s
-    max_retries = env_int(ENV_MAX_RETRIES)
-    if max_retries is not None:
-        settings["max_retries"] = max_retries
-    session_events = env_bool(ENV_SESSION_EVENTS)
-    if session_events is not None:
-        settings["session_events"] = session_events
-    auth_env = env_text(ENV_AUTH_ENV)
-    if auth_env is not None:
-        settings["headers_from_env"] = {"Authorization": auth_env}
-    return settings
+    return from_env(HTTPAdapterSettings).adapter_arguments()
 
 
 def http_adapter_from_env(*, name: str = "http") -> HTTPAdapter:
@@ -240,7 +248,7 @@ def http_adapter_from_env(*, name: str = "http") -> HTTPAdapter:
 class HTTPAdapterFromEnv(HTTPAdapter):
     """:func:`http_adapter_from_env` as a class with a no-argument constructor, for worker specs.
 
-    ``load_adapter("worker._http_adapter:HTTPAdapterFromEnv", name="web")`` instantiates it (reading the
+    ``load_adapter("worker.adapters:HTTPAdapterFromEnv", name="web")`` instantiates it (reading the
     environment then) and names it ``web``; a plain factory function would be wrapped as a stateless
     callable instead.
     """

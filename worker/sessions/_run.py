@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING, Any, Final
 from pydantic import JsonValue
 
 from schemas import Phase, Usage, cut_chars, limits, utcnow
-from worker._errors import AdapterError, describe_exception
-from worker._json import to_json_object, to_jsonable, to_text
-from worker._observer import CloseReport, OpenedInfo, RunStatus, SessionObserver, StepReport
-from worker._outcome import StepOutcome, normalize_outcome
-from worker._plan import execute_prompt, parse_plan, plan_prompt, synthesize_prompt
-from worker._result import StudentResult
+from worker.sessions._errors import AdapterError, describe_exception
+from worker.sessions._json import to_json_object, to_jsonable, to_text
+from worker.sessions._observer import CloseReport, OpenedInfo, RunStatus, SessionObserver, StepReport
+from worker.sessions._outcome import StepOutcome, normalize_outcome
+from worker.sessions._plan import execute_prompt, parse_plan, plan_prompt, synthesize_prompt
+from worker.sessions._result import StudentResult
 
 if TYPE_CHECKING:
-    from worker._context import SessionContext
-    from worker._session import AgentSession
+    from worker.sessions._context import SessionContext
+    from worker.sessions._session import AgentSession
 
 # Text is cut to the wire contract's limits here, where it is made (schemas.limits; the storable rule
 # applies the same cut, with a marker, to whatever reaches a record some other way).

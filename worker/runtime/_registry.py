@@ -6,10 +6,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from worker._adapter import AgentAdapter
-from worker._demo import DemoAdapter
-from worker._errors import AdapterConfigError
-from worker._imports import load_adapter
+from worker.adapters import DemoAdapter
+from worker.sessions import AdapterConfigError, AgentAdapter, load_adapter
 
 _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)=(?P<target>[\w.]+:[\w.]+)$")
 

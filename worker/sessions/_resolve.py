@@ -6,7 +6,7 @@ import importlib
 import re
 from typing import Any, Final
 
-from worker._errors import AdapterConfigError
+from worker.sessions._errors import AdapterConfigError
 
 _DOTTED: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 

@@ -1,4 +1,4 @@
-"""The value a :class:`worker.Student` run returns (also carried, partial, by ``AdapterError.result``)."""
+"""The value a :class:`worker.sessions.Student` run returns (carried, partial, by ``AdapterError.result``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import JsonValue
 
 from schemas import Usage
-from worker._observer import RunStatus, StepReport
+from worker.sessions._observer import RunStatus, StepReport
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,51 +15,47 @@ The API key is read from the environment variable named by ``api_key_env`` when 
 ``Authorization: Bearer ...`` and never logged, put in a repr or in an error; no key (or
 ``api_key_env=None``) sends no ``Authorization`` header, for servers that need none. Timeouts, retries
 (429/5xx/connection errors, honouring ``Retry-After`` up to ``max_retry_after_s``) are those of
-:mod:`worker._http`.
+:mod:`worker.adapters._http`.
 
-For a worker spec (``--adapter llm=worker._openai_adapter:OpenAIChatAdapterFromEnv``) use
+For a worker spec (``--adapter llm=worker.adapters:OpenAIChatAdapterFromEnv``) use
 :class:`OpenAIChatAdapterFromEnv`, which takes no arguments and reads ``ATLAS_OPENAI_*`` when built.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import orjson
+import structlog
 from pydantic import JsonValue
+from pydantic_settings import SettingsConfigDict
 
-from worker._adapter import StatefulAgentAdapterMixin
-from worker._context import SessionContext
-from worker._errors import AdapterConfigError
-from worker._http import (
+from worker.adapters._env import AdapterEnvSettings, from_env
+from worker.adapters._http import (
     AdapterHTTPError,
     JSONPoster,
     RetryPolicy,
     check_url,
-    env_float,
-    env_int,
-    env_text,
     redact_url,
     secret_values,
     snippet,
 )
-from worker._json import to_json_object, to_jsonable, to_text
-from worker._outcome import EventDict, StepOutcome, normalize_usage
-from worker._session import AgentSession, BaseSession, new_session_id
+from worker.sessions import (
+    AdapterConfigError,
+    AgentSession,
+    BaseSession,
+    SessionContext,
+    StatefulAgentAdapterMixin,
+    StepOutcome,
+    normalize_usage,
+)
+from worker.sessions._json import to_json_object, to_jsonable, to_text
+from worker.sessions._outcome import EventDict
+from worker.sessions._session import new_session_id
 
-logger = logging.getLogger(__name__)
-
-ENV_BASE_URL: Final = "ATLAS_OPENAI_BASE_URL"
-ENV_MODEL: Final = "ATLAS_OPENAI_MODEL"
-ENV_API_KEY_ENV: Final = "ATLAS_OPENAI_API_KEY_ENV"
-ENV_SYSTEM_PROMPT: Final = "ATLAS_OPENAI_SYSTEM_PROMPT"
-ENV_TEMPERATURE: Final = "ATLAS_OPENAI_TEMPERATURE"
-ENV_MAX_TOKENS: Final = "ATLAS_OPENAI_MAX_TOKENS"
-ENV_TIMEOUT_S: Final = "ATLAS_OPENAI_TIMEOUT_S"
-ENV_MAX_RETRIES: Final = "ATLAS_OPENAI_MAX_RETRIES"
+log = structlog.get_logger("worker.adapters")
 
 _RESERVED_BODY_KEYS: Final = frozenset({"model", "messages"})
 
@@ -286,13 +282,13 @@ class _ChatSession(BaseSession):
         events: list[EventDict] = [{"type": "llm_call", "model": model, "finish_reason": finish_reason}]
         events.extend(_tool_call_event(call) for call in tool_calls)
         self._messages.extend([*new, reply])
-        logger.debug(
-            "adapter %s: chat completion model=%s finish_reason=%s tool_calls=%d total_tokens=%d",
-            self._adapter.name,
-            model,
-            finish_reason,
-            len(tool_calls),
-            usage.total_tokens,
+        log.debug(
+            "openai.chat_completion",
+            adapter=self._adapter.name,
+            model=model,
+            finish_reason=finish_reason,
+            tool_calls=len(tool_calls),
+            total_tokens=usage.total_tokens,
         )
         return StepOutcome(output=_content_text(message.get("content")), usage=usage, events=events, raw=data)
 
@@ -300,21 +296,24 @@ class _ChatSession(BaseSession):
         return {"model": self._adapter.model, "messages": len(self._messages)}
 
 
+class OpenAIChatSettings(AdapterEnvSettings):
+    """``ATLAS_OPENAI_*``; the defaults are :class:`OpenAIChatAdapter`'s (a test holds them equal)."""
+
+    model_config = SettingsConfigDict(env_prefix="ATLAS_OPENAI_")
+
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    """The *name* of the key's variable; the key itself is read when each session opens."""
+    system_prompt: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    timeout_s: float = 60.0
+    max_retries: int = 3
+
+
 def _settings_from_env() -> dict[str, Any]:
-    settings: dict[str, Any] = {
-        "base_url": env_text(ENV_BASE_URL, required=True),
-        "model": env_text(ENV_MODEL, required=True),
-    }
-    optional: dict[str, Any] = {
-        "api_key_env": env_text(ENV_API_KEY_ENV),
-        "system_prompt": env_text(ENV_SYSTEM_PROMPT),
-        "temperature": env_float(ENV_TEMPERATURE),
-        "max_tokens": env_int(ENV_MAX_TOKENS),
-        "timeout_s": env_float(ENV_TIMEOUT_S),
-        "max_retries": env_int(ENV_MAX_RETRIES),
-    }
-    settings.update({key: value for key, value in optional.items() if value is not None})
-    return settings
+    return from_env(OpenAIChatSettings).model_dump()
 
 
 def openai_adapter_from_env(*, name: str = "openai") -> OpenAIChatAdapter:
@@ -332,7 +331,7 @@ def openai_adapter_from_env(*, name: str = "openai") -> OpenAIChatAdapter:
 class OpenAIChatAdapterFromEnv(OpenAIChatAdapter):
     """:func:`openai_adapter_from_env` as a class with a no-argument constructor, for worker specs.
 
-    ``load_adapter("worker._openai_adapter:OpenAIChatAdapterFromEnv", name="llm")`` instantiates it
+    ``load_adapter("worker.adapters:OpenAIChatAdapterFromEnv", name="llm")`` instantiates it
     (reading the environment then) and names it ``llm``.
     """
 

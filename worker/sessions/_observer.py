@@ -1,4 +1,4 @@
-"""What a :class:`worker.Student` run reports as it goes, for the runtime to turn into telemetry.
+"""What a :class:`worker.sessions.Student` run reports as it goes, for the runtime to turn into telemetry.
 
 ``OpenedInfo``, ``StepReport`` and ``CloseReport`` carry exactly the fields of ``schemas.SessionOpened``,
 ``schemas.StepRecorded`` and ``schemas.SessionClosed`` that the run knows (``as_fields()`` returns them

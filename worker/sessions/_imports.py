@@ -1,16 +1,14 @@
-"""Import strings -> adapters: ``load_adapter`` (and ``resolve_import``, re-exported from ``_resolve``)."""
+"""Import strings -> adapters: ``load_adapter``."""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
-from worker._adapter import AgentAdapter
-from worker._errors import AdapterConfigError
-from worker._python_adapter import PythonAdapter
-from worker._resolve import resolve_import
-
-__all__ = ["load_adapter", "resolve_import"]
+from worker.sessions._adapter import AgentAdapter
+from worker.sessions._errors import AdapterConfigError
+from worker.sessions._python_adapter import PythonAdapter
+from worker.sessions._resolve import resolve_import
 
 
 def load_adapter(spec: Any, *, name: str | None = None) -> AgentAdapter:

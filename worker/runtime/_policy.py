@@ -1,27 +1,26 @@
 """What happens to a task message after its handler ran: decided here, in one place.
 
-Handlers return an :data:`Outcome`; :func:`settle` publishes whatever must be published (a delayed
-retry, a dead letter), waits for the broker's confirm, and only then acks. If that publish fails the
+A task run returns an :data:`Outcome`; :meth:`Settler.settle` publishes whatever must be published (a
+delayed retry, a dead letter), waits for the broker's confirm, and only then acks. If that publish fails the
 message is not acked: the broker redelivers it, and the ledger keeps the re-run honest.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
 
 import aio_pika
 import aiormq
-import structlog
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, FieldValue
 
-from atlas_common import BROKER_ERRORS, DEAD_TASK_ROUTING_KEY, Topology, dead_letter_headers
-
-log = structlog.get_logger("worker")
-
-RETRY_HEADER: Final = "x-atlas-retry"
-"""How many times this task was sent back through the retry path (0 on first submission)."""
-LAST_ERROR_HEADER: Final = "x-atlas-last-error"
+from atlas_common import (
+    BROKER_ERRORS,
+    DEAD_TASK_ROUTING_KEY,
+    LAST_ERROR_HEADER,
+    RETRY_HEADER,
+    Topology,
+    dead_letter_headers,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +32,8 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class Retry:
-    """Failed; run again after the backoff for ``attempt`` (1-based retry count so far + 1)."""
+    """Failed; run again after the backoff of retry number ``retries + 1`` (``retries``: how many times the
+    task was sent back through the retry path before this failure, from the ``x-atlas-retry`` header)."""
 
     reason: str
     retries: int
@@ -46,14 +46,7 @@ class DeadLetter:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Requeue:
-    """Not finished here (the worker is stopping): give the task back to the queue as it is."""
-
-    reason: str
-
-
-Outcome = Ack | Retry | DeadLetter | Requeue
+Outcome = Ack | Retry | DeadLetter
 
 
 def retries_so_far(message: AbstractIncomingMessage) -> int:
@@ -62,7 +55,8 @@ def retries_so_far(message: AbstractIncomingMessage) -> int:
 
 
 def after_failure(topology: Topology, reason: str, retries: int) -> Retry | DeadLetter:
-    """Retry with backoff while attempts remain (``max_attempts`` runs in all), then dead-letter."""
+    """Retry with backoff while runs remain (``max_attempts`` runs in all: ``retries + 1`` so far), then
+    dead-letter."""
     if retries + 1 < topology.max_attempts:
         return Retry(reason, retries)
     return DeadLetter(f"failed {retries + 1} time(s); last error: {reason}")
@@ -84,8 +78,6 @@ class Settler:
         match outcome:
             case Ack():
                 await message.ack()
-            case Requeue():
-                await message.nack(requeue=True)
             case Retry(reason=reason, retries=retries):
                 delay_ms = self._topology.retry_delay_ms(retries + 1)
                 headers: dict[str, FieldValue] = dict(message.headers or {})

@@ -10,7 +10,7 @@ Rules (each is tested in ``tests/test_session_api_outcome.py``):
   in ``raw``). A mapping with none of those keys is a bare value: the whole mapping is the output.
 * A pydantic model or dataclass is read like the mapping of its fields; any other object that has one of
   those attributes is read through its attributes; anything else (str, number, list, ...) is a bare value.
-* Output is made JSON-able (:func:`worker._json.to_jsonable`); strings stay strings (never parsed).
+* Output is made JSON-able (:func:`worker.sessions._json.to_jsonable`); strings stay strings (never parsed).
 * Usage comes from a mapping, a pydantic model, an object with attributes, or a JSON string. Token fields
   accept OpenAI/Anthropic aliases (``input_tokens`` -> ``prompt_tokens``, ``output_tokens`` ->
   ``completion_tokens``); ``total_tokens`` defaults to prompt + completion; ``calls`` defaults to 1 (one
@@ -32,8 +32,8 @@ import orjson
 from pydantic import BaseModel, JsonValue
 
 from schemas import Usage, limits
-from worker._errors import OutcomeError
-from worker._json import to_jsonable
+from worker.sessions._errors import OutcomeError
+from worker.sessions._json import to_jsonable
 
 _OUTPUT_KEYS: Final = ("output", "content", "text")
 _ENVELOPE_KEYS: Final = frozenset({*_OUTPUT_KEYS, "usage", "events"})

@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
-import os
 import random
 import re
 from collections.abc import Collection, Iterable, Mapping
@@ -28,19 +26,18 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+import structlog
 
 from atlas_common import scrub_text, strip_url
-from worker._errors import AdapterConfigError, WorkerError
+from worker.sessions import AdapterConfigError, WorkerError
 
-logger = logging.getLogger(__name__)
+log = structlog.get_logger("worker.adapters")
 
 SNIPPET_CHARS: Final = 500
 """How much of an error response body goes into an exception message."""
 MAX_BACKOFF_S: Final = 30.0
 _MIN_SECRET_CHARS: Final = 4
 _HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off"})
 
 
 class AdapterHTTPError(WorkerError):
@@ -278,14 +275,14 @@ class JSONPoster:
             if attempt == attempts:
                 break
             delay = self.policy.delay(attempt, retry_after)
-            logger.warning(
-                "%s: POST %s failed (attempt %d/%d): %s; retrying in %.2fs",
-                what,
-                safe_url,
-                attempt,
-                attempts,
-                problem,
-                delay,
+            log.warning(
+                "http.retrying",
+                what=what,
+                url=safe_url,
+                attempt=attempt,
+                attempts=attempts,
+                problem=problem,
+                retry_in_s=round(delay, 2),
             )
             await asyncio.sleep(delay)
         plural = "s" if attempts != 1 else ""
@@ -295,44 +292,3 @@ class JSONPoster:
             status=status,
             attempts=attempts,
         )
-
-
-def env_text(name: str, *, required: bool = False) -> str | None:
-    """The stripped value of environment variable ``name`` (``None`` if unset or blank)."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        if required:
-            raise AdapterConfigError(f"environment variable {name} is not set")
-        return None
-    return value
-
-
-def env_float(name: str) -> float | None:
-    value = env_text(name)
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise AdapterConfigError(f"environment variable {name} must be a number, got {value!r}") from None
-
-
-def env_int(name: str) -> int | None:
-    value = env_text(name)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise AdapterConfigError(f"environment variable {name} must be an integer, got {value!r}") from None
-
-
-def env_bool(name: str) -> bool | None:
-    value = env_text(name)
-    if value is None:
-        return None
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise AdapterConfigError(f"environment variable {name} must be true/false (1/0, yes/no), got {value!r}")

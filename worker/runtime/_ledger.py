@@ -21,135 +21,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import asyncpg
 import structlog
 
 from atlas_common import DB_TRANSIENT_ERRORS, Backoff, redact_url
-from worker._errors import WorkerError
+from worker.runtime._ledger_group import (
+    Claim,
+    ClaimOp,
+    Group,
+    GroupResult,
+    SettleOp,
+    SettleState,
+    SucceedOp,
+    apply_group,
+    new_token,
+    transient,
+)
+from worker.sessions import WorkerError
 
 log = structlog.get_logger("worker.ledger")
 
 _MAX_GROUP: Final = 500
 
-# A claim takes the row unless it succeeded, or it is running under another live token. The WHERE keeps a
-# repeated claim (same token: its first reply was lost) from counting as a new attempt.
-_CLAIM: Final = """
-INSERT INTO task_ledger AS l (task_id, state, attempts, worker_id, claim_token)
-SELECT u.task_id, 'running', 1, $3, u.token FROM unnest($1::text[], $2::text[]) AS u(task_id, token)
-ON CONFLICT (task_id) DO UPDATE
-    SET state = 'running', attempts = l.attempts + 1, worker_id = EXCLUDED.worker_id,
-        claim_token = EXCLUDED.claim_token, last_error = NULL, updated_at = now()
-    WHERE l.state <> 'succeeded'
-      AND l.claim_token IS DISTINCT FROM EXCLUDED.claim_token
-      AND (l.state <> 'running' OR l.updated_at < now() - $4::interval)
-RETURNING task_id, attempts
-"""
-_REFUSED: Final = """
-SELECT task_id, state, attempts, claim_token, worker_id, close_message, updated_at
-FROM task_ledger WHERE task_id = ANY($1::text[])
-"""
-_SUCCEED: Final = """
-UPDATE task_ledger AS l
-SET state = 'succeeded', adapter_session_id = u.asid, close_message = u.close, last_error = NULL,
-    updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[]) AS u(task_id, token, asid, close)
-WHERE l.task_id = u.task_id AND l.claim_token = u.token AND l.state IN ('running', 'succeeded')
-RETURNING l.task_id
-"""
-_SETTLE: Final = """
-UPDATE task_ledger AS l SET state = u.state, last_error = u.error, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(task_id, token, state, error)
-WHERE l.task_id = u.task_id AND l.claim_token = u.token AND l.state <> 'succeeded'
-RETURNING l.task_id
-"""
-_HEARTBEAT: Final = """
-UPDATE task_ledger AS l SET updated_at = now()
-FROM unnest($1::text[], $2::text[]) AS u(task_id, token)
-WHERE l.task_id = u.task_id AND l.claim_token = u.token AND l.state = 'running'
-RETURNING l.task_id
-"""
 _PRIVILEGES: Final = """
 SELECT has_table_privilege('task_ledger', 'SELECT'), has_table_privilege('task_ledger', 'INSERT'),
        has_table_privilege('task_ledger', 'UPDATE')
 """
 
-SettleState = Literal["retrying", "dead"]
 T = TypeVar("T")
 
 
 class LedgerUnavailable(WorkerError):
     """The ledger database cannot be reached now (or not within the call's deadline)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """What a claim found. ``run``: this delivery runs the task (``attempt``, under ``token``). ``done``: it
-    already succeeded (``close_message`` is its stored close). ``busy``: a live run of another claim holds
-    it (``holder`` is that worker, ``heartbeat_at`` its last sign of life)."""
-
-    outcome: Literal["run", "done", "busy"]
-    token: str
-    attempt: int = 0
-    close_message: bytes | None = None
-    holder: str | None = None
-    heartbeat_at: datetime | None = None
-
-
-@dataclass(slots=True)
-class _ClaimOp:
-    task_id: str
-    token: str
-    future: asyncio.Future[Claim]
-
-
-@dataclass(slots=True)
-class _SucceedOp:
-    task_id: str
-    token: str
-    adapter_session_id: str
-    close_message: bytes
-    future: asyncio.Future[bool]
-
-
-@dataclass(slots=True)
-class _SettleOp:
-    task_id: str
-    token: str
-    state: str
-    error: str | None
-    future: asyncio.Future[bool]
-
-
-@dataclass(slots=True)
-class _Group:
-    claims: list[_ClaimOp] = field(default_factory=list)
-    succeeded: list[_SucceedOp] = field(default_factory=list)
-    settled: list[_SettleOp] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.claims) + len(self.succeeded) + len(self.settled)
-
-    def futures(self) -> list[asyncio.Future[Any]]:
-        ops: Iterable[_ClaimOp | _SucceedOp | _SettleOp] = (*self.claims, *self.succeeded, *self.settled)
-        return [op.future for op in ops]
-
-    def drop_abandoned(self) -> None:
-        """Forget operations whose caller gave up (deadline passed) before they were sent."""
-        self.claims = [op for op in self.claims if not op.future.done()]
-        self.succeeded = [op for op in self.succeeded if not op.future.done()]
-        self.settled = [op for op in self.settled if not op.future.done()]
-
-
-def new_token() -> str:
-    return secrets.token_hex(12)
 
 
 class TaskLedger:
@@ -177,7 +85,7 @@ class TaskLedger:
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._stopping = stopping or asyncio.Event()
-        self._pending = _Group()
+        self._pending = Group()
         self._active: dict[str, str] = {}
         """task_id -> token of the claims this worker holds (heartbeated)."""
         self._wake = asyncio.Event()
@@ -218,8 +126,8 @@ class TaskLedger:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._fail(self._pending, LedgerUnavailable("the task ledger is closed"))
-        self._pending = _Group()
+        self._pending.fail(LedgerUnavailable("the task ledger is closed"))
+        self._pending = Group()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -232,7 +140,7 @@ class TaskLedger:
     async def claim(self, task_id: str, token: str | None = None) -> Claim:
         """Claim ``task_id`` under ``token`` (a fresh one if None; pass the same token to ask again)."""
         future: asyncio.Future[Claim] = self._future()
-        self._pending.claims.append(_ClaimOp(task_id, token or new_token(), future))
+        self._pending.claims.append(ClaimOp(task_id, token or new_token(), future))
         claim = await self._deadline(future, "claim")
         if claim.outcome == "run":
             self._active[task_id] = claim.token
@@ -241,7 +149,7 @@ class TaskLedger:
     async def succeed(self, task_id: str, token: str, adapter_session_id: str, close_message: bytes) -> bool:
         """Record success; False when this claim no longer holds the task (another run took it over)."""
         future: asyncio.Future[bool] = self._future()
-        self._pending.succeeded.append(_SucceedOp(task_id, token, adapter_session_id, close_message, future))
+        self._pending.succeeded.append(SucceedOp(task_id, token, adapter_session_id, close_message, future))
         try:
             return await self._deadline(future, "succeed")
         finally:
@@ -250,7 +158,7 @@ class TaskLedger:
     async def settle(self, task_id: str, token: str, state: SettleState, error: str | None) -> bool:
         """Record ``retrying`` or ``dead`` (with the error); False when this claim no longer holds it."""
         future: asyncio.Future[bool] = self._future()
-        self._pending.settled.append(_SettleOp(task_id, token, state, error, future))
+        self._pending.settled.append(SettleOp(task_id, token, state, error, future))
         try:
             return await self._deadline(future, "settle")
         finally:
@@ -284,9 +192,9 @@ class TaskLedger:
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """The loop never ends by itself; if it does, every caller must hear about it, not wait forever."""
         self._dead = (task.exception() if not task.cancelled() else None) or RuntimeError("ledger loop ended")
-        log.error("ledger_loop_died", error=repr(self._dead))
-        self._fail(self._pending, LedgerUnavailable(f"the task ledger loop died: {self._dead!r}"))
-        self._pending = _Group()
+        log.error("ledger.loop_died", error=repr(self._dead))
+        self._pending.fail(LedgerUnavailable(f"the task ledger loop died: {self._dead!r}"))
+        self._pending = Group()
 
     async def _run(self) -> None:
         next_beat = time.monotonic() + self._heartbeat_s
@@ -305,13 +213,13 @@ class TaskLedger:
             try:
                 await self._commit(group, dict(self._active) if beat else {})
             except Exception as exc:  # a bug or an unforeseen driver error: fail this group, keep serving
-                log.exception("ledger_group_failed", items=len(group))
-                self._fail(group, LedgerUnavailable(f"ledger group failed: {exc!r}"))
+                log.exception("ledger.group_failed", items=len(group))
+                group.fail(LedgerUnavailable(f"ledger group failed: {exc!r}"))
 
-    def _take(self) -> tuple[_Group, _Group]:
+    def _take(self) -> tuple[Group, Group]:
         """Up to _MAX_GROUP operations, and no task_id twice among the claims (one statement cannot update a
         row twice); the rest wait for the next round trip."""
-        pending, group, rest = self._pending, _Group(), _Group()
+        pending, group, rest = self._pending, Group(), Group()
         pending.drop_abandoned()
         seen: set[str] = set()
         for op in pending.claims:
@@ -323,121 +231,56 @@ class TaskLedger:
         group.succeeded, group.settled = pending.succeeded, pending.settled
         return group, rest
 
-    async def _commit(self, group: _Group, beat: dict[str, str]) -> None:
+    async def _commit(self, group: Group, beat: dict[str, str]) -> None:
         backoff = Backoff(initial_s=0.1, max_s=5.0)
         while True:
             pool = self._pool
             if pool is None:
-                self._fail(group, LedgerUnavailable("the task ledger is closed"))
+                group.fail(LedgerUnavailable("the task ledger is closed"))
                 return
             try:
                 async with pool.acquire() as conn, conn.transaction():
-                    claims = await self._claims(conn, group.claims)
-                    succeeded = await self._apply_succeeded(conn, group.succeeded)
-                    settled = await self._apply_settled(conn, group.settled)
-                    alive = await self._heartbeat(conn, beat)
+                    result = await apply_group(
+                        conn, group, beat, worker_id=self._worker_id, stale_after=self._stale_after
+                    )
             except DB_TRANSIENT_ERRORS as exc:
-                log.warning("ledger_unreachable_retrying", error=repr(exc), items=len(group))
+                log.warning("ledger.unreachable_retrying", error=repr(exc), items=len(group))
                 await pool.expire_connections()  # after a restart every pooled connection is dead
             except asyncpg.PostgresError as exc:
-                if _transient(exc):
-                    log.warning("ledger_unavailable_retrying", error=repr(exc), items=len(group))
+                if transient(exc):
+                    log.warning("ledger.unavailable_retrying", error=repr(exc), items=len(group))
                 else:  # the statement itself is refused: retrying will not help; the tasks requeue
-                    log.exception("ledger_statement_failed", error=repr(exc), items=len(group))
-                    self._fail(group, LedgerUnavailable(f"ledger statement failed: {exc!r}"))
+                    log.exception("ledger.statement_failed", error=repr(exc), items=len(group))
+                    group.fail(LedgerUnavailable(f"ledger statement failed: {exc!r}"))
                     return
             else:
-                self._resolve(group, claims, succeeded, settled)
-                lost = set(beat) - alive
+                self._resolve(group, result)
+                lost = set(beat) - result.alive
                 if lost:
-                    log.warning("ledger_claims_taken_over", tasks=sorted(lost)[:20], count=len(lost))
+                    log.warning("ledger.claims_taken_over", tasks=sorted(lost)[:20], count=len(lost))
                 return
             if self._stopping.is_set():
-                self._fail(group, LedgerUnavailable("ledger unreachable and the worker is stopping"))
+                group.fail(LedgerUnavailable("ledger unreachable and the worker is stopping"))
                 return
             group.drop_abandoned()
             await asyncio.sleep(backoff.next())
 
-    def _resolve(
-        self, group: _Group, claims: dict[str, Claim], succeeded: set[str], settled: set[str]
-    ) -> None:
+    def _resolve(self, group: Group, result: GroupResult) -> None:
         for op in group.claims:
-            claim = claims[op.task_id]
+            claim = result.claims[op.task_id]
             if not op.future.done():
                 op.future.set_result(claim)
             elif claim.outcome == "run":  # the caller gave up meanwhile: hand the claim back at once
                 self._pending.settled.append(
-                    _SettleOp(
-                        op.task_id, op.token, "retrying", "released: claim answered too late", _orphan()
-                    )
+                    SettleOp(op.task_id, op.token, "retrying", "released: claim answered too late", _orphan())
                 )
                 self._wake.set()
         for done in group.succeeded:
             if not done.future.done():
-                done.future.set_result(done.task_id in succeeded)
+                done.future.set_result(done.task_id in result.succeeded)
         for settle in group.settled:
             if not settle.future.done():
-                settle.future.set_result(settle.task_id in settled)
-
-    async def _claims(self, conn: asyncpg.Connection, ops: list[_ClaimOp]) -> dict[str, Claim]:
-        if not ops:
-            return {}
-        tokens = {op.task_id: op.token for op in ops}
-        rows = await conn.fetch(
-            _CLAIM, list(tokens), list(tokens.values()), self._worker_id, self._stale_after
-        )
-        claims = {r["task_id"]: Claim("run", tokens[r["task_id"]], attempt=r["attempts"]) for r in rows}
-        missing = [t for t in tokens if t not in claims]
-        if missing:
-            for row in await conn.fetch(_REFUSED, missing):
-                claims[row["task_id"]] = _refused(row, tokens[row["task_id"]])
-        return claims
-
-    async def _apply_succeeded(self, conn: asyncpg.Connection, ops: list[_SucceedOp]) -> set[str]:
-        if not ops:
-            return set()
-        rows = await conn.fetch(
-            _SUCCEED,
-            [op.task_id for op in ops],
-            [op.token for op in ops],
-            [op.adapter_session_id for op in ops],
-            [op.close_message for op in ops],
-        )
-        return {r["task_id"] for r in rows}
-
-    async def _apply_settled(self, conn: asyncpg.Connection, ops: list[_SettleOp]) -> set[str]:
-        if not ops:
-            return set()
-        rows = await conn.fetch(
-            _SETTLE,
-            [op.task_id for op in ops],
-            [op.token for op in ops],
-            [op.state for op in ops],
-            [op.error for op in ops],
-        )
-        return {r["task_id"] for r in rows}
-
-    @staticmethod
-    async def _heartbeat(conn: asyncpg.Connection, beat: dict[str, str]) -> set[str]:
-        if not beat:
-            return set()
-        rows = await conn.fetch(_HEARTBEAT, list(beat), list(beat.values()))
-        return {r["task_id"] for r in rows}
-
-    @staticmethod
-    def _fail(group: _Group, error: Exception) -> None:
-        for future in group.futures():
-            if not future.done():
-                future.set_exception(error)
-
-
-def _refused(row: Any, token: str) -> Claim:
-    """A claim the statement did not take: our own (lost reply), done, or held by a live run."""
-    if row["claim_token"] == token and row["state"] == "running":
-        return Claim("run", token, attempt=row["attempts"])
-    if row["state"] == "succeeded":
-        return Claim("done", token, close_message=row["close_message"])
-    return Claim("busy", token, holder=row["worker_id"], heartbeat_at=row["updated_at"])
+                settle.future.set_result(settle.task_id in result.settled)
 
 
 def _orphan() -> asyncio.Future[bool]:
@@ -445,8 +288,3 @@ def _orphan() -> asyncio.Future[bool]:
     future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
     future.add_done_callback(lambda f: f.cancelled() or f.exception())
     return future
-
-
-def _transient(exc: asyncpg.PostgresError) -> bool:
-    """SQLSTATE classes that mean "not now" (connection, rollback/deadlock, resources, operator, system)."""
-    return str(getattr(exc, "sqlstate", "") or "")[:2] in {"08", "40", "53", "55", "57", "58", "XX"}

@@ -6,10 +6,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from worker._context import SessionContext
-from worker._errors import SessionClosedError, describe_exception
-from worker._json import to_json_object
-from worker._outcome import StepOutcome, normalize_outcome
+from worker.sessions._context import SessionContext
+from worker.sessions._errors import SessionClosedError, describe_exception
+from worker.sessions._json import to_json_object
+from worker.sessions._outcome import StepOutcome, normalize_outcome
 
 
 @runtime_checkable

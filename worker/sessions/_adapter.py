@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from worker._context import SessionContext
-from worker._errors import describe_exception
-from worker._outcome import StepOutcome
-from worker._session import AgentSession, StatelessSession
+from worker.sessions._context import SessionContext
+from worker.sessions._errors import describe_exception
+from worker.sessions._outcome import StepOutcome
+from worker.sessions._session import AgentSession, StatelessSession
 
 
 async def close_after_error(session: AgentSession, exc: BaseException) -> None:

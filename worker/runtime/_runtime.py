@@ -1,8 +1,8 @@
 """The worker process: consume tasks, run each in one adapter session, stream telemetry, settle.
 
-The life of one task is :class:`worker._taskrun.TaskRun`; what happens to its delivery afterwards (ack,
-retry, dead letter) is decided in one place, :class:`worker._policy.Settler`. This module owns the process:
-the ledger, the broker connection and its epochs, and shutdown.
+The life of one task is :class:`worker.runtime._taskrun.TaskRun`; what happens to its delivery afterwards
+(ack, retry, dead letter) is decided in one place, :class:`worker.runtime._policy.Settler`. This module owns
+the process: the ledger, the broker connection and its epochs, and shutdown.
 
 Start-up refuses a database whose schema is behind (or a role without the ledger privileges) with one line
 saying what to run. Shutdown (SIGTERM/SIGINT set ``stop``): cancel the consumer (no new tasks), let
@@ -21,15 +21,15 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from atlas_common import BROKER_ERRORS, BrokerConnection, Topology, sleep_unless
-from worker._batcher import TelemetryBatcher
-from worker._errors import WorkerError
-from worker._ledger import LedgerUnavailable, TaskLedger
-from worker._metrics import WorkerMetrics
-from worker._policy import SettleError, Settler
-from worker._registry import AdapterRegistry
-from worker._settings import WorkerSettings
-from worker._taskrun import CLEANUP_TIMEOUT_S, Services, TaskRun
-from worker._telemetry import TelemetryError
+from worker.runtime._batcher import TelemetryBatcher
+from worker.runtime._ledger import LedgerUnavailable, TaskLedger
+from worker.runtime._metrics import WorkerMetrics
+from worker.runtime._policy import SettleError, Settler
+from worker.runtime._registry import AdapterRegistry
+from worker.runtime._settings import WorkerSettings
+from worker.runtime._taskrun import CLEANUP_TIMEOUT_S, Services, TaskRun
+from worker.runtime._telemetry import TelemetryError
+from worker.sessions import WorkerError
 
 log = structlog.get_logger("worker")
 
@@ -114,7 +114,7 @@ class Worker:
                         raise BrokerUnavailable(
                             f"cannot reach RabbitMQ at {broker.safe_url}: {exc!r}"
                         ) from exc
-                    log.warning("broker_unreachable_retrying", error=repr(exc), retry_in_s=delay)
+                    log.warning("broker.unreachable_retrying", error=repr(exc), retry_in_s=delay)
                     await sleep_unless(stop, delay)
                     delay = min(delay * 2, 10.0)
                     continue
@@ -124,9 +124,9 @@ class Worker:
                     try:
                         await self._serve_epoch(broker, ledger, stop)
                     except BROKER_ERRORS as exc:
-                        log.warning("broker_epoch_failed", error=repr(exc))
+                        log.warning("broker.epoch_failed", error=repr(exc))
                         await self._cancel_inflight("broker connection lost")
-        log.info("worker_stopped", worker_id=settings.worker_id)
+        log.info("worker.stopped", worker_id=settings.worker_id)
 
     async def _serve_epoch(self, broker: BrokerConnection, ledger: TaskLedger, stop: asyncio.Event) -> None:
         settings, topology = self._settings, self._topology
@@ -147,7 +147,7 @@ class Worker:
             queue = await consume_channel.get_queue(topology.tasks_queue, ensure=False)
             consumer_tag = await queue.consume(self._on_message)
             log.info(
-                "worker_started",
+                "worker.started",
                 worker_id=settings.worker_id,
                 queue=queue.name,
                 concurrency=settings.concurrency,
@@ -162,7 +162,7 @@ class Worker:
                 stopped.cancel()
                 lost.cancel()
             if broker.lost.is_set():
-                log.warning("broker_connection_lost_reconnecting", inflight=len(self._inflight))
+                log.warning("broker.connection_lost_reconnecting", inflight=len(self._inflight))
                 await self._cancel_inflight("broker connection lost")
                 return
             await self._shutdown(queue, consumer_tag)
@@ -173,11 +173,11 @@ class Worker:
         with contextlib.suppress(*BROKER_ERRORS):
             await queue.cancel(consumer_tag)
         inflight = set(self._inflight)
-        log.info("worker_draining", inflight=len(inflight), grace_s=self._settings.shutdown_grace_s)
+        log.info("worker.draining", inflight=len(inflight), grace_s=self._settings.shutdown_grace_s)
         if inflight:
             _, still_running = await asyncio.wait(inflight, timeout=self._settings.shutdown_grace_s)
             if still_running:
-                log.warning("worker_grace_expired_cancelling", tasks=len(still_running))
+                log.warning("worker.grace_expired_cancelling", tasks=len(still_running))
                 await self._cancel_inflight("shutdown grace expired")
 
     async def _cancel_inflight(self, why: str) -> None:
@@ -210,7 +210,7 @@ class Worker:
         except _INFRA_ERRORS as exc:
             # The broker or the ledger failed us: leave the task unacked (requeue if the channel lives);
             # the ledger makes the re-run safe.
-            log.warning("task_infrastructure_error_requeued", error=repr(exc), message_id=message.message_id)
+            log.warning("task.infrastructure_error_requeued", error=repr(exc), message_id=message.message_id)
             await self._requeue_after_pause(message)
             return
         except asyncio.CancelledError:
@@ -219,7 +219,7 @@ class Worker:
         except Exception:  # a bug must not strand the delivery (it would hold a prefetch slot forever)
             # Logged with its traceback and handed back; if it keeps failing, the quorum queue's delivery
             # limit dead-letters the task instead of looping forever.
-            log.exception("task_unexpected_error_requeued", message_id=message.message_id)
+            log.exception("task.unexpected_error_requeued", message_id=message.message_id)
             await self._requeue_after_pause(message)
             return
         self._metrics.observe(outcome, time.perf_counter() - started)

@@ -17,11 +17,9 @@ from typing import Any, Final
 from pydantic import JsonValue
 
 from schemas import Usage
-from worker._adapter import StatefulAgentAdapterMixin
-from worker._context import SessionContext
-from worker._json import to_text
-from worker._outcome import StepOutcome
-from worker._session import AgentSession, BaseSession, new_session_id
+from worker.sessions import AgentSession, BaseSession, SessionContext, StatefulAgentAdapterMixin, StepOutcome
+from worker.sessions._json import to_text
+from worker.sessions._session import new_session_id
 
 _ACTIONS: Final = ("Research", "Analyse", "Outline", "Draft", "Check", "Summarise", "Compare")
 _TOOLS: Final = ("search", "calculator", "notes", "lookup")

@@ -7,7 +7,7 @@
 * Otherwise the target is **stateless**: an object (or a class, instantiated once) with ``ainvoke`` or
   ``invoke``, or a plain callable. Sessions are :class:`StatelessSession` proxies.
 * Hooks may be sync or async; sync hooks run inline on the event loop (keep them short or make them
-  async). Arguments are passed by the hook's own parameter names (see :mod:`worker._hooks`):
+  async). Arguments are passed by the hook's own parameter names (see :mod:`worker.sessions._hooks`):
 
   ======== ============================================================================ =========
   hook     names on offer                                                               primary
@@ -21,7 +21,7 @@
 
 * A mapping returned by ``on_open`` is merged into ``session.metadata``; one returned by ``on_close`` into
   the close metadata (any other non-None value is stored there as ``result``). ``on_step`` results are
-  normalised by :func:`worker.normalize_outcome`.
+  normalised by :func:`worker.sessions.normalize_outcome`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from worker._adapter import AgentAdapter, invoke_once
-from worker._context import SessionContext
-from worker._errors import AdapterConfigError
-from worker._hooks import CallPlan, call_hook, plan_call
-from worker._json import to_json_object, to_jsonable
-from worker._resolve import resolve_import
-from worker._session import AgentSession, BaseSession, new_session_id
+from worker.sessions._adapter import AgentAdapter, invoke_once
+from worker.sessions._context import SessionContext
+from worker.sessions._errors import AdapterConfigError
+from worker.sessions._hooks import CallPlan, call_hook, plan_call
+from worker.sessions._json import to_json_object, to_jsonable
+from worker.sessions._resolve import resolve_import
+from worker.sessions._session import AgentSession, BaseSession, new_session_id
 
 _OFFERED: Final = {
     "on_open": (

@@ -2,7 +2,7 @@
 
 Opened and step messages are published as they happen, pipelined (no waiting per message); ``flush``
 waits for every confirm. The close is held back: the runtime records success in the task ledger first,
-then publishes the close (see ``worker._runtime``), so a lost ack never re-runs a succeeded task.
+then publishes the close (see ``worker.runtime._taskrun``), so a lost ack never re-runs a succeeded task.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from schemas import (
     storable,
     utcnow,
 )
-from worker._batcher import TelemetryBatcher
-from worker._errors import WorkerError
-from worker._observer import CloseReport, OpenedInfo, StepReport
+from worker.runtime._batcher import TelemetryBatcher
+from worker.sessions import CloseReport, OpenedInfo, StepReport, WorkerError
 
 
 class TelemetryError(WorkerError):
@@ -41,7 +40,8 @@ _SESSION_ID: Final = TypeAdapter(Identifier)
 
 
 class TelemetryPublisher:
-    """A :class:`worker.SessionObserver` that turns reports into wire messages on the telemetry exchange.
+    """A :class:`worker.sessions.SessionObserver` that turns reports into wire messages on the telemetry
+    exchange.
 
     Records are built with ``model_construct`` (no re-validation): the reports are typed dataclasses that
     the Student filled within the wire limits (clipped strings, aware UTC times, normalised usage and

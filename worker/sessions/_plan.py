@@ -1,4 +1,4 @@
-"""Plan parsing and the prompts a :class:`worker.Student` sends in each phase."""
+"""Plan parsing and the prompts a :class:`worker.sessions.Student` sends in each phase."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, Final
 import orjson
 from pydantic import JsonValue
 
-from worker._json import to_text
+from worker.sessions._json import to_text
 
 MAX_PLAN_STEPS: Final = 32
 """Plans longer than this are cut to this many steps (a runaway plan must not run forever)."""

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import structlog
+
 from schemas import new_task_id
-from worker._adapter import AgentAdapter, close_after_error
-from worker._context import SessionContext
-from worker._errors import describe_exception
-from worker._observer import CloseReport, OpenedInfo, SessionObserver, StepReport
-from worker._result import StudentResult
-from worker._run import Run
-from worker._session import AgentSession, StatelessSession
+from worker.sessions._adapter import AgentAdapter, close_after_error
+from worker.sessions._context import SessionContext
+from worker.sessions._errors import describe_exception
+from worker.sessions._observer import SessionObserver
+from worker.sessions._result import StudentResult
+from worker.sessions._run import Run
+from worker.sessions._session import AgentSession, StatelessSession
 
-__all__ = ["CloseReport", "OpenedInfo", "SessionObserver", "StepReport", "Student", "StudentResult"]
-
-logger = logging.getLogger(__name__)
+log = structlog.get_logger("worker.sessions")
 
 
 class Student:
@@ -67,12 +66,12 @@ class Student:
                 return await self.adapter.open_session(context), attempt, False
             except Exception as exc:  # noqa: BLE001 -- any open failure is retried, then falls back
                 error = describe_exception(exc)
-                logger.warning(
-                    "opening a session of adapter %s failed (attempt %d/%d): %s",
-                    self.adapter.name,
-                    attempt,
-                    self.max_open_attempts,
-                    error,
+                log.warning(
+                    "session.open_failed",
+                    adapter=self.adapter.name,
+                    attempt=attempt,
+                    max_attempts=self.max_open_attempts,
+                    error=error,
                 )
                 if attempt < self.max_open_attempts:
                     await asyncio.sleep(self.open_backoff_s * 2 ** (attempt - 1))

@@ -1,0 +1,78 @@
+"""The worker's three packages keep their direction: sessions (the SDK) <- adapters <- runtime.
+
+An adapter author imports ``worker`` / ``worker.sessions`` and must not pull in the queue runtime (broker,
+database, metrics) or the built-in adapters; the built-in adapters use the SDK only; and the other services
+do not import the worker at all.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, anywhere in the file (under ``TYPE_CHECKING`` and in functions too);
+    ``from package import name`` counts as importing ``package.name`` as well, since ``name`` may be a
+    submodule."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _within(modules: set[str], packages: tuple[str, ...]) -> list[str]:
+    """The modules that are one of ``packages`` or inside one."""
+    return sorted(m for m in modules if m in packages or m.startswith(tuple(p + "." for p in packages)))
+
+
+def _offending(package: str, banned: tuple[str, ...]) -> dict[str, list[str]]:
+    """File -> the banned modules it imports, over every ``.py`` file under ``package``."""
+    offences: dict[str, list[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        bad = _within(_imported_modules(path), banned)
+        if bad:
+            offences[str(path.relative_to(ROOT))] = bad
+    return offences
+
+
+def test_sessions_import_neither_the_runtime_nor_the_adapters() -> None:
+    """No module of worker/sessions imports worker.runtime or worker.adapters (directly or by name)."""
+    assert _offending("worker/sessions", ("worker.runtime", "worker.adapters")) == {}
+
+
+def test_adapters_do_not_import_the_runtime() -> None:
+    """The built-in adapters are written against the SDK, like any adapter."""
+    assert _offending("worker/adapters", ("worker.runtime",)) == {}
+
+
+@pytest.mark.parametrize("package", ["ingestor", "producer", "atlas_common", "schemas", "migrations"])
+def test_other_packages_do_not_import_the_worker(package: str) -> None:
+    assert _offending(package, ("worker",)) == {}
+
+
+@pytest.mark.parametrize("module", ["worker", "worker.sessions"])
+def test_importing_the_sdk_loads_no_runtime(module: str) -> None:
+    """In a fresh interpreter, importing the SDK loads no worker.runtime or worker.adapters module, nor the
+    broker and database clients the runtime uses."""
+    script = (
+        "import sys, importlib\n"
+        f"importlib.import_module({module!r})\n"
+        "print('\\n'.join(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = set(done.stdout.split())
+    assert "worker.sessions" in loaded
+    assert _within(loaded, ("worker.runtime", "worker.adapters", "aio_pika", "asyncpg")) == []
