@@ -290,10 +290,12 @@ def test_any_value_becomes_a_storable_record(
 class _Exchange:
     """Stands in for an aio-pika exchange: records every body published and confirms it."""
 
+    name = "fake-telemetry"
+
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
 
-    async def publish(self, message: Any, routing_key: str) -> Any:  # noqa: ARG002 -- aio-pika's signature
+    async def publish(self, message: Any, routing_key: str, **options: Any) -> Any:
         import aiormq
 
         self.bodies.append(message.body)

@@ -264,15 +264,19 @@ def test_public_api_is_exported() -> None:
 
 
 def test_error_hierarchy() -> None:
-    """Every worker error derives from WorkerError."""
+    """Every worker error derives from WorkerError; the broker being away is the one error every service
+    shares (atlas_common.BrokerUnavailable)."""
     for cls in (
         worker.sessions.AdapterError,
         worker.sessions.AdapterConfigError,
         worker.sessions.OutcomeError,
         worker.sessions.SessionClosedError,
         worker.adapters.AdapterHTTPError,
-        worker.runtime.BrokerUnavailable,
         worker.runtime.SchemaBehind,
         worker.runtime.LedgerUnavailable,
     ):
         assert issubclass(cls, worker.sessions.WorkerError)
+    import atlas_common
+    import producer
+
+    assert worker.runtime.BrokerUnavailable is atlas_common.BrokerUnavailable is producer.BrokerUnavailable

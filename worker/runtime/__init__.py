@@ -4,10 +4,11 @@ the SDK, ``worker.sessions``), stream its telemetry, keep the task ledger, settl
 Adapters never import this package; only the service (and its tests) do.
 """
 
+from atlas_common import BrokerUnavailable
 from worker.runtime._ledger import LedgerUnavailable
 from worker.runtime._metrics import WorkerMetrics
 from worker.runtime._registry import AdapterRegistry
-from worker.runtime._runtime import BrokerUnavailable, SchemaBehind, Worker
+from worker.runtime._runtime import SchemaBehind, Worker
 from worker.runtime._settings import WorkerSettings
 
 __all__ = [

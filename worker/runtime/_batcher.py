@@ -14,11 +14,10 @@ import contextlib
 from typing import Final
 
 import aio_pika
-import aiormq
 import structlog
 from aio_pika.abc import AbstractExchange
 
-from atlas_common import BROKER_ERRORS
+from atlas_common import PublishNotConfirmed, Resource, publish_confirmed
 from schemas import SCHEMA_VERSION, limits
 
 log = structlog.get_logger("worker.telemetry")
@@ -36,7 +35,7 @@ class _Buffer:
         self.bytes = 0
 
 
-class TelemetryBatcher:
+class TelemetryBatcher(Resource):
     """``async with TelemetryBatcher(exchange) as b: await b.send(record)``; ``close()`` is safe twice."""
 
     def __init__(
@@ -59,12 +58,8 @@ class TelemetryBatcher:
         self.batches_sent = 0
         self.records_sent = 0
 
-    async def __aenter__(self) -> TelemetryBatcher:
+    async def open(self) -> None:
         self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
     def start(self) -> None:
         if self._loop_task is None:
@@ -122,10 +117,8 @@ class TelemetryBatcher:
         )
         error: BaseException | None = None
         try:
-            confirm = await self._exchange.publish(message, kind)
-            if not isinstance(confirm, aiormq.spec.Basic.Ack):
-                error = RuntimeError(f"broker answered {type(confirm).__name__}, not Ack")
-        except (*BROKER_ERRORS, RuntimeError) as exc:
+            await publish_confirmed(self._exchange, message, kind)
+        except PublishNotConfirmed as exc:
             error = exc
         except asyncio.CancelledError as exc:
             error = exc

@@ -23,13 +23,12 @@ import asyncio
 import contextlib
 import time
 from datetime import timedelta
-from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, TypeVar
 
 import asyncpg
 import structlog
 
-from atlas_common import DB_TRANSIENT_ERRORS, Backoff, redact_url
+from atlas_common import DB_TRANSIENT_ERRORS, Backoff, Resource, redact_url
 from worker.runtime._ledger_group import (
     Claim,
     ClaimOp,
@@ -60,7 +59,7 @@ class LedgerUnavailable(WorkerError):
     """The ledger database cannot be reached now (or not within the call's deadline)."""
 
 
-class TaskLedger:
+class TaskLedger(Resource):
     """``async with TaskLedger(url, ...) as ledger``: claim, succeed, settle, release; ``close()`` is safe
     twice. One instance per worker process."""
 
@@ -93,16 +92,9 @@ class TaskLedger:
         self._dead: BaseException | None = None
         self.heartbeat_s = heartbeat_s
 
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
     async def open(self) -> None:
+        if self._pool is not None:
+            return
         try:
             self._pool = await asyncpg.create_pool(
                 self._url, min_size=1, max_size=self._pool_size, command_timeout=30

@@ -1,25 +1,25 @@
 """What happens to a task message after its handler ran: decided here, in one place.
 
 A task run returns an :data:`Outcome`; :meth:`Settler.settle` publishes whatever must be published (a
-delayed retry, a dead letter), waits for the broker's confirm, and only then acks. If that publish fails the
-message is not acked: the broker redelivers it, and the ledger keeps the re-run honest.
+delayed retry, a dead letter), waits for the broker's confirm (``atlas_common.publish_confirmed``), and only
+then acks. If that publish fails the message is not acked: the broker redelivers it, and the ledger keeps the
+re-run honest.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import aio_pika
-import aiormq
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, FieldValue
 
 from atlas_common import (
-    BROKER_ERRORS,
     DEAD_TASK_ROUTING_KEY,
     LAST_ERROR_HEADER,
     RETRY_HEADER,
     Topology,
     dead_letter_headers,
+    persistent_copy,
+    publish_confirmed,
 )
 
 
@@ -62,10 +62,6 @@ def after_failure(topology: Topology, reason: str, retries: int) -> Retry | Dead
     return DeadLetter(f"failed {retries + 1} time(s); last error: {reason}")
 
 
-class SettleError(Exception):
-    """The retry or dead-letter publish was not confirmed; the task stays unacked."""
-
-
 class Settler:
     def __init__(
         self, topology: Topology, *, retry_exchange: AbstractExchange, dead_exchange: AbstractExchange
@@ -102,18 +98,5 @@ class Settler:
         routing_key: str,
         headers: dict[str, FieldValue],
     ) -> None:
-        copy = aio_pika.Message(
-            original.body,
-            headers=headers,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            content_type=original.content_type,
-            message_id=original.message_id,
-            timestamp=original.timestamp,
-            type=original.type,
-        )
-        try:
-            confirm = await exchange.publish(copy, routing_key, mandatory=True)
-        except BROKER_ERRORS as exc:
-            raise SettleError(f"publish to {exchange.name}/{routing_key} failed: {exc!r}") from exc
-        if not isinstance(confirm, aiormq.spec.Basic.Ack):
-            raise SettleError(f"publish to {exchange.name}/{routing_key} not confirmed")
+        """A persistent copy, confirmed (``PublishNotConfirmed`` otherwise: the task stays unacked)."""
+        await publish_confirmed(exchange, persistent_copy(original, headers=headers), routing_key)

@@ -20,11 +20,11 @@ from typing import Final
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from atlas_common import BROKER_ERRORS, BrokerConnection, Topology, sleep_unless
+from atlas_common import BROKER_ERRORS, Backoff, BrokerConnection, BrokerUnavailable, Topology, sleep_unless
 from worker.runtime._batcher import TelemetryBatcher
 from worker.runtime._ledger import LedgerUnavailable, TaskLedger
 from worker.runtime._metrics import WorkerMetrics
-from worker.runtime._policy import SettleError, Settler
+from worker.runtime._policy import Settler
 from worker.runtime._registry import AdapterRegistry
 from worker.runtime._settings import WorkerSettings
 from worker.runtime._taskrun import CLEANUP_TIMEOUT_S, Services, TaskRun
@@ -35,17 +35,12 @@ log = structlog.get_logger("worker")
 
 _INFRA_ERRORS: Final = (
     TelemetryError,
-    SettleError,
     LedgerUnavailable,
     *BROKER_ERRORS,
 )
 _INFRA_BACKOFF_S: Final = 1.0
 SCHEMA_VERSION_NEEDED: Final = 7
 """The worker needs migrations up to 007 (the ledger's claim tokens)."""
-
-
-class BrokerUnavailable(WorkerError):
-    """RabbitMQ cannot be reached at start-up."""
 
 
 class SchemaBehind(WorkerError):
@@ -103,7 +98,7 @@ class Worker:
             stopping=self._stopping,
         ) as ledger:
             await check_database(settings, ledger)
-            delay = 0.5
+            backoff = Backoff(initial_s=0.5, max_s=10.0)
             epoch = 0
             while not stop.is_set():
                 broker = BrokerConnection(settings.amqp_url, name=f"atlas-worker {settings.worker_id}")
@@ -114,12 +109,12 @@ class Worker:
                         raise BrokerUnavailable(
                             f"cannot reach RabbitMQ at {broker.safe_url}: {exc!r}"
                         ) from exc
-                    log.warning("broker.unreachable_retrying", error=repr(exc), retry_in_s=delay)
+                    delay = backoff.next()
+                    log.warning("broker.unreachable_retrying", error=repr(exc), retry_in_s=round(delay, 2))
                     await sleep_unless(stop, delay)
-                    delay = min(delay * 2, 10.0)
                     continue
                 epoch += 1
-                delay = 0.5
+                backoff.reset()
                 async with broker:
                     try:
                         await self._serve_epoch(broker, ledger, stop)
@@ -233,8 +228,8 @@ class Worker:
 
 
 async def _requeue_quietly(message: AbstractIncomingMessage) -> None:
-    with contextlib.suppress(*BROKER_ERRORS, RuntimeError):
+    with contextlib.suppress(*BROKER_ERRORS):
         await message.nack(requeue=True)
 
 
-__all__ = ["BrokerUnavailable", "SchemaBehind", "Worker", "check_database"]
+__all__ = ["SchemaBehind", "Worker", "check_database"]

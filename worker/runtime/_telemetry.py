@@ -164,5 +164,5 @@ async def republish_close(batcher: TelemetryBatcher, close_body: bytes) -> None:
         await batcher.send(close.kind, close_body)
     except DecodeError as exc:
         raise TelemetryError(f"the ledger's stored close does not decode: {exc}") from exc
-    except (*BROKER_ERRORS, RuntimeError) as exc:
+    except BROKER_ERRORS as exc:
         raise TelemetryError(f"stored close not confirmed: {exc!r}") from exc

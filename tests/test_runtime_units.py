@@ -1,0 +1,182 @@
+"""The worker runtime's pieces with in-process fakes (no broker, no database): the Settler when the broker
+never confirms, and one task's life through a timeout, a success and a takeover."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiormq
+import orjson
+import pytest
+
+from atlas_common import RETRY_HEADER, PublishNotConfirmed, Topology
+from schemas import TaskMessage, decode_telemetry, encode
+from worker.runtime import AdapterRegistry, WorkerMetrics, WorkerSettings
+from worker.runtime._ledger_group import Claim
+from worker.runtime._policy import Ack, DeadLetter, Retry, Settler
+from worker.runtime._taskrun import Services, TaskRun
+from worker.sessions import PythonAdapter
+
+
+@dataclass
+class _Message:
+    """Stands in for an aio-pika delivery: records whether it was acked or handed back."""
+
+    body: bytes
+    headers: dict[str, Any] = field(default_factory=dict)
+    redelivered: bool = False
+    routing_key: str = "task"
+    message_id: str = "m1"
+    content_type: str = "application/json"
+    content_encoding: str | None = None
+    priority: int | None = None
+    correlation_id: str | None = None
+    timestamp: Any = None
+    type: str | None = None
+    app_id: str | None = None
+    acked: int = 0
+
+    async def ack(self) -> None:
+        self.acked += 1
+
+
+class _Exchange:
+    """Stands in for an exchange whose broker answers ``answer`` (or raises it)."""
+
+    name = "fake"
+
+    def __init__(self, answer: Any) -> None:
+        self._answer = answer
+        self.published: list[tuple[bytes, str, dict[str, Any]]] = []
+
+    async def publish(self, message: Any, routing_key: str, **options: Any) -> Any:
+        self.published.append((message.body, routing_key, dict(message.headers)))
+        if isinstance(self._answer, BaseException):
+            raise self._answer
+        return self._answer
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        aiormq.spec.Basic.Nack(),
+        TimeoutError("no confirm"),
+        aiormq.exceptions.ChannelInvalidStateError("closed"),
+    ],
+)
+async def test_a_retry_never_confirmed_leaves_the_task_unacked(answer: Any) -> None:
+    """A nack, a confirm that never comes, a channel gone: PublishNotConfirmed, and the task is not acked (the
+    broker redelivers it; acking would lose it)."""
+    exchange = _Exchange(answer)
+    settler = Settler(Topology(), retry_exchange=exchange, dead_exchange=exchange)  # type: ignore[arg-type]
+    message = _Message(b"{}")
+    with pytest.raises(PublishNotConfirmed):
+        await settler.settle(message, Retry("boom", 0))  # type: ignore[arg-type]
+    assert message.acked == 0
+    assert exchange.published[0][2][RETRY_HEADER] == 1
+
+
+async def test_a_confirmed_dead_letter_acks_once() -> None:
+    """A dead letter confirmed by the broker: published once with its reason, then the task acked once."""
+    exchange = _Exchange(aiormq.spec.Basic.Ack())
+    settler = Settler(Topology(), retry_exchange=exchange, dead_exchange=exchange)  # type: ignore[arg-type]
+    message = _Message(b"{}")
+    await settler.settle(message, DeadLetter("no such adapter"))  # type: ignore[arg-type]
+    assert message.acked == 1
+    ((_, key, headers),) = exchange.published
+    assert (key, headers["x-atlas-reason"]) == ("task", "no such adapter")
+
+
+class _Ledger:
+    """An in-memory ledger: one holder per task, takeover on demand."""
+
+    heartbeat_s = 0.01
+
+    def __init__(self, *, taken_over: bool = False) -> None:
+        self.taken_over = taken_over
+        self.calls: list[str] = []
+
+    async def claim(self, task_id: str, token: str | None = None) -> Claim:
+        self.calls.append("claim")
+        return Claim("run", token or "tok", attempt=1)
+
+    async def succeed(self, task_id: str, token: str, adapter_session_id: str, close: bytes) -> bool:
+        self.calls.append("succeed")
+        return not self.taken_over
+
+    async def settle(self, task_id: str, token: str, state: str, error: str | None) -> bool:
+        self.calls.append(f"settle:{state}")
+        return True
+
+    async def release(self, task_id: str, token: str, why: str) -> None:
+        self.calls.append("release")
+
+
+class _Batcher:
+    """Confirms every record at once and keeps them, decoded."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def send(self, kind: str, body: bytes) -> asyncio.Future[None]:
+        self.records.append(decode_telemetry(body))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+class _Slow:
+    async def on_step(self, metadata: dict[str, Any]) -> Any:
+        if metadata["phase"] == "plan":
+            return {"steps": [{"id": 1, "description": "wait"}]}
+        await asyncio.sleep(5)
+        return "late"
+
+
+class _Quick:
+    def on_step(self, metadata: dict[str, Any]) -> Any:
+        if metadata["phase"] == "plan":
+            return {"steps": [{"id": 1, "description": "do"}]}
+        return "done"
+
+
+def _run(adapter: Any, ledger: _Ledger, batcher: _Batcher, **settings: Any) -> TaskRun:
+    registry = AdapterRegistry(adapters={"a": PythonAdapter(adapter, name="a")}, default="a")
+    services = Services(WorkerSettings(**settings), registry, ledger, batcher, WorkerMetrics())  # type: ignore[arg-type]
+    return TaskRun(_Message(encode(TaskMessage(task_id="t1", task="x"))), services)  # type: ignore[arg-type]
+
+
+async def test_a_task_over_its_timeout_fails_its_session_and_retries() -> None:
+    """Past WORKER_TASK_TIMEOUT_S the session closes failed ("timed out after ..."), its close is published,
+    the ledger records 'retrying', and the outcome is a retry."""
+    ledger, batcher = _Ledger(), _Batcher()
+    outcome = await _run(_Slow, ledger, batcher, task_timeout_s=0.2).run()
+    assert outcome == Retry("task timed out", 0)
+    close = batcher.records[-1]
+    assert (close.kind, close.status, close.reason) == ("session.closed", "failed", "timed out after 0.2s")
+    assert ledger.calls == ["claim", "settle:retrying"]
+
+
+async def test_one_task_reads_in_order() -> None:
+    """A success: claim, the opened and steps confirmed, success recorded with the close's bytes, then the
+    close published, then ack."""
+    ledger, batcher = _Ledger(), _Batcher()
+    outcome = await _run(_Quick, ledger, batcher).run()
+    assert outcome == Ack()
+    assert ledger.calls == ["claim", "succeed"]
+    kinds = [r.kind for r in batcher.records]
+    assert kinds == ["session.opened", "step", "step", "step", "session.closed"]
+    assert orjson.loads(encode(batcher.records[-1]))["status"] == "succeeded"
+
+
+async def test_a_run_taken_over_stands_down() -> None:
+    """When the ledger says another run holds the task now, this session closes abandoned (not succeeded)
+    and the delivery is acked as a duplicate: the task is stored once, from the run that holds it."""
+    ledger, batcher = _Ledger(taken_over=True), _Batcher()
+    outcome = await _run(_Quick, ledger, batcher).run()
+    assert outcome == Ack(duplicate=True)
+    close = batcher.records[-1]
+    assert (close.status, close.reason) == ("abandoned", "another run of this task took it over")
+    assert [r.kind for r in batcher.records].count("session.closed") == 1
