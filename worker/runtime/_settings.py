@@ -6,6 +6,7 @@ import os
 import socket
 
 from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from atlas_common import DEFAULT_DATABASE_URL, BrokerSettings, DatabaseUrl
 
@@ -15,30 +16,35 @@ def default_worker_id() -> str:
 
 
 class WorkerSettings(BrokerSettings):
-    """Read from the environment (``AMQP_URL``, ``DATABASE_URL``, ``WORKER_*``); CLI flags override."""
+    """Read from the environment (``AMQP_URL``, ``DATABASE_URL``, ``ATLAS_*``, and ``WORKER_<NAME>`` for
+    each of its own, e.g. ``WORKER_CONCURRENCY``); CLI flags override."""
+
+    model_config = SettingsConfigDict(env_prefix="WORKER_")
 
     # repr=False: settings objects end up in logs, and this URL may hold a password.
-    database_url: DatabaseUrl = Field(default=DEFAULT_DATABASE_URL, repr=False)
-    concurrency: int = Field(default=16, ge=1, le=10_000, validation_alias="WORKER_CONCURRENCY")
-    adapters: tuple[str, ...] = Field(default=(), validation_alias="WORKER_ADAPTERS")
+    database_url: DatabaseUrl = Field(
+        default=DEFAULT_DATABASE_URL, repr=False, validation_alias="DATABASE_URL"
+    )
+    concurrency: int = Field(default=16, ge=1, le=10_000)
+    adapters: tuple[str, ...] = Field(default=())
     """``name=module:attr`` specs; the first is the default. Empty: the built-in demo adapter."""
-    shutdown_grace_s: float = Field(default=30.0, ge=0, validation_alias="WORKER_SHUTDOWN_GRACE_S")
-    task_timeout_s: float = Field(default=1500.0, gt=0, validation_alias="WORKER_TASK_TIMEOUT_S")
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    task_timeout_s: float = Field(default=1500.0, gt=0)
     """Must stay below RabbitMQ's ``consumer_timeout`` (30 min by default); see the README."""
-    demo_latency_s: float = Field(default=0.0, ge=0, validation_alias="WORKER_DEMO_LATENCY_S")
+    demo_latency_s: float = Field(default=0.0, ge=0)
     worker_id: str = Field(default_factory=default_worker_id, validation_alias="WORKER_ID")
-    telemetry_linger_s: float = Field(default=0.002, ge=0, le=1, validation_alias="WORKER_TELEMETRY_LINGER_S")
+    telemetry_linger_s: float = Field(default=0.002, ge=0, le=1)
     """How long a telemetry record may wait for others to share its broker message."""
     ledger_pool_size: int = Field(default=2, ge=1, le=100)
-    ledger_heartbeat_s: float = Field(default=5.0, gt=0, le=300, validation_alias="WORKER_LEDGER_HEARTBEAT_S")
+    ledger_heartbeat_s: float = Field(default=5.0, gt=0, le=300)
     """How often the worker marks the tasks it runs as alive in the task ledger."""
-    ledger_stale_after_s: float = Field(default=60.0, gt=0, validation_alias="WORKER_LEDGER_STALE_AFTER_S")
+    ledger_stale_after_s: float = Field(default=60.0, gt=0)
     """A running task not marked alive for this long belongs to a dead run: another delivery takes it over.
     At least three heartbeats; longer database outages than this may make a live run stand down."""
-    ledger_timeout_s: float = Field(default=60.0, gt=0, validation_alias="WORKER_LEDGER_TIMEOUT_S")
+    ledger_timeout_s: float = Field(default=60.0, gt=0)
     """Deadline of one ledger call; past it the task is handed back to the queue."""
-    metrics_port: int | None = Field(default=None, ge=1, le=65_535, validation_alias="WORKER_METRICS_PORT")
-    metrics_host: str = Field(default="127.0.0.1", min_length=1, validation_alias="WORKER_METRICS_HOST")
+    metrics_port: int | None = Field(default=None, ge=1, le=65_535)
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
     """Address the metrics server binds: loopback unless set (compose sets 0.0.0.0 inside its network)."""
 
     @model_validator(mode="after")
