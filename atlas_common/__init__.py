@@ -13,6 +13,7 @@ from atlas_common._deadletter import (
 )
 from atlas_common._errors import BrokerUnavailable, PublishNotConfirmed
 from atlas_common._logging import LogFormat, configure_logging
+from atlas_common._loop import run
 from atlas_common._metrics import DEFAULT_METRICS_HOST, MetricsServerError, serve_metrics
 from atlas_common._publish import persistent_copy, publish_confirmed
 from atlas_common._resource import Resource
@@ -76,6 +77,7 @@ __all__ = [
     "persistent_copy",
     "publish_confirmed",
     "redact_url",
+    "run",
     "scrub_secrets",
     "scrub_text",
     "serve_metrics",

@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 from pydantic import ValidationError
 
-from atlas_common import configure_logging, settings_problems
+from atlas_common import configure_logging, run, settings_problems
 from ingestor._errors import ConfigError, IngestorError
 from ingestor._export import export_sessions, parse_time
 from ingestor._metrics import IngestorMetrics
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         else:
-            asyncio.run(_serve(settings))
+            run(_serve(settings))
     except ConfigError as err:
         _log.error("ingestor.config_error", error=str(err))
         return 2

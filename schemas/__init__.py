@@ -14,7 +14,15 @@ from schemas._codec import (
 )
 from schemas._errors import DecodeError
 from schemas._export import json_schemas, write_json_schemas
-from schemas._storable import NUL_ESCAPE, clean_json, cut_chars, cut_text, json_text, storable
+from schemas._storable import (
+    NUL_ESCAPE,
+    clean_json,
+    cut_chars,
+    cut_text,
+    json_text,
+    storable,
+    storable_fields,
+)
 from schemas._task import TaskMessage, new_task_id, utcnow
 from schemas._telemetry import (
     ROUTING_KEYS,
@@ -63,6 +71,7 @@ __all__ = [
     "limits",
     "new_task_id",
     "storable",
+    "storable_fields",
     "utcnow",
     "write_json_schemas",
 ]

@@ -6,9 +6,9 @@ this order (the README's "Limits" section says the same):
 
 1. NUL (U+0000), which PostgreSQL ``text`` and ``jsonb`` cannot hold, becomes the six characters ``\\u0000``
    in any text or object key. A lone surrogate (text that is not Unicode) becomes ``?``.
-2. In free JSON values (outputs, events, metadata, plans): an integer beyond +/-``MAX_JSON_INT`` becomes its
-   decimal digits as a string; NaN and Infinity become null; a subtree nested deeper than
-   ``MAX_JSON_DEPTH`` becomes its JSON text (a string), so nothing is lost but the nesting.
+2. In free JSON values (outputs, events, metadata, plans): an integer outside 64 bits (``MIN_JSON_INT`` ..
+   ``MAX_JSON_INT``) becomes its decimal digits as a string; NaN and Infinity become null; a subtree nested
+   deeper than ``MAX_JSON_DEPTH`` becomes its JSON text (a string), so nothing is lost but the nesting.
 3. A close keeps the newest ``MAX_SESSION_EVENTS`` events of its session aggregate.
 4. A record still larger than ``MAX_RECORD_BYTES`` is shrunk field by field, in a fixed order per kind,
    until it fits: text keeps its head and ends with ``…[truncated: N bytes in all]``; a list of events
@@ -19,20 +19,24 @@ Whatever the rule changed is listed in the record's ``limits`` object (field nam
 ``{"output": {"truncated": true, "original_bytes": 1500000, "kept_bytes": 1040000}}``); the ingestor keeps
 it in the step's or the session's metadata, so a trainer can tell a cut value from a short one.
 
-The common record needs none of this, and finding that out costs a few scans of its encoded bytes.
+The common record needs none of this, and finding that out costs a few scans of its encoded bytes:
+:func:`storable_fields` encodes a record given as plain fields with orjson (which refuses what the rule
+must rewrite: integers past 64 bits, lone surrogates, nesting past 255) and scans the bytes for the rest;
+only a record that fails goes through the model and the rule.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
 from pydantic_core import PydanticSerializationError
 
 from schemas._telemetry import SessionClosed, SessionOpened, StepRecorded
+from schemas._usage import Usage
 from schemas.limits import (
     MAX_JSON_DEPTH,
     MAX_JSON_INT,
@@ -41,6 +45,7 @@ from schemas.limits import (
     MAX_SESSION_EVENTS,
     MAX_TASK_CHARS,
     MAX_TRACE_CHARS,
+    MIN_JSON_INT,
     SHRINK_PREVIEW_CHARS,
 )
 
@@ -48,7 +53,6 @@ Record = SessionOpened | StepRecorded | SessionClosed
 
 NUL_ESCAPE: Final = "\\u0000"
 _NUL_BYTES: Final = b"\\u0000"
-_LONG_DIGITS: Final = re.compile(rb"\d{19}")  # an integer that might not fit 64 bits
 _TEXT_FIELDS: Final = {
     "session.opened": ("task",),
     "step": ("description", "trace", "error"),
@@ -85,25 +89,64 @@ def _to_json(record: Record) -> bytes | None:
         return None
 
 
-def _plainly_storable(record: Record, body: bytes | None) -> bool:
-    """True when no rule can apply: cheap scans of the encoded bytes (each one an upper bound)."""
+_MODELS: Final[dict[str, type[Record]]] = {
+    "session.opened": SessionOpened,
+    "step": StepRecorded,
+    "session.closed": SessionClosed,
+}
+
+
+def _plain(value: Any) -> Any:
+    """orjson's hook for what it does not know: the wire's Usage model (its fields); anything else is not
+    plain JSON and sends the record down the slow path."""
+    if isinstance(value, Usage):
+        return value.__dict__
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def _plainly_storable(kind: str, body: bytes, texts: Callable[[str], Any], events: int) -> bool:
+    """True when no rule can apply: cheap scans of the encoded bytes (each one an upper bound); integers
+    past 64 bits and lone surrogates never get here (the encoder refused them)."""
     return (
-        body is not None
-        and len(body) <= MAX_RECORD_BYTES
+        len(body) <= MAX_RECORD_BYTES
         and body.count(b"{") + body.count(b"[") <= MAX_JSON_DEPTH
         and _NUL_BYTES not in body
-        and _LONG_DIGITS.search(body) is None
-        and not (isinstance(record, SessionClosed) and len(record.events) > MAX_SESSION_EVENTS)
-        and all(len(getattr(record, name) or "") <= _TEXT_CHARS[name] for name in _TEXT_FIELDS[record.kind])
+        and events <= MAX_SESSION_EVENTS
+        and all(len(texts(name) or "") <= _TEXT_CHARS[name] for name in _TEXT_FIELDS[kind])
     )
+
+
+def _plainly(fields: dict[str, Any]) -> bytes | None:
+    """The record's bytes when no rule can apply, else None."""
+    kind = fields["kind"]
+    try:
+        body = orjson.dumps(fields, default=_plain)
+    except TypeError:  # an integer past 64 bits, a lone surrogate, nesting past 255, a non-JSON value
+        return None
+    events = len(fields.get("events") or ()) if kind == "session.closed" else 0
+    return body if _plainly_storable(kind, body, fields.get, events) else None
+
+
+def storable_fields(fields: dict[str, Any]) -> bytes:
+    """The wire bytes of a record given as its plain fields (``kind`` included), made storable by the rule
+    above (``len <= MAX_RECORD_BYTES``). The worker's hot path: no model is built for a record the rule
+    leaves alone."""
+    body = _plainly(fields)
+    if body is not None:
+        return body
+    return _apply_rule(_MODELS[fields["kind"]].model_construct(**fields))[1]
 
 
 def storable(record: Record) -> tuple[Record, bytes]:
     """``record`` made storable by the rule above, and its encoding (``len <= MAX_RECORD_BYTES``)."""
-    body = _to_json(record)
-    if _plainly_storable(record, body):
-        assert body is not None  # noqa: S101 -- checked by _plainly_storable; narrows the type
+    body = _plainly({name: getattr(record, name) for name in type(record).model_fields})
+    if body is not None:
         return record, body
+    return _apply_rule(record)
+
+
+def _apply_rule(record: Record) -> tuple[Record, bytes]:
+    """The slow path: clean every text and JSON field (rules 1-3), then shrink to fit (rule 4)."""
     notes: dict[str, Any] = dict(record.limits)
     updates: dict[str, Any] = {}
     for name in _TEXT_FIELDS[record.kind]:
@@ -129,7 +172,7 @@ def storable(record: Record) -> tuple[Record, bytes]:
             notes[name] = note
     if updates:
         record = record.model_copy(update={**updates, "limits": notes})
-        body = _to_json(record)
+    body = _to_json(record)
     if body is None:  # cannot happen after cleaning; never publish what does not encode
         raise ValueError(f"a {record.kind} record does not encode even after the storable rule")
     if len(body) > MAX_RECORD_BYTES:
@@ -159,7 +202,7 @@ def clean_json(value: Any, depth: int, note: dict[str, Any]) -> Any:  # noqa: PL
     if value is None or kind is bool:
         return value
     if kind is int:
-        if -MAX_JSON_INT <= value <= MAX_JSON_INT:
+        if MIN_JSON_INT <= value <= MAX_JSON_INT:
             return value
         note["ints_as_text"] = True
         return str(value)

@@ -21,8 +21,9 @@ class Usage(WireModel):
     calls: Count = 0
 
     def __add__(self, other: Usage) -> Usage:
-        """The sum, each count saturating at ``MAX_COUNT`` (a session's totals never break the limit)."""
-        return Usage(
+        """The sum, each count saturating at ``MAX_COUNT`` (a session's totals never break the limit). Both
+        sides are valid, so the sum is too: built without re-validation (it runs for every step)."""
+        return Usage.model_construct(
             prompt_tokens=min(self.prompt_tokens + other.prompt_tokens, MAX_COUNT),
             completion_tokens=min(self.completion_tokens + other.completion_tokens, MAX_COUNT),
             total_tokens=min(self.total_tokens + other.total_tokens, MAX_COUNT),

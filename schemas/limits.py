@@ -34,8 +34,9 @@ MAX_JSON_DEPTH: Final = 64
 """Nesting levels of any free JSON value (task metadata, outputs, events, plans, adapter metadata).
 A task deeper than this is refused; a deeper value an adapter returns is stored by the rule below."""
 
-MAX_JSON_INT: Final = 2**63 - 1
-"""Largest magnitude of an integer inside a free JSON value (what the JSONL encoder and ``bigint`` hold)."""
+MIN_JSON_INT: Final = -(2**63)
+MAX_JSON_INT: Final = 2**64 - 1
+"""The range of an integer inside a free JSON value: 64 bits, what the JSONL encoder (orjson) writes."""
 
 MAX_COUNT: Final = 2**53 - 1
 """Largest token count or call count (exact in every JSON reader, JavaScript's included)."""

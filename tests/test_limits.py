@@ -25,6 +25,7 @@ from schemas import (
     encode,
     limits,
     storable,
+    storable_fields,
 )
 from tests._json import json_depth, json_strings
 from worker.runtime._batcher import TelemetryBatcher
@@ -90,11 +91,12 @@ def _nested(depth: int) -> dict[str, Any]:
 
 
 def test_an_ordinary_record_is_untouched() -> None:
-    """The common record passes unchanged (the same object) and its bytes are the plain encoding."""
+    """The common record passes unchanged (the same object), and its bytes decode to it."""
     record = _step(output="fine", events=[{"type": "tool_call", "tool": "search"}])
     same, body = storable(record)
     assert same is record
-    assert body == encode(record)
+    assert decode_telemetry(body) == record
+    assert storable_fields({name: getattr(record, name) for name in StepRecorded.model_fields}) == body
 
 
 def test_nul_is_escaped_in_text_keys_and_values() -> None:
@@ -315,3 +317,12 @@ async def test_envelopes_never_pass_the_message_limit() -> None:
     seqs = sorted(r["seq"] for b in exchange.bodies for r in orjson.loads(b)["records"])
     assert seqs == list(range(1, len(sizes) + 1))
     assert len(exchange.bodies) > 1
+
+
+def test_fields_take_the_same_rule_as_models() -> None:
+    """A record given as plain fields (the worker's hot path) is made storable exactly like its model:
+    the same bytes when a rule applies, since both go through the model then."""
+    for output in ({"n": 10**30}, {"s": "a\x00b"}, _nested(100), "x" * 1_500_000):
+        record = _step(output=output)
+        fields = {name: getattr(record, name) for name in StepRecorded.model_fields}
+        assert storable_fields(fields) == storable(record)[1]

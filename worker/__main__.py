@@ -9,7 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
-from atlas_common import configure_logging, settings_problems
+from atlas_common import configure_logging, run, settings_problems
 from worker.runtime import (
     AdapterRegistry,
     BrokerUnavailable,
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(level=settings.log_level, log_format=settings.log_format)
     try:
         registry = AdapterRegistry.from_specs(settings.adapters, demo_latency_s=settings.demo_latency_s)
-        asyncio.run(_serve(settings, registry))
+        run(_serve(settings, registry))
     except (BrokerUnavailable, SchemaBehind, LedgerUnavailable) as exc:  # a service missing or behind
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 import structlog
 from pydantic import TypeAdapter, ValidationError
 
 from atlas_common import BROKER_ERRORS
 from schemas import (
+    SCHEMA_VERSION,
     DecodeError,
     Identifier,
     SessionClosed,
-    SessionOpened,
     SessionStatus,
-    StepRecorded,
     TaskMessage,
     decode_telemetry,
     storable,
+    storable_fields,
     utcnow,
 )
 from worker.runtime._batcher import TelemetryBatcher
@@ -36,6 +36,8 @@ class TelemetryError(WorkerError):
 
 
 _CONFIRM_TIMEOUT_S: Final = 60.0
+_OPENED: Final = {"schema_version": SCHEMA_VERSION, "kind": "session.opened"}
+_STEP: Final = {"schema_version": SCHEMA_VERSION, "kind": "step"}
 _SESSION_ID: Final = TypeAdapter(Identifier)
 
 
@@ -43,12 +45,11 @@ class TelemetryPublisher:
     """A :class:`worker.sessions.SessionObserver` that turns reports into wire messages on the telemetry
     exchange.
 
-    Records are built with ``model_construct`` (no re-validation): the reports are typed dataclasses that
-    the Student filled within the wire limits (clipped strings, aware UTC times, normalised usage and
-    events), so validating them again would only cost CPU on the hottest path. The test
-    ``test_worker_records_validate`` keeps this honest by decoding what a real run emits. Every field with
-    a default factory is passed explicitly: pydantic's ``model_construct`` inspects the factory's signature
-    on each call otherwise, which costs more than the validation it skips.
+    Opened and step records go from the reports' plain fields straight to bytes (``storable_fields``: orjson
+    and a few byte scans, no model, no re-validation): the reports are typed dataclasses that the Student
+    filled within the wire limits (clipped strings, aware UTC times, normalised usage and events), so
+    validating them again would only cost CPU on the hottest path. The test ``test_worker_records_validate``
+    keeps this honest by decoding what a real run emits.
 
     Every record goes through :func:`schemas.storable` before it is sent, so nothing published is refused
     downstream (too large, NUL, numbers or nesting storage cannot hold); ``close_body`` is the close's
@@ -84,18 +85,22 @@ class TelemetryPublisher:
         fields = info.as_fields()
         # The wire names the adapter as the worker's registry does (what tasks ask for).
         fields.update(
+            _OPENED,
+            seq=0,
             adapter=self._adapter,
             attempt=self._attempt,
             task_metadata=self._task.metadata,
             emitted_at=utcnow(),
             limits={},
         )
-        self._send(SessionOpened.model_construct(**fields))
+        self._send(fields)
 
     async def step(self, record: StepReport) -> None:
         self.steps = record.seq
         self.step_seconds.append((record.phase, (record.finished_at - record.started_at).total_seconds()))
-        self._send(StepRecorded.model_construct(**record.as_fields(), emitted_at=utcnow(), limits={}))
+        fields = record.as_fields()
+        fields.update(_STEP, emitted_at=utcnow(), limits={})
+        self._send(fields)
 
     async def closed(self, report: CloseReport) -> None:
         now = utcnow()
@@ -132,9 +137,9 @@ class TelemetryPublisher:
         if self.close is not None:
             self._pending.append(self._batcher.send(self.close.kind, self.close_body))
 
-    def _send(self, message: SessionOpened | StepRecorded) -> None:
-        record, body = storable(message)
-        self._pending.append(self._batcher.send(record.kind, body))
+    def _send(self, fields: dict[str, Any]) -> None:
+        """Plain fields to storable bytes (no model on this path: ``schemas.storable_fields``), queued."""
+        self._pending.append(self._batcher.send(fields["kind"], storable_fields(fields)))
 
     async def flush(self) -> None:
         """Wait until the broker confirmed everything sent so far; raise :class:`TelemetryError` if not
