@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -45,11 +46,20 @@ class WorkerMetrics:
         self.tokens = Counter(
             "atlas_worker_tokens", "Tokens reported by adapters", ["kind"], registry=self.registry
         )
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.infra_errors = Counter(
             "atlas_worker_infrastructure_errors",
             "Tasks left unacked after a broker/ledger failure",
             registry=self.registry,
         )
+
+    def _child(self, metric: Any, **label: str) -> Any:
+        """A labelled child, looked up once: ``labels()`` costs more than the observation it labels."""
+        key = (id(metric), *label.items())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(**label)
+        return child
 
     def observe(self, outcome: Outcome, seconds: float) -> None:
         match outcome:
@@ -61,21 +71,21 @@ class WorkerMetrics:
                 label = "retried"
             case DeadLetter():
                 label = "dead_lettered"
-        self.tasks.labels(outcome=label).inc()
+        self._child(self.tasks, outcome=label).inc()
         self.task_seconds.observe(seconds)
 
     def observe_session(self, publisher: TelemetryPublisher) -> None:
         """Session, step and token figures from what the publisher saw of one session."""
         for phase, seconds in publisher.step_seconds:
-            self.step_seconds.labels(phase=phase).observe(seconds)
+            self._child(self.step_seconds, phase=phase).observe(seconds)
         close = publisher.close
         if close is None or publisher.opened_at is None:
             return
-        self.session_seconds.labels(status=close.status).observe(
+        self._child(self.session_seconds, status=close.status).observe(
             max(0.0, (close.closed_at - publisher.opened_at).total_seconds())
         )
-        self.tokens.labels(kind="prompt").inc(close.totals.prompt_tokens)
-        self.tokens.labels(kind="completion").inc(close.totals.completion_tokens)
+        self._child(self.tokens, kind="prompt").inc(close.totals.prompt_tokens)
+        self._child(self.tokens, kind="completion").inc(close.totals.completion_tokens)
 
     def serve(self, port: int, host: str = DEFAULT_METRICS_HOST) -> WSGIServer:
         """Serve the metrics on ``host:port``; one that cannot be bound is a :class:`WorkerError`."""
