@@ -78,6 +78,7 @@ _SHRINK_ORDER: Final = {
     "step": ("output", "trace", "events", "description", "error"),
     "session.closed": ("final_answer", "events", "close_metadata", "plan", "reason"),
 }
+_SMALLEST_TEXT_LIMIT: Final = min(_TEXT_CHARS.values())
 _OBJECT_FIELDS: Final = frozenset({"metadata", "task_metadata", "close_metadata", "plan"})
 _NOTE_SLACK: Final = 512  # bytes the ``limits`` note and a marker may add while shrinking
 
@@ -107,12 +108,16 @@ def _plain(value: Any) -> Any:
 def _plainly_storable(kind: str, body: bytes, texts: Callable[[str], Any], events: int) -> bool:
     """True when no rule can apply: cheap scans of the encoded bytes (each one an upper bound); integers
     past 64 bits and lone surrogates never get here (the encoder refused them)."""
-    return (
-        len(body) <= MAX_RECORD_BYTES
-        and body.count(b"{") + body.count(b"[") <= MAX_JSON_DEPTH
-        and _NUL_BYTES not in body
-        and events <= MAX_SESSION_EVENTS
-        and all(len(texts(name) or "") <= _TEXT_CHARS[name] for name in _TEXT_FIELDS[kind])
+    if (
+        len(body) > MAX_RECORD_BYTES
+        or body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH
+        or _NUL_BYTES in body
+        or events > MAX_SESSION_EVENTS
+    ):
+        return False
+    # A text has no more characters than its record has bytes: a small record is within every text limit.
+    return len(body) <= _SMALLEST_TEXT_LIMIT or all(
+        len(texts(name) or "") <= _TEXT_CHARS[name] for name in _TEXT_FIELDS[kind]
     )
 
 

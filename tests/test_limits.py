@@ -326,3 +326,14 @@ def test_fields_take_the_same_rule_as_models() -> None:
         record = _step(output=output)
         fields = {name: getattr(record, name) for name in StepRecorded.model_fields}
         assert storable_fields(fields) == storable(record)[1]
+
+
+def test_usage_built_without_validation_is_a_normal_usage() -> None:
+    """Usage.of (the hot path's constructor) gives what validation gives: equal, same JSON, copyable."""
+    fast = Usage.of(1, 2, 3, 1)
+    slow = Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3, calls=1)
+    assert fast == slow
+    assert fast.model_dump_json() == slow.model_dump_json()
+    assert fast.model_fields_set == slow.model_fields_set
+    assert fast.model_copy(update={"calls": 2}).calls == 2
+    assert (fast + slow).total_tokens == 6

@@ -118,13 +118,8 @@ class _DemoSession(BaseSession):
             output = f"[turn {self.turns}] {text}"
         out_text = output if isinstance(output, str) else to_text(output)
         prompt_tokens, completion_tokens = _tokens(text), _tokens(out_text)
-        # model_construct: the counts are small non-negative ints by construction (no validation needed).
-        usage = Usage.model_construct(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-            calls=1,
-        )
+        # The counts are small non-negative ints by construction: no validation needed.
+        usage = Usage.of(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, 1)
         return StepOutcome(output=output, usage=usage, events=events)
 
     def _execute(self, task: str, metadata: Mapping[str, Any]) -> tuple[str, list[dict[str, JsonValue]]]:

@@ -27,11 +27,12 @@ _HEAD_AND_TAIL_BYTES: Final = 64
 
 
 class _Buffer:
-    __slots__ = ("bytes", "futures", "parts")
+    __slots__ = ("bytes", "confirmed", "parts")
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
-        self.futures: list[asyncio.Future[None]] = []
+        # One future per envelope, shared by its records: they are confirmed (or not) together.
+        self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.bytes = 0
 
 
@@ -67,16 +68,17 @@ class TelemetryBatcher(Resource):
 
     def send(self, kind: str, part: bytes) -> asyncio.Future[None]:
         """Queue one encoded record (``schemas.storable`` made it, so it is at most ``MAX_RECORD_BYTES``);
-        the future resolves once the broker confirmed it (or fails with why not).
+        the future (its envelope's, shared by the records in it) resolves once the broker confirmed the
+        envelope, or fails with why not.
 
         An envelope never grows past ``MAX_MESSAGE_BYTES``: a record that would push it over goes into the
         next one, so no record is ever refused downstream for sharing a message with others."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._closed:
-            future.set_exception(RuntimeError("the telemetry batcher is closed"))
-            return future
-        if len(part) > limits.MAX_RECORD_BYTES:
-            future.set_exception(ValueError(f"a {len(part)}-byte record is over the record limit"))
+        if self._closed or len(part) > limits.MAX_RECORD_BYTES:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if self._closed:
+                future.set_exception(RuntimeError("the telemetry batcher is closed"))
+            else:
+                future.set_exception(ValueError(f"a {len(part)}-byte record is over the record limit"))
             return future
         buffer = self._buffers.get(kind)
         if buffer is not None and buffer.bytes + len(part) + _HEAD_AND_TAIL_BYTES > limits.MAX_MESSAGE_BYTES:
@@ -85,13 +87,12 @@ class TelemetryBatcher(Resource):
         if buffer is None:
             buffer = self._buffers[kind] = _Buffer()
         buffer.parts.append(part)
-        buffer.futures.append(future)
         buffer.bytes += len(part) + 1
         if len(buffer.parts) >= self._max_records or buffer.bytes >= self._max_bytes:
             self._flush(kind)
         else:
             self._wake.set()
-        return future
+        return buffer.confirmed
 
     async def _run(self) -> None:
         while True:
@@ -107,33 +108,38 @@ class TelemetryBatcher(Resource):
         if buffer is None or not buffer.parts:
             return
         body = (_HEAD % (SCHEMA_VERSION, kind.encode())) + b",".join(buffer.parts) + b"]}"
-        task = asyncio.create_task(self._publish(kind, body, buffer.futures))
+        task = asyncio.create_task(self._publish(kind, body, len(buffer.parts), buffer.confirmed))
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
-    async def _publish(self, kind: str, body: bytes, futures: list[asyncio.Future[None]]) -> None:
+    async def _publish(self, kind: str, body: bytes, records: int, confirmed: asyncio.Future[None]) -> None:
         message = aio_pika.Message(
             body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, content_type="application/json"
         )
         error: BaseException | None = None
+        cancelled = False
         try:
             await publish_confirmed(self._exchange, message, kind)
         except PublishNotConfirmed as exc:
             error = exc
-        except asyncio.CancelledError as exc:
-            error = exc
-        for future in futures:
-            if future.done():
-                continue
+        except asyncio.CancelledError:
+            # Stopped before the broker answered: the records are unconfirmed, which their tasks must hear
+            # as an error (never as their own cancellation); the cancellation itself goes on below.
+            error = PublishNotConfirmed("the telemetry batcher stopped before the broker confirmed")
+            cancelled = True
+        if not confirmed.done():
             if error is None:
-                future.set_result(None)
+                confirmed.set_result(None)
             else:
-                future.set_exception(error)
+                confirmed.set_exception(error)
+                confirmed.exception()  # retrieved here: a caller that stopped waiting must not log it
         if error is None:
             self.batches_sent += 1
-            self.records_sent += len(futures)
+            self.records_sent += records
         else:
-            log.warning("telemetry.batch_not_confirmed", kind=kind, records=len(futures), error=repr(error))
+            log.warning("telemetry.batch_not_confirmed", kind=kind, records=records, error=repr(error))
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def close(self) -> None:
         """Send what is queued, wait for those confirms, stop. Safe to call twice."""

@@ -149,16 +149,16 @@ class TelemetryPublisher:
             return
         try:
             async with asyncio.timeout(_CONFIRM_TIMEOUT_S):
-                results = await asyncio.gather(*pending, return_exceptions=True)
+                # Records share their envelope's future: each distinct one is awaited once.
+                for confirmed in dict.fromkeys(pending):
+                    await confirmed
         except TimeoutError:
             raise TelemetryError(f"no telemetry confirm within {_CONFIRM_TIMEOUT_S:g}s") from None
-        for result in results:
-            if isinstance(result, BaseException):
-                raise TelemetryError(f"telemetry not confirmed by the broker: {result!r}") from result
+        except Exception as exc:  # the broker's answer, whatever it is: this task must not be acked
+            raise TelemetryError(f"telemetry not confirmed by the broker: {exc!r}") from exc
 
     def cancel(self) -> None:
-        for fut in self._pending:
-            fut.cancel()
+        """Stop waiting for what was sent (the futures are their envelopes', shared: never cancelled)."""
         self._pending = []
 
 
