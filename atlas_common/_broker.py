@@ -52,9 +52,14 @@ class BrokerConnection(Resource):
         """Connect (a no-op when already open, so ``open()`` then ``async with`` is one connection)."""
         if self._connection is not None:
             return
-        self._connection = await aio_pika.connect(
-            self._url, timeout=self._timeout, client_properties={"connection_name": self._name}
-        )
+        try:
+            self._connection = await aio_pika.connect(
+                self._url, timeout=self._timeout, client_properties={"connection_name": self._name}
+            )
+        except StopAsyncIteration:
+            # aiormq's way of saying the peer closed the socket in the middle of the handshake (a broker
+            # going down, a load balancer with no backend): a connection failure like any other.
+            raise ConnectionError("the broker closed the connection during the handshake") from None
         self._connection.close_callbacks.add(self._on_close)
 
     async def channel(

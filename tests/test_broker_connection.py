@@ -35,3 +35,23 @@ async def test_lost_is_set_when_a_channel_dies_but_not_on_close(amqp_url: str) -
     async with quiet:
         await quiet.channel()
     assert not quiet.lost.is_set()
+
+
+async def test_a_peer_that_closes_during_the_handshake_is_a_connection_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiormq raises StopAsyncIteration when the socket reaches EOF before the first frame (seen through a
+    proxy whose backend went away: it ended a worker's reconnect loop). open() turns it into a
+    ConnectionError, one of the broker errors every service retries."""
+    import aio_pika
+
+    from atlas_common import BROKER_ERRORS
+
+    async def eof_before_the_first_frame(*args: object, **kwargs: object) -> object:
+        raise StopAsyncIteration
+
+    monkeypatch.setattr(aio_pika, "connect", eof_before_the_first_frame)
+    connection = BrokerConnection("amqp://guest:guest@127.0.0.1:5672/")
+    with pytest.raises(BROKER_ERRORS, match="closed the connection during the handshake"):
+        await connection.open()
+    await connection.close()
