@@ -180,3 +180,76 @@ async def test_a_run_taken_over_stands_down() -> None:
     close = batcher.records[-1]
     assert (close.status, close.reason) == ("abandoned", "another run of this task took it over")
     assert [r.kind for r in batcher.records].count("session.closed") == 1
+
+
+class _FailingFlushBatcher(_Batcher):
+    """Confirms nothing: every envelope fails, as when the broker connection drops mid-task."""
+
+    def send(self, kind: str, body: bytes) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_exception(PublishNotConfirmed("channel closed"))
+        return future
+
+
+async def test_a_run_without_a_verdict_hands_its_claim_back() -> None:
+    """Telemetry not confirmed (the delivery goes back to the queue): the claim is released, so no
+    heartbeat keeps it looking alive while another worker gets the redelivery."""
+    from worker.runtime._telemetry import TelemetryError
+
+    ledger = _Ledger()
+    with pytest.raises(TelemetryError):
+        await _run(_Quick, ledger, _FailingFlushBatcher()).run()
+    assert ledger.calls == ["claim", "release"]
+
+
+class _SlowSucceedLedger(_Ledger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.recording = asyncio.Event()
+
+    async def succeed(self, task_id: str, token: str, adapter_session_id: str, close: bytes) -> bool:
+        self.calls.append("succeed")
+        self.recording.set()
+        await asyncio.sleep(10)
+        return True
+
+
+async def test_a_run_cancelled_while_recording_success_hands_its_claim_back() -> None:
+    """Cancelled after the session, while the ledger records success (shutdown, lost broker): released too
+    (before, only a cancellation inside the session was)."""
+    ledger = _SlowSucceedLedger()
+    run = asyncio.ensure_future(_run(_Quick, ledger, _Batcher()).run())
+    await ledger.recording.wait()
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert ledger.calls == ["claim", "succeed", "release"]
+
+
+class _HeldLedger(_Ledger):
+    """Another run holds the task for ``busy_for`` claims, then it has succeeded."""
+
+    def __init__(self, busy_for: int) -> None:
+        super().__init__()
+        self.busy_for = busy_for
+
+    async def claim(self, task_id: str, token: str | None = None) -> Claim:
+        self.calls.append("claim")
+        if self.busy_for > 0:
+            self.busy_for -= 1
+            return Claim("busy", token or "tok", holder="other", heartbeat_at=None)
+        return Claim("done", token or "tok", close_message=None)
+
+
+async def test_a_redelivery_never_counts_as_a_duplicate_of_a_live_holder() -> None:
+    """A redelivered copy that finds the task held waits (the holder may be the run that just lost this very
+    delivery) until the holder is done, and only then is a duplicate; a fresh copy is one at once."""
+    registry = AdapterRegistry(adapters={"a": PythonAdapter(_Quick, name="a")}, default="a")
+    body = encode(TaskMessage(task_id="t1", task="x"))
+    for redelivered, expected_claims in ((False, 1), (True, 4)):
+        ledger = _HeldLedger(busy_for=3)
+        services = Services(WorkerSettings(), registry, ledger, _Batcher(), WorkerMetrics())  # type: ignore[arg-type]
+        message = _Message(body, redelivered=redelivered)
+        outcome = await TaskRun(message, services).run()  # type: ignore[arg-type]
+        assert outcome == Ack(duplicate=True)
+        assert ledger.calls.count("claim") == expected_claims

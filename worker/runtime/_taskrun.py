@@ -95,6 +95,13 @@ class TaskRun:
             )
             try:
                 return await self._session(task, Student(adapter), publisher, claim)
+            except BaseException:
+                # No verdict (cancelled, the broker or the ledger failed, a bug): the delivery goes back to
+                # the queue, so the claim must not stay alive. Its heartbeat stops and it is handed back
+                # at once, so the redelivery runs the task instead of waiting on, or deferring to, a run
+                # that no longer holds a delivery.
+                await self._release(task, claim)
+                raise
             finally:
                 self._services.metrics.observe_session(publisher)
 
@@ -114,7 +121,7 @@ class TaskRun:
             publisher.close_instead("failed", f"timed out after {timeout_s:g}s")
             return await self._failed(task, publisher, claim, "task timed out")
         except asyncio.CancelledError:
-            await self._abandon(task, publisher, claim)
+            await self._abandon(publisher)
             raise
         except _INFRA:  # the broker or the ledger, not the session: the runtime hands the task back
             raise
@@ -139,24 +146,28 @@ class TaskRun:
         return Ack()
 
     async def _claim(self, task_id: str) -> Claim:
-        """Claim the task. A *redelivery* that finds a live-looking holder cannot tell yet whether that holder
-        died a moment ago (its delivery is this one: the claim goes stale and this run takes over) or is alive
-        (this is a second copy: the holder's heartbeat moves on, and this copy is a duplicate). It waits to
-        see which, at most one stale window; a fresh duplicate is dropped at once, since the live holder's
-        own delivery stays unacked until it finishes."""
+        """Claim the task. A *fresh* copy that finds a live holder is a duplicate, dropped at once: a live
+        claim always has its delivery unacked (a run hands its claim back before its delivery goes back to
+        the queue), so the task is not lost. A *redelivery* that finds a live holder may be the holder's own
+        delivery, requeued by the broker a moment before the holder noticed it lost its connection: it never
+        counts as a duplicate, it waits until the holder is done (succeeded: a duplicate then; failed or
+        released: it runs) or goes stale (it takes over), and hands the task back if neither happens."""
         ledger, settings = self._services.ledger, self._services.settings
         claim = await ledger.claim(task_id)
         if claim.outcome != "busy" or not self._message.redelivered:
             return claim
-        first_seen = claim.heartbeat_at
+        log.info(
+            "task.redelivery_waits_for_holder", holder=claim.holder, heartbeat_at=str(claim.heartbeat_at)
+        )
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.ledger_stale_after_s + 2 * ledger.heartbeat_s
-        while claim.outcome == "busy" and claim.heartbeat_at == first_seen:
-            if loop.time() > deadline:
-                raise LedgerUnavailable("a redelivered task's holder neither heartbeats nor goes stale")
+        deadline = loop.time() + settings.task_timeout_s + settings.ledger_stale_after_s
+        token = claim.token
+        while loop.time() <= deadline:
             await asyncio.sleep(ledger.heartbeat_s)
-            claim = await ledger.claim(task_id, claim.token)
-        return claim
+            claim = await ledger.claim(task_id, token)
+            if claim.outcome != "busy":
+                return claim
+        raise LedgerUnavailable("a redelivered task's holder is still running it")
 
     async def _failed(
         self, task: TaskMessage, publisher: TelemetryPublisher, claim: Claim, reason: str
@@ -183,15 +194,21 @@ class TaskRun:
         log.warning("task.taken_over")
         return Ack(duplicate=True)
 
-    async def _abandon(self, task: TaskMessage, publisher: TelemetryPublisher, claim: Claim) -> None:
-        """Cancelled (shutdown past its grace, lost broker): report the session abandoned and release the
-        claim so the redelivery runs at once; both best effort, within a deadline."""
+    async def _abandon(self, publisher: TelemetryPublisher) -> None:
+        """Cancelled (shutdown past its grace, lost broker): report the session abandoned, best effort,
+        within a deadline (the claim is released by ``run``)."""
         with contextlib.suppress(*_CLEANUP_ERRORS):
             async with asyncio.timeout(CLEANUP_TIMEOUT_S):
                 if publisher.close_instead("abandoned", "worker stopped before the task finished"):
                     publisher.publish_close()
                     await publisher.flush()
         publisher.cancel()
+
+    async def _release(self, task: TaskMessage, claim: Claim) -> None:
+        """Hand the claim back: its heartbeat stops at once; the ledger row is marked released if the
+        database answers within the deadline (else the row goes stale, which has the same effect later)."""
         with contextlib.suppress(*_CLEANUP_ERRORS):
             async with asyncio.timeout(CLEANUP_TIMEOUT_S):
-                await self._services.ledger.release(task.task_id, claim.token, "worker stopped")
+                await self._services.ledger.release(
+                    task.task_id, claim.token, "the run ended without a verdict"
+                )
