@@ -61,5 +61,5 @@ class EventShape(TypedDict):
 
 
 Event = Annotated[JsonObject, GetPydanticSchema(lambda _source, handler: handler(EventShape))]
-"""One adapter event: any JSON object with a non-empty string ``type`` (``tool_call``, ``sql``, ...). Typed as a
-plain ``dict[str, Any]`` for adapter authors; validated as the shape above."""
+"""One adapter event: any JSON object with a non-empty string ``type`` (``tool_call``, ``sql``, ...).
+Typed as a plain ``dict[str, Any]`` for adapter authors; validated as the shape above."""
