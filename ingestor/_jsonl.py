@@ -10,7 +10,8 @@ Protocol
    lock (task advisory locks + upsert). In the same transaction it bumps that file's ``jsonl_files`` row
    with ``... WHERE state = 'open' AND owner_token = $me``; no row means a recoverer finalized the file:
    the transaction rolls back and is retried with a new file.
-2. *Append.* After commit, the lines of the just-assigned sessions are built from Postgres and appended to
+2. *Append.* After commit, the lines of the just-assigned sessions (built from the rows the batch wrote,
+   or read from Postgres where memory does not hold them all: ``_linecache``) are appended to
    ``.<name>.tmp`` (one gzip member / zstd frame per append), flushed and fsynced, before the batch is
    acked. A failed append is cut back to the last fsynced size and retried.
 3. *Roll* (size or age). In one transaction: lock the file row FOR UPDATE; if it is still open, rename the
@@ -53,8 +54,10 @@ import structlog
 
 from ingestor import _files, _sql
 from ingestor._errors import JsonlWriteError
+from ingestor._linecache import Assigned
 from ingestor._settings import IngestorSettings
-from ingestor._store import FileTarget, Store, fetch_lines
+from ingestor._store import Store, fetch_lines
+from ingestor._write import FileTarget
 
 _log = structlog.get_logger("ingestor.jsonl")
 
@@ -100,8 +103,9 @@ class _OpenFile:
     assigned: int = 0
     """Sessions committed to this file (so its jsonl_files row exists once this is > 0)."""
     first_assigned: float | None = None
-    pending: list[int] = field(default_factory=list)
-    """Sessions committed to this file whose lines are not appended yet."""
+    pending: list[Assigned] = field(default_factory=list)
+    """Sessions committed to this file whose lines are not appended yet (with the line when memory
+    held it; the others are read from Postgres)."""
     trusted: bool = True
 
 
@@ -134,13 +138,13 @@ class RollingJsonl:
             self._current = _OpenFile(name, owner_token, _files.tmp_path(self._dir, name))
         return FileTarget(self._current.name, self._current.owner_token)
 
-    def note_assigned(self, target: FileTarget, ids: list[int]) -> None:
-        """Record a commit that assigned ``ids`` to ``target`` (dropped if that file was abandoned)."""
+    def note_assigned(self, target: FileTarget, assigned: list[Assigned]) -> None:
+        """Record a commit that assigned sessions to ``target`` (dropped if that file was abandoned)."""
         current = self._current
-        if not ids or current is None or current.name != target.name:
+        if not assigned or current is None or current.name != target.name:
             return
-        current.assigned += len(ids)
-        current.pending.extend(ids)
+        current.assigned += len(assigned)
+        current.pending.extend(assigned)
         if current.first_assigned is None:
             current.first_assigned = self._clock()
 
@@ -159,18 +163,20 @@ class RollingJsonl:
         current = self._current
         if current is None or not current.pending:
             return
-        lines = await self._store.lines(current.pending)
-        data = _files.compress(b"".join(lines), _files.compression_of(current.name))
+        missing = [session_id for session_id, line in current.pending if line is None]
+        read = await self._store.lines(missing) if missing else {}
+        lines = [line if line is not None else read.get(session_id) for session_id, line in current.pending]
+        data = _files.compress(
+            b"".join(x for x in lines if x is not None), _files.compression_of(current.name)
+        )
         try:
             current.size = await asyncio.to_thread(_files.append_at, current.tmp, current.size, data)
         except OSError as err:
             raise JsonlWriteError(f"cannot append to {current.tmp}: {err}") from err
-        if len(lines) != len(current.pending):
+        if len(read) != len(missing):
             # Cannot happen (assigned rows are never deleted by the ingestor); if it does, do not trust
             # the tmp: the roll regenerates the file from Postgres instead.
-            _log.error(
-                "jsonl.missing_lines", file=current.name, expected=len(current.pending), got=len(lines)
-            )
+            _log.error("jsonl.missing_lines", file=current.name, expected=len(missing), got=len(read))
             current.trusted = False
         current.pending.clear()
 

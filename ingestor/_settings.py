@@ -51,6 +51,10 @@ class IngestorSettings(BrokerSettings):
     """Unacked delivery bytes to aim for: the prefetch count adapts to the average message size, so a
     backlog of large envelopes cannot fill memory (the count never exceeds ``prefetch``)."""
 
+    line_cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    """Step rows kept in memory (about this many bytes) until their session completes, so its JSONL line is
+    built without reading the session back from Postgres; 0 reads every line back."""
+
     jsonl_dir: Path = Path("var/jsonl")
     jsonl_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     jsonl_max_age_s: float = Field(default=300.0, gt=0)

@@ -15,17 +15,18 @@ import structlog
 
 from atlas_common import Resource, redact_url
 from ingestor import _sql
-from ingestor._batch import MergedBatch, Problem, RecordKey, SessionChange, key_of, task_lock_key
+from ingestor._batch import MergedBatch, Problem, RecordKey, key_of, task_lock_key
 from ingestor._errors import (
     DatabaseUnavailable,
-    FileSuperseded,
     IngestorError,
     MessageRejected,
     RecordsRejected,
 )
+from ingestor._linecache import Assigned, LineCache
 from ingestor._lines import build_line
-from ingestor._rows import SessionRow, apply_change, needs_update, step_row, unstorable
+from ingestor._rows import unstorable
 from ingestor._settings import IngestorSettings
+from ingestor._write import FileTarget, assign, write_batch
 
 _log = structlog.get_logger("ingestor.store")
 
@@ -88,10 +89,6 @@ def _dumps(value: object) -> str:
     return orjson.dumps(value).decode()
 
 
-def _dumps_or_none(value: object) -> str | None:
-    return None if value is None else _dumps(value)
-
-
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for name in ("jsonb", "json"):
         await conn.set_type_codec(name, encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
@@ -108,154 +105,24 @@ async def connect(settings: IngestorSettings) -> asyncpg.Connection:
     return conn
 
 
-@dataclass(frozen=True, slots=True)
-class FileTarget:
-    """The open file a batch assigns its completed sessions to."""
-
-    name: str
-    owner_token: str
-
-
-def _session_columns(rows: Sequence[SessionRow]) -> list[list[Any]]:
-    return [
-        [r.adapter_session_id for r in rows],
-        [r.task_id for r in rows],
-        [r.task for r in rows],
-        [r.status for r in rows],
-        [_dumps(r.metadata) for r in rows],
-        [r.final_answer for r in rows],
-        [r.created_at for r in rows],
-        [r.completed_at for r in rows],
-        [_dumps_or_none(r.adapter_usage) for r in rows],
-        [_dumps_or_none(r.adapter_events) for r in rows],
-        [r.attempt for r in rows],
-        [r.steps_expected for r in rows],
-    ]
-
-
-def _row_from_record(rec: Record) -> SessionRow:
-    return SessionRow(
-        adapter_session_id=rec["adapter_session_id"],
-        task_id=rec["task_id"],
-        task=rec["task"],
-        status=rec["status"],
-        metadata=rec["metadata"] or {},
-        final_answer=rec["final_answer"],
-        created_at=rec["created_at"],
-        completed_at=rec["completed_at"],
-        adapter_usage=rec["adapter_usage"],
-        adapter_events=rec["adapter_events"],
-        attempt=rec["attempt"],
-        steps_expected=rec["steps_expected"],
-    )
-
-
-def _misfits(returned: Sequence[Record], changes: dict[str, SessionChange]) -> dict[RecordKey, Problem]:
-    """Records of the batch that do not fit what the database already holds for their session: another
-    task's session, a second close, a step after the close."""
-    problems: dict[RecordKey, Problem] = {}
-    for rec in returned:
-        change = changes[rec["adapter_session_id"]]
-        if rec["task_id"] != change.task_id:
-            reason = f"task_id {change.task_id!r} does not match its session's task_id {rec['task_id']!r}"
-            problems.update(dict.fromkeys(change.keys(), Problem("inconsistent", reason)))
-            continue
-        if rec["inserted"] or rec["steps_expected"] is None:
-            continue  # not closed before this batch (a close in the batch was checked by merge_batch)
-        closed_at_seq = rec["steps_expected"] + 1
-        if change.closed is not None and change.closed.seq != closed_at_seq:
-            reason = f"a second close (seq {change.closed.seq}) for a session closed at seq {closed_at_seq}"
-            problems[key_of(change.closed)] = Problem("inconsistent", reason)
-        for seq in change.step_seqs:
-            if seq >= closed_at_seq:
-                reason = f"step seq {seq} is not before its session's close (seq {closed_at_seq})"
-                problems[(change.adapter_session_id, seq, change.task_id)] = Problem("inconsistent", reason)
-    return problems
-
-
-async def write_batch(
-    conn: asyncpg.Connection, batch: MergedBatch, target: FileTarget, ingestor_id: str
-) -> list[int]:
-    """The batch transaction's body (the caller holds the transaction); returns the session ids it assigned
-    to ``target``. Raises FileSuperseded when ``target`` was finalized by someone else meanwhile, and
-    RecordsRejected naming the records that do not fit their stored session (nothing is written then)."""
-    await conn.execute(_sql.LOCK_TASKS, sorted({task_lock_key(t) for t in batch.task_ids}))
-    fresh = [apply_change(None, change) for change in batch.sessions]
-    returned = await conn.fetch(_sql.UPSERT_SESSIONS, *_session_columns(fresh))
-    changes = {c.adapter_session_id: c for c in batch.sessions}
-    misfits = _misfits(returned, changes)
-    if misfits:
-        raise RecordsRejected(misfits)
-    ids: dict[str, int] = {r["adapter_session_id"]: r["id"] for r in returned}
-    inserted = {r["adapter_session_id"] for r in returned if r["inserted"]}
-    to_merge = [
-        ids[c.adapter_session_id]
-        for c in batch.sessions
-        if c.adapter_session_id not in inserted and (c.opened is not None or c.closed is not None)
-    ]
-    if to_merge:
-        updates: list[tuple[int, SessionRow]] = []
-        for rec in await conn.fetch(_sql.SELECT_SESSIONS, to_merge):
-            row = _row_from_record(rec)
-            change = changes[row.adapter_session_id]
-            if needs_update(row, change):
-                updates.append((rec["id"], apply_change(row, change)))
-        if updates:
-            cols = _session_columns([row for _, row in updates])
-            await conn.execute(_sql.UPDATE_SESSIONS, [i for i, _ in updates], *cols[2:])
-    plans = [
-        (ids[c.adapter_session_id], c.closed.plan)
-        for c in batch.sessions
-        if c.closed is not None and c.closed.plan is not None
-    ]
-    if plans:
-        await conn.execute(_sql.INSERT_PLANS, [p[0] for p in plans], [_dumps(p[1]) for p in plans])
-    if batch.steps:
-        steps = [step_row(s) for s in batch.steps]
-        await conn.execute(
-            _sql.INSERT_STEPS,
-            [ids[s.adapter_session_id] for s in steps],
-            [s.step_id for s in steps],
-            [s.trace for s in steps],
-            [s.output for s in steps],
-            [s.attempts for s in steps],
-            [_dumps(s.metadata) for s in steps],
-            [s.adapter_session_id for s in steps],
-            [_dumps(s.adapter_usage) for s in steps],
-            [_dumps(s.adapter_events) for s in steps],
-        )
-    for rec in await conn.fetch(_sql.ABANDON, batch.task_ids):
-        _log.info(
-            "session.abandoned", adapter_session_id=rec["adapter_session_id"], superseded_by=rec["attempt"]
-        )
-    return await assign(conn, list(ids.values()), target, ingestor_id)
-
-
-async def assign(conn: asyncpg.Connection, ids: list[int], target: FileTarget, ingestor_id: str) -> list[int]:
-    """Assign the complete, unassigned sessions among ``ids`` (locked by the caller) to ``target``."""
-    assigned = await conn.fetch(_sql.ASSIGN, ids, target.name)
-    if not assigned:
-        return []
-    await conn.execute(_sql.FILE_CREATE, target.name, ingestor_id, target.owner_token)
-    count = await conn.fetchval(_sql.FILE_COUNT, target.name, len(assigned), target.owner_token)
-    if count is None:
-        raise FileSuperseded(f"{target.name} is no longer open for this ingestor")
-    for rec in assigned:
-        _log.debug("session.assigned", adapter_session_id=rec["adapter_session_id"], file=target.name)
-    return [rec["id"] for rec in assigned]
-
-
-async def fetch_lines(conn: asyncpg.Connection, ids: Sequence[int]) -> list[bytes]:
-    """The JSONL lines of sessions ``ids``, built from Postgres (the one path every line takes)."""
-    lines: list[bytes] = []
+async def fetch_line_map(conn: asyncpg.Connection, ids: Sequence[int]) -> dict[int, bytes]:
+    """The JSONL lines of sessions ``ids`` built from Postgres, by session id (a missing id: no such row)."""
+    lines: dict[int, bytes] = {}
     for start in range(0, len(ids), _ID_CHUNK):
         chunk = list(ids[start : start + _ID_CHUNK])
         sessions = await conn.fetch(_sql.LINE_SESSIONS, chunk)
         steps: dict[int, list[Record]] = {}
         for rec in await conn.fetch(_sql.LINE_STEPS, chunk):
             steps.setdefault(rec["session_id"], []).append(rec)
-        lines.extend(build_line(s, steps.get(s["id"], [])) for s in sessions)
+        for s in sessions:
+            lines[s["id"]] = build_line(s, steps.get(s["id"], []))
     return lines
+
+
+async def fetch_lines(conn: asyncpg.Connection, ids: Sequence[int]) -> list[bytes]:
+    """The JSONL lines of sessions ``ids`` (in id order per chunk of ids), built from Postgres: what
+    recovery and ``export`` write."""
+    return list((await fetch_line_map(conn, ids)).values())
 
 
 class Store(Resource):
@@ -264,6 +131,7 @@ class Store(Resource):
     def __init__(self, settings: IngestorSettings) -> None:
         self._settings = settings
         self._pool: asyncpg.Pool | None = None
+        self._lines = LineCache(settings.line_cache_max_bytes)
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -307,12 +175,13 @@ class Store(Resource):
             found = await conn.fetchval(_sql.SCHEMA_CHECK)
         return int(found) == _sql.SCHEMA_CHECK_EXPECTED
 
-    async def write(self, batch: MergedBatch, target: FileTarget) -> list[int]:
-        """One batch transaction. A batch that fails on its data raises RecordsRejected naming the records
-        at fault when they can be told (MessageRejected otherwise: the caller bisects)."""
+    async def write(self, batch: MergedBatch, target: FileTarget) -> list[Assigned]:
+        """One batch transaction; returns the sessions it assigned to ``target``, with their lines where
+        memory holds them (:class:`LineCache`). A batch that fails on its data raises RecordsRejected naming
+        the records at fault when they can be told (MessageRejected otherwise: the caller bisects)."""
         try:
             async with self.transaction() as conn:
-                return await write_batch(conn, batch, target, self._settings.ingestor_id)
+                written = await write_batch(conn, batch, target, self._settings.ingestor_id)
         except MessageRejected as err:
             culprits = _unstorable_records(batch)
             if culprits:
@@ -323,6 +192,7 @@ class Store(Resource):
             if culprits:
                 raise RecordsRejected(culprits) from err
             raise MessageRejected(f"cannot build rows: {err}") from err
+        return self._lines.committed(written)  # only now: what a rolled-back attempt wrote is not kept
 
     async def owners(self, adapter_session_ids: Iterable[str]) -> dict[str, str]:
         """The stored task of each of these sessions that the database holds."""
@@ -373,9 +243,10 @@ class Store(Resource):
             )
         return int(found)
 
-    async def lines(self, ids: Sequence[int]) -> list[bytes]:
+    async def lines(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """The lines of sessions ``ids`` read from Postgres, by session id."""
         async with self.connection() as conn:
-            return await fetch_lines(conn, ids)
+            return await fetch_line_map(conn, ids)
 
     async def sweep_abandoned(self, limit: int = 1000) -> int:
         """Apply the abandonment rule to every task that needs it (normally already done per batch)."""
@@ -394,7 +265,7 @@ class Store(Resource):
             )
         return len(rows)
 
-    async def sweep_unassigned(self, target: FileTarget, limit: int = 1000) -> list[int]:
+    async def sweep_unassigned(self, target: FileTarget, limit: int = 1000) -> list[Assigned]:
         """Assign complete sessions no file holds (there should be none: the batch assigns them)."""
         async with self.connection() as conn:
             found = await conn.fetch(_sql.UNASSIGNED_COMPLETE, limit)
@@ -405,7 +276,7 @@ class Store(Resource):
             ids = await assign(conn, [r["id"] for r in found], target, self._settings.ingestor_id)
         if ids:
             _log.warning("sweep.assigned_unexported_sessions", count=len(ids), file=target.name)
-        return ids
+        return [(i, None) for i in ids]
 
     def describe(self) -> str:
         return redact_url(self._settings.database_url)

@@ -18,7 +18,8 @@ import orjson
 from atlas_common import Topology, configure_logging
 from ingestor import Ingestor, IngestorSettings, read_lines
 from ingestor._batch import merge_batch
-from ingestor._store import FileTarget, Store
+from ingestor._store import Store
+from ingestor._write import FileTarget
 from migrations import apply_migrations
 from tests._ingest_gen import Generated
 

@@ -23,7 +23,8 @@ from ingestor._files import Compression
 from ingestor._health import Hold
 from ingestor._liveness import Liveness, lock_key
 from ingestor._recovery import Recoverer
-from ingestor._store import FileTarget, Store
+from ingestor._store import Store
+from ingestor._write import FileTarget
 from tests._ingest_env import (
     exported_counts,
     fresh_settings,

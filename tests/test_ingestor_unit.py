@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import asyncpg
 import orjson
@@ -30,8 +30,10 @@ from ingestor._files import (
     should_roll,
     tmp_path,
 )
-from ingestor._rows import apply_change, output_text, step_row
+from ingestor._linecache import LineCache
+from ingestor._rows import StepRow, apply_change, fresh_row, output_text, step_row
 from ingestor._store import classify
+from ingestor._write import Written
 from schemas import TelemetryMessage
 from tests._ingest_gen import generate
 
@@ -92,6 +94,25 @@ def test_session_row_is_order_independent() -> None:
     assert row["metadata"]["adapter_session"]["usage"] == source.closed.totals.model_dump()
 
 
+def test_fresh_row_is_the_general_merge_of_a_new_session() -> None:
+    """fresh_row (the fast path for sessions new to the database) equals apply_change(None, change) for
+    every split of every session's records, retries and limits included."""
+    gen = generate(12, seed=11, retry_share=0.5)
+    checked = 0
+    for source in gen.sessions:
+        messages = list(source.messages)
+        for cut in range(len(messages) + 1):
+            for part in (messages[:cut], messages[cut:]):
+                for change in merge_batch(part).sessions:
+                    assert fresh_row(change) == apply_change(None, change)
+                    checked += 1
+    limited = gen.sessions[0].opened.model_copy(update={"limits": {"task": {"chars": 9}}})
+    change = merge_batch([limited]).sessions[0]
+    assert fresh_row(change) == apply_change(None, change)
+    assert fresh_row(change).metadata["limits"] == {"task": {"chars": 9}}
+    assert checked > 100
+
+
 def _as_dict(value: object) -> object:
     return {k: getattr(value, k) for k in value.__slots__}  # type: ignore[attr-defined]
 
@@ -100,9 +121,11 @@ def test_step_row_output_and_metadata() -> None:
     """Step output is text (JSON for non-strings, NULL for None) and metadata carries phase, seq, timings."""
     step = generate(1, seed=4, retry_share=0).sessions[0].steps[0]
     row = step_row(step)
-    assert row.metadata["phase"] == "plan"
-    assert row.metadata["seq"] == 1
-    assert row.metadata["duration_ms"] == round((step.finished_at - step.started_at).total_seconds() * 1000)
+    assert row["metadata"]["phase"] == "plan"
+    assert row["metadata"]["seq"] == 1
+    elapsed = step.finished_at - step.started_at
+    assert row["metadata"]["duration_ms"] == round(elapsed.total_seconds() * 1000)
+    assert row["adapter_usage"] == step.usage.model_dump(mode="json")
     assert output_text("x") == "x"
     assert output_text(None) is None
     assert output_text({"a": [1]}) == '{"a":[1]}'
@@ -216,9 +239,8 @@ def _step(step_id: int, phase: str) -> dict[str, object]:
     }
 
 
-def test_line_from_rows() -> None:
-    """A line has the Atlas session shape (execute steps, phases, ISO times, adapter fields); stable."""
-    session: dict[str, Any] = {
+def _session_row() -> dict[str, Any]:
+    return {
         "id": 42,
         "adapter_session_id": "as-1",
         "task": "t",
@@ -235,6 +257,11 @@ def test_line_from_rows() -> None:
         "adapter_events": None,
         "plan": {"steps": [{"id": 1}, {"id": 2}]},
     }
+
+
+def test_line_from_rows() -> None:
+    """A line has the Atlas session shape (execute steps, phases, ISO times, adapter fields); stable."""
+    session = _session_row()
     steps = [_step(3, "synthesize"), _step(2, "execute"), _step(0, "plan"), _step(1, "execute")]
     line = build_line(session, steps)
     assert line.endswith(b"\n")
@@ -255,6 +282,37 @@ def test_line_from_rows() -> None:
     assert record["adapter_session_id"] == "as-1"
     assert record["adapter_usage"] == {"calls": 4}
     assert session["metadata"]["adapter_session"] == {"adapter_session_id": "as-1"}  # input untouched
+
+
+def _steps(*ids: int) -> list[StepRow]:
+    phases = {0: "plan", 3: "synthesize"}
+    return [cast(StepRow, _step(i, phases.get(i, "execute"))) for i in ids]
+
+
+def test_line_cache_builds_a_line_only_from_a_whole_session() -> None:
+    """Steps kept from earlier batches complete a line in memory, equal to the line built from all rows;
+    a session with a step missing, or evicted past the memory bound, is left to Postgres (None)."""
+    session = _session_row()
+    whole = build_line(session, _steps(0, 1, 2, 3))
+    cache = LineCache(max_bytes=1 << 20)
+    assert cache.committed(Written(steps={42: _steps(0, 1), 43: _steps(0)})) == []
+    assert len(cache) == 2
+    done = Written(assigned=[42], rows={42: session}, steps_expected={42: 4}, steps={42: _steps(2, 3)})
+    assert cache.committed(done) == [(42, whole)]
+    assert len(cache) == 1  # 42's rows are released once its line is built
+
+    partial = LineCache(max_bytes=1 << 20)
+    partial.committed(Written(steps={42: _steps(0, 1)}))
+    gap = Written(assigned=[42], rows={42: session}, steps_expected={42: 4}, steps={42: _steps(3)})
+    assert partial.committed(gap) == [(42, None)]
+    assert partial.size_bytes == 0
+
+    tiny = LineCache(max_bytes=1)  # every step row is evicted after its batch
+    tiny.committed(Written(steps={42: _steps(0, 1)}))
+    assert (len(tiny), tiny.size_bytes) == (0, 0)
+    assert tiny.committed(done) == [(42, None)]
+    not_written_here = Written(assigned=[42], steps_expected={}, steps={42: _steps(0, 1, 2, 3)})
+    assert LineCache(max_bytes=1 << 20).committed(not_written_here) == [(42, None)]
 
 
 def test_error_classification() -> None:
