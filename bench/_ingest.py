@@ -2,11 +2,11 @@
 
 The ingestor queue of a fresh prefix is pre-filled (not timed) with the envelopes of N sessions
 (:mod:`bench._sessions`), then ``python -m ingestor run`` starts with its default settings (batches of
-1,000 records; the prefetch it chose is read from its log) on a fresh migrated database, ``JSONL_DIR`` in a
-temp dir. t0 is the first poll (every 20 ms) where the queue holds fewer messages than published:
-consumption started, so start-up is not timed; t1 is ``max(sessions.stored_at)`` once the queue is empty
-and every session is stored (``export_file`` set: complete in PostgreSQL and assigned to a JSONL file).
-Then SIGTERM, and the finalised JSONL files must hold one line per session.
+1,000 records; the prefetch it chose is read from its log) on a fresh migrated database,
+``INGESTOR_JSONL_DIR`` in a temp dir. t0 is the first poll (every 20 ms) where the queue holds fewer
+messages than published: consumption started, so start-up is not timed; t1 is ``max(sessions.stored_at)``
+once the queue is empty and every session is stored (``export_file`` set: complete in PostgreSQL and
+assigned to a JSONL file). Then SIGTERM, and the finalised JSONL files must hold one line per session.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ async def ingestor_alone(
                         "AMQP_URL": amqp_url,
                         "DATABASE_URL": database_url,
                         "ATLAS_PREFIX": prefix,
-                        "JSONL_DIR": jsonl_dir,
+                        "INGESTOR_JSONL_DIR": jsonl_dir,
                         "LOG_FORMAT": "json",
                     }
                     procs.spawn("ingestor", python_module("ingestor", "run"), env)

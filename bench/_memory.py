@@ -135,7 +135,11 @@ async def ingestor_peak_rss(
                 messages = published.messages
                 async with QueueProbe(amqp_url) as probe:
                     await probe.wait_depth(topology.ingestor_queue, messages, timeout_s=300)
-                    env = {"DATABASE_URL": database_url, "JSONL_DIR": jsonl_dir, **_env(amqp_url, prefix)}
+                    env = {
+                        "DATABASE_URL": database_url,
+                        "INGESTOR_JSONL_DIR": jsonl_dir,
+                        **_env(amqp_url, prefix),
+                    }
                     proc = procs.spawn("ingestor", python_module("ingestor", "run"), env)
                     await wait_consumption(probe, topology.ingestor_queue, messages, procs)
                     samples = await _sample(procs, proc.pid, seconds)

@@ -11,16 +11,18 @@ import dataclasses
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from bench._baselines import CELERY_NAME, DRAMATIQ_NAME, celery_task_leg, dramatiq_task_leg
 from bench._ceilings import QueueType, broker_ceilings, consume_name, copy_ceilings
 from bench._e2e import e2e_name, end_to_end
+from bench._inflight import llm_bound_sessions
 from bench._ingest import SESSIONS_NAME, ingestor_alone
 from bench._memory import ingestor_peak_rss, worker_peak_rss
 from bench._report import Machine, Result, collect_machine, combine_runs, load_average, render
+from bench._steady import steady_open_loop
 from bench._taskleg import atlas_task_leg, taskleg_name
 
 
@@ -51,6 +53,18 @@ class Sizes:
     """The ingestor peak-RSS row's backlog."""
     backlog_seconds: float = 25.0
     """How long the ingestor peak-RSS row consumes the backlog before its SIGTERM."""
+    steady_seconds: float = 60.0
+    """How long the open-loop (steady-state) run publishes."""
+    steady_warmup_s: float = 5.0
+    """The open-loop run's warm-up: left out of its percentiles, CPU and rate window."""
+    steady_fallback_rate: float = 200.0
+    """The open-loop rate (tasks/s) when the run has no 1-worker end-to-end row to take half of."""
+    inflight_concurrency: int = 1000
+    """Sessions in flight in the LLM-bound row (one worker's ``--concurrency``)."""
+    inflight_latency_s: float = 2.0
+    """The LLM-bound row's simulated latency per demo adapter call."""
+    inflight_seconds: float = 60.0
+    """The LLM-bound row's window (after its warm-up)."""
 
     def e2e_n(self, latency_s: float) -> int:
         return self.e2e_latency_tasks if latency_s > 0 else self.e2e_tasks
@@ -72,6 +86,12 @@ SMOKE: Final = Sizes(
     rss_seconds=3.0,
     backlog_records=20_000,
     backlog_seconds=3.0,
+    steady_seconds=4.0,
+    steady_warmup_s=1.0,
+    steady_fallback_rate=100.0,
+    inflight_concurrency=100,
+    inflight_latency_s=0.2,
+    inflight_seconds=3.0,
 )
 FULL: Final = Sizes(
     messages=20_000,
@@ -86,6 +106,12 @@ FULL: Final = Sizes(
     rss_seconds=15.0,
     backlog_records=1_000_000,
     backlog_seconds=25.0,
+    steady_seconds=60.0,
+    steady_warmup_s=5.0,
+    steady_fallback_rate=200.0,
+    inflight_concurrency=1000,
+    inflight_latency_s=2.0,
+    inflight_seconds=60.0,
 )
 
 
@@ -96,6 +122,9 @@ class Context:
     """A server where the suite may create (and drop) scratch databases."""
     sizes: Sizes
     logdir: Path
+    earlier: dict[str, Result] = field(default_factory=dict)
+    """Rows measured so far in this round, by name (``run_suite`` fills it): a later group may size its run
+    from an earlier row, e.g. the open-loop rate from the end-to-end throughput."""
 
 
 async def ceilings(ctx: Context) -> list[Result]:
@@ -148,6 +177,39 @@ async def e2e(ctx: Context) -> list[Result]:
     return results
 
 
+async def steady(ctx: Context) -> list[Result]:
+    """Open loop at half the 1-worker end-to-end throughput of this round, else at the fallback rate."""
+    sizes, max_name = ctx.sizes, e2e_name(1, 0.0, "throughput")
+    measured = ctx.earlier.get(max_name)
+    if measured is not None:
+        rate = measured.value / 2
+        source = f"half of '{max_name}' measured earlier in this run ({measured.value:,.0f} tasks/s)"
+    else:
+        rate = sizes.steady_fallback_rate
+        source = f"fixed fallback rate ({rate:g} tasks/s): this run has no '{max_name}' row to halve"
+    return await steady_open_loop(
+        ctx.amqp_url,
+        ctx.database_url,
+        ctx.logdir,
+        rate=rate,
+        rate_source=source,
+        seconds=sizes.steady_seconds,
+        warmup_s=sizes.steady_warmup_s,
+    )
+
+
+async def inflight(ctx: Context) -> list[Result]:
+    sizes = ctx.sizes
+    return await llm_bound_sessions(
+        ctx.amqp_url,
+        ctx.database_url,
+        ctx.logdir,
+        concurrency=sizes.inflight_concurrency,
+        latency_s=sizes.inflight_latency_s,
+        seconds=sizes.inflight_seconds,
+    )
+
+
 async def ingestor(ctx: Context) -> list[Result]:
     return await ingestor_alone(ctx.amqp_url, ctx.database_url, ctx.sizes.ingest_records, ctx.logdir)
 
@@ -179,6 +241,8 @@ GROUPS: Final[dict[str, Group]] = {
     "baselines": baselines,
     "atlas": atlas,
     "e2e": e2e,
+    "steady": steady,
+    "inflight": inflight,
     "ingestor": ingestor,
     "memory": memory,
 }
@@ -190,6 +254,9 @@ EXTRA_RATIOS: Final = (
     (taskleg_name(2), taskleg_name(1)),
     (taskleg_name(1), consume_name("quorum")),
     (CELERY_NAME, consume_name("classic")),
+    # the issue's target: end to end (ingestor and all) at least as fast as Celery's bare task leg
+    (e2e_name(1, 0.0, "throughput"), CELERY_NAME),
+    (e2e_name(2, 0.0, "throughput"), CELERY_NAME),
     # what the ingestor and the rest of the stack cost on top of the task leg (same worker processes)
     (e2e_name(1, 0.0, "throughput"), taskleg_name(1)),
     (e2e_name(2, 0.0, "throughput"), taskleg_name(2)),
@@ -227,7 +294,30 @@ polled every 20 ms) to the queue empty and every session stored (the last `store
 `VmHWM` from `/proc/<pid>/status` after loading one process for a fixed window from its first
 consumption: a worker with more 50 ms demo tasks queued than it can finish (so `--concurrency` tasks are
 in flight throughout), and an ingestor on a pre-filled backlog that it need not drain (it is stopped with
-SIGTERM). The machine is shared: the load average before and after says how busy it was."""
+SIGTERM).
+
+The steady-state rows run the same stack (1 ingestor with its defaults, so a 200 ms flush interval, and 1
+worker x 64, demo 0 ms) open loop: once both consume, task i is published at start + i / rate whatever
+the earlier tasks are doing (confirms pipelined), for {steady_s:g}s; rate = half the 1-worker end-to-end
+throughput measured earlier in the same round (else a fixed fallback, named in the notes). A send more
+than 50 ms after its due time counts as publishing behind the schedule, and the notes say so. The first
+{warmup_s:g}s are a warm-up, left out: p50/p99 are of stored_at - submit time of the tasks submitted after
+it (target p99 <= 500 ms), the rate achieved is the sessions stored in the window after it up to the end
+of the schedule, divided by its length. CPU per task, in the same window: utime + stime from
+`/proc/<pid>/stat` at its two ends, of the worker, the ingestor, RabbitMQ (every `beam.smp`) and PostgreSQL
+(every process named `postgres`, plus its reaped children's time, so backends that exit count), divided
+by the sessions stored in the window. RabbitMQ and PostgreSQL are read server-wide, so any other client of
+the same servers counts too.
+
+The LLM-bound row runs the same stack with 1 worker at `--concurrency {inflight_c}` and demo calls of
+{inflight_lat:g}s (4-6 calls a task): the worker's idle VmRSS is read, then more tasks are queued in one burst
+than it can finish (checked: some are left at the end), so {inflight_c} are in flight throughout. After a
+warm-up of 1.5 estimated session times, a {inflight_s:g}s window: tasks/s = ledger rows turned `succeeded`
+(`updated_at`) in it / its length, against the target 0.8 x concurrency / session time (session = median
+ledger claim -> success of those tasks); the ledger's running count (in flight) is sampled every 0.5 s.
+Its peak-RSS row is that worker's VmHWM after the window (target <= 300 MB), with (peak - idle) /
+concurrency per in-flight session in the notes. The machine is shared: the load average before and after
+says how busy it was."""
 
 
 async def run_suite(ctx: Context, only: Sequence[str] | None = None) -> tuple[list[Result], Machine]:
@@ -237,6 +327,7 @@ async def run_suite(ctx: Context, only: Sequence[str] | None = None) -> tuple[li
     runs: list[list[Result]] = []
     for round_ in range(1, ctx.sizes.repeats + 1):
         rows: list[Result] = []
+        ctx.earlier.clear()
         for name, group in GROUPS.items():
             if only is not None and name not in only:
                 continue
@@ -247,6 +338,7 @@ async def run_suite(ctx: Context, only: Sequence[str] | None = None) -> tuple[li
                 _say(f"  {row.name}: {row.value:,.1f} {row.unit}")
             _say(f"{name} done in {time.monotonic() - started:.1f}s")
             rows += group_rows
+            ctx.earlier.update((row.name, row) for row in group_rows)
         runs.append(rows)
     machine = dataclasses.replace(machine, load_after=load_average())
     return combine_runs(runs), machine
@@ -263,9 +355,18 @@ def report(results: Sequence[Result], machine: Machine, *, sizes: Sizes) -> str:
         f"{sizes.tasks:,} tasks per task-leg row, {sizes.e2e_tasks:,} tasks per end-to-end row without "
         f"latency and {sizes.e2e_latency_tasks:,} with, {sizes.ingest_records:,} records for the ingestor "
         f"alone, peak RSS of a worker at concurrency {sizes.rss_concurrency} for {sizes.rss_seconds:g}s and "
-        f"of an ingestor on a {sizes.backlog_records:,}-record backlog for {sizes.backlog_seconds:g}s; "
-        f"{sizes.repeats} round(s), rows are medians. Higher is better everywhere except msgs/task, ms "
-        "and MiB."
+        f"of an ingestor on a {sizes.backlog_records:,}-record backlog for {sizes.backlog_seconds:g}s, "
+        f"steady state open loop for {sizes.steady_seconds:g}s ({sizes.steady_warmup_s:g}s warm-up), "
+        f"{sizes.inflight_concurrency:,} LLM-bound sessions of {sizes.inflight_latency_s:g}s calls for a "
+        f"{sizes.inflight_seconds:g}s window; {sizes.repeats} round(s), rows are medians. Higher is better "
+        "everywhere except msgs/task, ms, MiB and CPU ms/task."
     )
-    method = METHOD.format(poll_ms=round(sizes.poll_s * 1000))
+    method = METHOD.format(
+        poll_ms=round(sizes.poll_s * 1000),
+        steady_s=sizes.steady_seconds,
+        warmup_s=sizes.steady_warmup_s,
+        inflight_c=sizes.inflight_concurrency,
+        inflight_lat=sizes.inflight_latency_s,
+        inflight_s=sizes.inflight_seconds,
+    )
     return render(results, machine, method=f"{sizes_line}\n\n{method}", extra_ratios=EXTRA_RATIOS)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,10 @@ class Run:
     demo_latency_s: float
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    pids: dict[str, int] = field(default_factory=dict)
+    """Process name (``ingestor``, ``worker-1``, ...) -> pid, as started."""
+    exit_codes: list[int] = field(default_factory=list)
+    """Set when :func:`running_stack` stopped the processes cleanly."""
     prefix_stem: str = "atlas-run"
     """The topology prefix is ``<prefix_stem>-<run_id>``: a run's queues are its own."""
     runs_dir: Path = ROOT / "var" / "runs"
@@ -83,6 +88,7 @@ class Run:
             [sys.executable, "-m", *args], env=self.env(**env), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
         )
         self.procs.append(proc)
+        self.pids[name] = proc.pid
         return proc
 
 
@@ -118,7 +124,7 @@ class Outcome:
         return sorted(self.stored[t] - self.submitted[t] for t in self.stored if t in self.submitted)
 
 
-def _check_alive(run: Run) -> None:
+def check_alive(run: Run) -> None:
     for proc in run.procs:
         if proc.poll() is not None:
             raise RuntimeError(f"a pipeline process exited early ({proc.args!r}); see {run.workdir}")
@@ -129,7 +135,7 @@ _STORED_COUNT = f"SELECT count(*) {_STORED}"
 _STORED_TIMES = f"SELECT task_id, stored_at {_STORED}"
 
 
-async def _wait_stored(run: Run, conn: asyncpg.Connection, *, progress: bool) -> dict[str, float]:
+async def wait_stored(run: Run, conn: asyncpg.Connection, *, progress: bool) -> dict[str, float]:
     """Poll (a count) until every task has a succeeded session assigned to a JSONL file; returns task ->
     stored time (``sessions.stored_at``, set by the ingestor, so the poll interval does not blur it)."""
     like = f"demo-{run.run_id}-%"
@@ -140,7 +146,7 @@ async def _wait_stored(run: Run, conn: asyncpg.Connection, *, progress: bool) ->
             bar.update(done - bar.n)
             if done >= run.tasks:
                 break
-            _check_alive(run)
+            check_alive(run)
             await asyncio.sleep(0.2)
     finally:
         bar.close()
@@ -169,7 +175,7 @@ async def _wait_consumers(run: Run, *, timeout_s: float = 60.0) -> None:
                         await channel.close()
             if all(seen[q] >= n for q, n in want.items()):
                 return
-            _check_alive(run)
+            check_alive(run)
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"consumers after {timeout_s}s: {seen}, expected {want}; see {run.workdir}"
@@ -177,15 +183,12 @@ async def _wait_consumers(run: Run, *, timeout_s: float = 60.0) -> None:
             await asyncio.sleep(0.1)
 
 
-async def run_stack(
-    run: Run, conn: asyncpg.Connection, *, progress: bool = True, wait_ready: bool = False
-) -> Outcome:
-    """Start an ingestor and ``run.workers`` workers, submit ``run.tasks`` demo tasks, wait until every
-    session is stored, stop the processes (SIGTERM: the ingestor finalises its JSONL file).
-
-    ``conn`` is a connection to ``run.database_url`` (migrated). With ``wait_ready`` the tasks go out
-    only once every process consumes its queue, so process start-up is not part of the timing.
-    """
+@contextlib.asynccontextmanager
+async def running_stack(run: Run, *, wait_ready: bool = False) -> AsyncIterator[Run]:
+    """The processes of a run: an ingestor and ``run.workers`` workers, started on entry. On a clean exit
+    they get SIGTERM (the ingestor finalises its JSONL file) and their exit codes go to ``run.exit_codes``;
+    on an error they are stopped (killed if need be) too. With ``wait_ready`` the body starts only once
+    every process consumes its queue, so process start-up is not part of what it times."""
     run.workdir.mkdir(parents=True, exist_ok=True)
     try:
         run.spawn("ingestor", "ingestor", "run")
@@ -201,24 +204,38 @@ async def run_stack(
             )
         if wait_ready:
             await _wait_consumers(run)
+        yield run
+        run.exit_codes = _stop(run)
+    finally:
+        _stop(run, timeout_s=10)
+
+
+def stamped(tasks: Iterable[TaskMessage], submitted: dict[str, float]) -> Iterator[TaskMessage]:
+    """``tasks``, each stamped in ``submitted`` (``time.time()``) as the producer takes it to publish."""
+    for task in tasks:
+        submitted[task.task_id] = time.time()
+        yield task
+
+
+async def run_stack(
+    run: Run, conn: asyncpg.Connection, *, progress: bool = True, wait_ready: bool = False
+) -> Outcome:
+    """Start an ingestor and ``run.workers`` workers, submit ``run.tasks`` demo tasks, wait until every
+    session is stored, stop the processes (SIGTERM: the ingestor finalises its JSONL file).
+
+    ``conn`` is a connection to ``run.database_url`` (migrated). With ``wait_ready`` the tasks go out
+    only once every process consumes its queue, so process start-up is not part of the timing.
+    """
+    async with running_stack(run, wait_ready=wait_ready):
         submitted: dict[str, float] = {}
-
-        def stamped(tasks: Iterator[TaskMessage]) -> Iterator[TaskMessage]:
-            for task in tasks:  # stamp each task as the producer takes it to publish, not in advance
-                submitted[task.task_id] = time.time()
-                yield task
-
         bar = tqdm(total=run.tasks, unit="task", desc="submitted", file=sys.stderr, disable=not progress)
         async with Producer(run.amqp_url, run.topology) as producer:
             await producer.submit_many(
-                stamped(demo_tasks(run.tasks, run_id=run.run_id)), on_confirmed=bar.update
+                stamped(demo_tasks(run.tasks, run_id=run.run_id), submitted), on_confirmed=bar.update
             )
         bar.close()
-        stored = await _wait_stored(run, conn, progress=progress)
-        codes = _stop(run)
-    finally:
-        _stop(run, timeout_s=10)
-    return Outcome(submitted=submitted, stored=stored, exit_codes=codes)
+        stored = await wait_stored(run, conn, progress=progress)
+    return Outcome(submitted=submitted, stored=stored, exit_codes=run.exit_codes)
 
 
 async def _summary(run: Run, conn: asyncpg.Connection, outcome: Outcome) -> str:

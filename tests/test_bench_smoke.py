@@ -8,11 +8,14 @@ import pytest
 
 from bench._baselines import CELERY_NAME, DRAMATIQ_NAME
 from bench._ceilings import consume_name, copy_name, publish_name
+from bench._cpu import PARTS, cpu_name
 from bench._e2e import e2e_name
+from bench._inflight import inflight_name
 from bench._ingest import RECORDS_NAME, SESSIONS_NAME
 from bench._memory import ingestor_rss_name, worker_rss_name
 from bench._report import Machine, Result, combine_runs, render
 from bench._sessions import RECORDS_PER_SESSION, check_envelopes, envelopes, sessions_for
+from bench._steady import CPU_WHAT, steady_name
 from bench._suite import RSS_LATENCY_S, SMOKE, Context, report, run_suite
 from bench._taskleg import taskleg_name, telemetry_name
 from schemas import decode_telemetry_batch
@@ -34,6 +37,13 @@ EXPECTED_ROWS = [
     e2e_name(2, 0.0, "throughput"),
     e2e_name(2, 0.0, "p50"),
     e2e_name(2, 0.0, "p99"),
+    steady_name("p50"),
+    steady_name("p99"),
+    steady_name("achieved"),
+    steady_name("target"),
+    *(cpu_name(part, CPU_WHAT) for part in PARTS),
+    inflight_name(SMOKE.inflight_concurrency, SMOKE.inflight_latency_s),
+    worker_rss_name(SMOKE.inflight_concurrency, SMOKE.inflight_latency_s),
     RECORDS_NAME,
     SESSIONS_NAME,
     worker_rss_name(SMOKE.rss_concurrency, RSS_LATENCY_S),
@@ -113,5 +123,7 @@ async def test_smoke_benchmark_measures_every_row(
     assert f"{taskleg_name(1)} vs {DRAMATIQ_NAME}: " in text
     assert f"{RECORDS_NAME} vs {copy_name(logged=True)}: " in text
     assert f"{e2e_name(2, 0.0, 'throughput')} vs {taskleg_name(2)}: " in text
+    assert f"{e2e_name(2, 0.0, 'throughput')} vs {CELERY_NAME}: " in text
+    assert f"{steady_name('achieved')} vs {steady_name('target')}: " in text
     assert "## Machine" in text
     assert machine.cores > 0
