@@ -253,3 +253,34 @@ async def test_a_redelivery_never_counts_as_a_duplicate_of_a_live_holder() -> No
         outcome = await TaskRun(message, services).run()  # type: ignore[arg-type]
         assert outcome == Ack(duplicate=True)
         assert ledger.calls.count("claim") == expected_claims
+
+
+class _Failing:
+    def on_step(self, metadata: dict[str, Any]) -> Any:
+        if metadata["phase"] == "plan":
+            return {"steps": [{"id": 1, "description": "do"}]}
+        raise RuntimeError("the tool is down")
+
+
+@pytest.mark.parametrize(("retries", "final"), [(0, False), (1, False), (2, True)])
+async def test_a_failed_close_says_whether_a_retry_follows(retries: int, final: bool) -> None:
+    """The failed close carries ``final_attempt`` from the retry decision (3 runs in all by default): False
+    while a retry follows, True on the run that is dead-lettered; the ledger and outcome agree with it."""
+    ledger, batcher = _Ledger(), _Batcher()
+    run = _run(_Failing, ledger, batcher)
+    run._message.headers[RETRY_HEADER] = retries
+    outcome = await run.run()
+    close = batcher.records[-1]
+    assert (close.kind, close.status) == ("session.closed", "failed")
+    assert close.close_metadata["final_attempt"] is final
+    assert isinstance(outcome, DeadLetter if final else Retry)
+    assert ledger.calls[-1] == ("settle:dead" if final else "settle:retrying")
+
+
+async def test_a_succeeded_close_is_the_final_attempt() -> None:
+    """A succeeded close carries ``final_attempt: true`` (a task that succeeded never runs again), in the
+    bytes the ledger keeps as well as in what is published."""
+    ledger, batcher = _Ledger(), _Batcher()
+    assert await _run(_Quick, ledger, batcher).run() == Ack()
+    close = batcher.records[-1]
+    assert (close.status, close.close_metadata["final_attempt"]) == ("succeeded", True)

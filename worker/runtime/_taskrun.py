@@ -172,11 +172,13 @@ class TaskRun:
     async def _failed(
         self, task: TaskMessage, publisher: TelemetryPublisher, claim: Claim, reason: str
     ) -> Outcome:
-        """The session failed or timed out: its failed close is confirmed, then the ledger records it."""
-        publisher.publish_close()
-        await publisher.flush()
+        """The session failed or timed out: its failed close is confirmed, then the ledger records it.
+        The retry decision comes first, so the close says whether this was the task's last run."""
         retries = retries_so_far(self._message)
         outcome = after_failure(self._topology, reason, retries)
+        publisher.mark_final(isinstance(outcome, DeadLetter))
+        publisher.publish_close()
+        await publisher.flush()
         state: SettleState = "retrying" if isinstance(outcome, Retry) else "dead"
         if not await self._services.ledger.settle(task.task_id, claim.token, state, reason):
             log.info("task.failed_after_takeover", reason=reason)

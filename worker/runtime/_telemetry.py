@@ -39,6 +39,8 @@ _CONFIRM_TIMEOUT_S: Final = 60.0
 _OPENED: Final = {"schema_version": SCHEMA_VERSION, "kind": "session.opened"}
 _STEP: Final = {"schema_version": SCHEMA_VERSION, "kind": "step"}
 _SESSION_ID: Final = TypeAdapter(Identifier)
+FINAL_ATTEMPT: Final = "final_attempt"
+"""The close-metadata key that says whether a session is its task's last run (read by the JSONL lines)."""
 
 
 class TelemetryPublisher:
@@ -104,9 +106,19 @@ class TelemetryPublisher:
 
     async def closed(self, report: CloseReport) -> None:
         now = utcnow()
-        self._set_close(
-            SessionClosed.model_construct(**report.as_fields(), emitted_at=now, closed_at=now, limits={})
-        )
+        fields = report.as_fields()
+        if report.status == "succeeded":
+            # A task that succeeded is never run again: this run is its last (see ``mark_final``).
+            fields["close_metadata"] = {**report.close_metadata, FINAL_ATTEMPT: True}
+        self._set_close(SessionClosed.model_construct(**fields, emitted_at=now, closed_at=now, limits={}))
+
+    def mark_final(self, final: bool) -> None:
+        """Record in the close's metadata whether this run is its task's last (``final_attempt``): the
+        runtime's retry decision, made before the close is published, so each JSONL line of a failed task
+        says whether a retry follows. The key is the worker's: it replaces one the adapter put there."""
+        if self.close is not None:
+            close_metadata = {**self.close.close_metadata, FINAL_ATTEMPT: final}
+            self._set_close(self.close.model_copy(update={"close_metadata": close_metadata}))
 
     def close_instead(self, status: SessionStatus, reason: str) -> SessionClosed | None:
         """Re-state the close for a session cut short (timeout, shutdown, taken over); None if no session
