@@ -1,11 +1,15 @@
 """Pure line building: one Atlas session record (one JSONL line) from a ``sessions`` row and its steps.
 
-The shape is the one Atlas trainers read (see the export-format note): ``task``, ``final_answer``, ``plan``,
-``steps`` (the execute-phase steps in step order), ``session_metadata`` (the stored metadata plus
-``session_id``, ``status``, ``created_at``, ``completed_at`` and ``adapter_session``, whose ``phases`` holds
-the plan and synthesize step records), ``execution_mode``, and the adapter fields at the top level.
-Serialised with orjson, keys sorted, so the same rows always give the same bytes (the rolling files,
-recovery and ``export`` all call this one function).
+The shape is the one Atlas trainers read (see the export-format note, and ``docs/jsonl-format.md`` for every
+field): ``task``, ``final_answer``, ``plan``, ``steps`` (every ``step_results`` row of the session in step
+order: the plan call, one execute per plan step, the synthesis; ``phase`` tells them apart),
+``session_metadata`` (the stored metadata plus ``session_id``, ``status``, ``created_at``, ``completed_at``
+and ``adapter_session``), ``execution_mode``, ``attempt`` / ``final_attempt``, and the adapter fields at the
+top level. Serialised with orjson, keys sorted, so the same rows always give the same bytes (the rolling
+files, recovery, ``export`` and the ingestor's in-memory path all call this one function).
+
+A line reads only what a row holds in Postgres and in the ingestor's memory alike (``_write.line_session``,
+``_rows.step_row``): nothing here may need a column those two do not carry.
 """
 
 from __future__ import annotations
@@ -16,67 +20,173 @@ from typing import Any, Final
 
 import orjson
 
-from schemas import clean_json
+from schemas import clean_json, cut_chars
+from schemas.limits import MAX_CONTEXT_RESULT_CHARS, MAX_CONTEXT_RESULTS
 
-_EXECUTE: Final = "execute"
+_SUCCEEDED: Final = "succeeded"
+_TOOL_CALL: Final = "tool_call"
+# Event keys naming the tool and its arguments: the demo adapter writes ``tool``, OpenAI-style adapters
+# ``name``; both write ``arguments`` (Atlas plans call them ``tool_params``).
+_TOOL_NAME_KEYS: Final = ("tool", "name")
+_TOOL_PARAM_KEYS: Final = ("arguments", "tool_params")
 
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def step_record(step: Mapping[str, Any]) -> dict[str, Any]:
-    """One step record: Atlas's core keys plus the adapter fields at the top level."""
+def _plan_steps(plan: Any) -> dict[int, Mapping[str, Any]]:
+    """The plan's steps by id (the first of a repeated id; anything that is not a step is skipped)."""
+    steps = plan.get("steps") if isinstance(plan, Mapping) else None
+    by_id: dict[int, Mapping[str, Any]] = {}
+    if isinstance(steps, list):
+        for item in steps:
+            if isinstance(item, Mapping):
+                step_id = item.get("id")
+                if isinstance(step_id, int) and not isinstance(step_id, bool):
+                    by_id.setdefault(step_id, item)
+    return by_id
+
+
+def _first(source: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    for key in keys:
+        value = source.get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def _tool(events: Any, plan_step: Mapping[str, Any] | None) -> tuple[str | None, dict[str, Any] | None]:
+    """``(tool, tool_params)``: the step's first ``tool_call`` event, else what its plan step names (where
+    Atlas's own plans keep them); the parameters only when they are a JSON object (anything else, e.g. an
+    argument string a model wrote that is not JSON, stays in the step's ``adapter_events``)."""
+    source: Mapping[str, Any] | None = None
+    if isinstance(events, list):
+        source = next((e for e in events if isinstance(e, Mapping) and e.get("type") == _TOOL_CALL), None)
+    if source is None and plan_step is not None and plan_step.get("tool") is not None:
+        source = plan_step
+    if source is None:
+        return None, None
+    name = _first(source, _TOOL_NAME_KEYS)
+    params = _first(source, _TOOL_PARAM_KEYS)
+    return (name if isinstance(name, str) else None), (params if isinstance(params, dict) else None)
+
+
+def _context(prior: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The prior steps' results as the Atlas SDK hands them to a step (``output_text``, ``status``), newest
+    ``MAX_CONTEXT_RESULTS`` only and each output cut to ``MAX_CONTEXT_RESULT_CHARS``: every step's whole
+    output is in its own record, and an uncapped context would make a line quadratic in its steps.
+
+    A list, not the SDK's mapping keyed by step id: keys that differ from session to session break the
+    schema a JSON loader infers (Hugging Face ``datasets`` refuses a later file whose keys differ)."""
+    kept = prior[-MAX_CONTEXT_RESULTS:] if MAX_CONTEXT_RESULTS > 0 else []
+    return {
+        "prior_results": [
+            {
+                "step_id": p["step_id"],
+                "phase": p["phase"],
+                "status": p["status"],
+                "output_text": cut_chars(p["output"], MAX_CONTEXT_RESULT_CHARS),
+            }
+            for p in kept
+        ],
+        "omitted_results": len(prior) - len(kept),
+    }
+
+
+def step_record(
+    step: Mapping[str, Any],
+    plan_step: Mapping[str, Any] | None = None,
+    prior: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """One step record: Atlas's core keys, ``phase``, and the adapter fields at the top level and in
+    ``metadata`` (where the Atlas SDK puts them). ``prior``: the earlier steps' ``context`` entries."""
     metadata: dict[str, Any] = dict(step["metadata"] or {})
+    # Text is never null in a line (as output and trace): a JSON loader that infers a column's type from
+    # its first file makes it null-typed when that file holds no failure, and then refuses every error.
+    metadata["error"] = metadata.get("error") or ""
     usage = step["adapter_usage"]
+    events = step["adapter_events"] if step["adapter_events"] is not None else []
+    metadata["adapter_session_id"] = step["adapter_session_id"]
+    metadata["adapter_usage"] = usage
+    metadata["adapter_events"] = events
+    tool, tool_params = _tool(events, plan_step)
+    depends_on = plan_step.get("depends_on") if plan_step is not None else None
     return {
         "step_id": step["step_id"],
+        "phase": str(metadata.get("phase", "execute")),
         "description": metadata.get("description", ""),
         "trace": step["trace"] if step["trace"] is not None else "",
         "output": step["output"] if step["output"] is not None else "",
         "attempts": step["attempts"] if step["attempts"] is not None else 1,
+        "depends_on": depends_on if isinstance(depends_on, list) else None,
+        "tool": tool,
+        "tool_params": tool_params,
+        "context": _context(prior),
+        # No judge runs in the pipeline: present and null, for a reward model or a judge to fill.
+        "validation": None,
+        "guidance": None,
+        "reward": None,
         "metadata": metadata,
         "adapter_session_id": step["adapter_session_id"],
         "adapter_usage": usage,
         "usage": usage,
-        "adapter_events": step["adapter_events"] if step["adapter_events"] is not None else [],
+        "adapter_events": events,
     }
+
+
+def _final_attempt(status: Any, stored: Mapping[str, Any]) -> bool | None:
+    """Whether this session is its task's last run: what the worker's retry decision put in the close's
+    metadata; a succeeded session always is (a task that succeeded is never run again); None when a failed
+    session's close does not say (a close from a worker older than the flag)."""
+    close_metadata = stored.get("close_metadata")
+    flag = close_metadata.get("final_attempt") if isinstance(close_metadata, Mapping) else None
+    if isinstance(flag, bool):
+        return flag
+    return True if status == _SUCCEEDED else None
 
 
 def session_record(session: Mapping[str, Any], steps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The record as a dict (``build_line`` serialises it)."""
-    executes: list[dict[str, Any]] = []
-    phases: dict[str, list[dict[str, Any]]] = {}
+    plan = session["plan"] if session["plan"] is not None else {}
+    plan_steps = _plan_steps(plan)
+    records: list[dict[str, Any]] = []
+    prior: list[dict[str, Any]] = []
     for step in sorted(steps, key=lambda s: int(s["step_id"])):
-        record = step_record(step)
-        phase = record["metadata"].get("phase", _EXECUTE)
-        if phase == _EXECUTE:
-            executes.append(record)
-        else:
-            phases.setdefault(str(phase), []).append(record)
-    # Only the top level and adapter_session are changed here, so copies of those two dicts do (the row's
-    # values are not mutated; a deep copy per line cost a noticeable share of the ingestor's CPU).
+        record = step_record(step, plan_steps.get(int(step["step_id"])), prior)
+        records.append(record)
+        prior.append(
+            {
+                "step_id": record["step_id"],
+                "phase": record["phase"],
+                "status": str(record["metadata"].get("status") or ""),
+                "output": record["output"],
+            }
+        )
+    # Only the top level is changed here, so a copy of that dict does (the row's values are not mutated;
+    # a deep copy per line cost a noticeable share of the ingestor's CPU).
     stored: dict[str, Any] = dict(session["metadata"] or {})
     adapter_session = stored.get("adapter_session")
-    if isinstance(adapter_session, dict):
-        adapter_session = dict(adapter_session)
-    else:
+    if not isinstance(adapter_session, dict):
         adapter_session = {"adapter_session_id": session["adapter_session_id"]}
-    adapter_session["phases"] = phases
     session_metadata = {
         **stored,
+        "reason": stored.get("reason") or "",  # text, never null (see ``step_record``)
         "session_id": session["id"],
         "status": session["status"],
         "created_at": _iso(session["created_at"]),
         "completed_at": _iso(session["completed_at"]),
         "adapter_session": adapter_session,
     }
+    attempt = stored.get("attempt")
     line: dict[str, Any] = {
         "task": session["task"],
         "final_answer": session["final_answer"] or "",
-        "plan": session["plan"] if session["plan"] is not None else {},
-        "steps": executes,
+        "plan": plan,
+        "steps": records,
         "session_metadata": session_metadata,
+        "attempt": attempt if isinstance(attempt, int) else None,
+        "final_attempt": _final_attempt(session["status"], stored),
         "adapter_session_id": session["adapter_session_id"],
         "adapter_usage": session["adapter_usage"],
         "adapter_events": session["adapter_events"] if session["adapter_events"] is not None else [],

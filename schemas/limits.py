@@ -50,3 +50,11 @@ MAX_SESSION_EVENTS: Final = 50
 
 SHRINK_PREVIEW_CHARS: Final = 2000
 """Characters of JSON text kept as a ``preview`` when an object field is too large to keep."""
+
+MAX_CONTEXT_RESULTS: Final = 8
+"""Prior steps a JSONL step record's ``context`` lists (the newest ones; older ones are only counted), so
+a long session's line grows linearly with its steps, not quadratically."""
+
+MAX_CONTEXT_RESULT_CHARS: Final = 2000
+"""Characters of one prior step's output in a JSONL step record's ``context`` (cut with the truncation
+marker; the whole output is in that step's own record)."""

@@ -63,11 +63,12 @@ async def _check_tables_and_jsonl(stack: PipelineStack, conn: asyncpg.Connection
     ):
         assert key in sample
     assert sample["session_metadata"]["adapter_session"]["usage"]["calls"] >= 3
-    executes = await conn.fetchval(
+    # A line's steps are its session's step_results rows, plan and synthesis included.
+    stored_steps = await conn.fetchval(
         "SELECT count(*) FROM step_results r JOIN sessions s ON s.id = r.session_id"
-        " WHERE s.status = 'succeeded' AND r.metadata->>'phase' = 'execute'"
+        " WHERE s.status = 'succeeded'"
     )
-    assert sum(len(line["steps"]) for line in lines) == executes
+    assert sum(len(line["steps"]) for line in lines) == stored_steps
     open_files = await conn.fetchval("SELECT count(*) FROM jsonl_files WHERE state <> 'final'")
     assert open_files == 0
     assert (await stack.audit()).exported == len(ids)

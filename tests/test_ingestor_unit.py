@@ -260,7 +260,8 @@ def _session_row() -> dict[str, Any]:
 
 
 def test_line_from_rows() -> None:
-    """A line has the Atlas session shape (execute steps, phases, ISO times, adapter fields); stable."""
+    """A line has the Atlas session shape (every step row in step order, its phase, ISO times, adapter
+    fields); stable."""
     session = _session_row()
     steps = [_step(3, "synthesize"), _step(2, "execute"), _step(0, "plan"), _step(1, "execute")]
     line = build_line(session, steps)
@@ -270,14 +271,14 @@ def test_line_from_rows() -> None:
     record = orjson.loads(line)
     assert record["final_answer"] == ""
     assert record["adapter_events"] == []
-    assert [s["step_id"] for s in record["steps"]] == [1, 2]
-    assert record["steps"][1]["output"] == ""
-    assert record["steps"][0]["usage"] == record["steps"][0]["adapter_usage"]
+    assert [s["step_id"] for s in record["steps"]] == [0, 1, 2, 3]
+    assert [s["phase"] for s in record["steps"]] == ["plan", "execute", "execute", "synthesize"]
+    assert record["steps"][2]["output"] == ""
+    assert record["steps"][1]["usage"] == record["steps"][1]["adapter_usage"]
     meta = record["session_metadata"]
     assert (meta["session_id"], meta["status"], meta["task_id"]) == (42, "succeeded", "T")
     assert meta["created_at"] == "2026-11-25T11:42:33.123456+00:00"
-    assert [s["step_id"] for s in meta["adapter_session"]["phases"]["plan"]] == [0]
-    assert [s["step_id"] for s in meta["adapter_session"]["phases"]["synthesize"]] == [3]
+    assert "phases" not in meta["adapter_session"]  # plan and synthesis are steps, as in step_results
     assert record["execution_mode"] == "stepwise"
     assert record["adapter_session_id"] == "as-1"
     assert record["adapter_usage"] == {"calls": 4}
