@@ -10,6 +10,7 @@
     worker --(session.opened | step | session.closed)--> [<p>.telemetry topic]
                   --> <p>.telemetry.ingestor --> ingestors  (+ any queue a trainer binds)
     ingestor --(telemetry)--> [<p>.dead direct] --> <p>.telemetry.dead
+    ingestor --(each session made final, its JSONL line)--> <p>.sessions (stream) --> trainers (feed)
 
 Delay queues are one classic queue per backoff tier with a queue-wide TTL, so expiry is FIFO and no
 plugin is needed; expired messages dead-letter back into the tasks exchange.
@@ -30,6 +31,12 @@ TASK_ROUTING_KEY: Final = "task"
 DEAD_TASK_ROUTING_KEY: Final = "task"
 DEAD_TELEMETRY_ROUTING_KEY: Final = "telemetry"
 TELEMETRY_ROUTING_KEYS: Final = ("session.opened", "step", "session.closed")
+STREAM_PUBLISHED_MS_HEADER: Final = "atlas-published-ms"
+"""Sessions stream: when the ingestor published the message (ms since the epoch); replay by time reads it."""
+STREAM_FILE_HEADER: Final = "atlas-jsonl-file"
+"""Sessions stream: the finalised JSONL file the session is in (once that file is final)."""
+STREAM_OMITTED_HEADER: Final = "atlas-omitted-bytes"
+"""Sessions stream: set on a pointer message that stands for a line too large for the stream (its size)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +82,11 @@ class Topology:
     def dead_telemetry_queue(self) -> str:
         return f"{self.prefix}.telemetry.dead"
 
+    @property
+    def sessions_stream(self) -> str:
+        """The stream of complete sessions (one message per session, its JSONL line) trainers follow."""
+        return f"{self.prefix}.sessions"
+
     def retry_delay_ms(self, attempt: int) -> int:
         """Backoff before attempt ``attempt + 1`` after attempt ``attempt`` failed (1-based, exponential)."""
         delay: float = min(self.retry_backoff_s * 2.0 ** (attempt - 1), self.retry_backoff_max_s)
@@ -94,6 +106,7 @@ class Topology:
             self.dead_tasks_queue,
             self.ingestor_queue,
             self.dead_telemetry_queue,
+            self.sessions_stream,
         ]
 
     def exchange_names(self) -> list[str]:
@@ -172,3 +185,17 @@ class Topology:
         for key in TELEMETRY_ROUTING_KEYS:
             await queue.bind(exchange, key)
         return queue
+
+    async def declare_sessions_stream(
+        self, channel: AbstractChannel, *, max_age_s: int, max_bytes: int
+    ) -> AbstractQueue:
+        """The sessions stream, with retention by age and by size (whichever comes first; RabbitMQ drops
+        whole segments). Where the stream exists with other retention the broker refuses the declaration
+        (PRECONDITION_FAILED, the channel closes): queue arguments cannot change after the declaration,
+        a policy can; the caller then uses the stream as it is."""
+        arguments: dict[str, aio_pika.abc.FieldValue] = {
+            "x-queue-type": "stream",
+            "x-max-age": f"{max_age_s}s",
+            "x-max-length-bytes": max_bytes,
+        }
+        return await channel.declare_queue(self.sessions_stream, durable=True, arguments=arguments)

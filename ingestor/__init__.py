@@ -34,7 +34,7 @@ What it does, in short (details in the module docstrings):
 
 from ingestor._errors import ConfigError, IngestorError
 from ingestor._export import export_sessions
-from ingestor._files import read_lines
+from ingestor._files import is_final_name, read_lines
 from ingestor._lines import build_line
 from ingestor._service import Ingestor
 from ingestor._settings import IngestorSettings
@@ -46,5 +46,6 @@ __all__ = [
     "IngestorSettings",
     "build_line",
     "export_sessions",
+    "is_final_name",
     "read_lines",
 ]

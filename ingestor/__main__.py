@@ -1,4 +1,4 @@
-"""``python -m ingestor`` / ``atlas-ingestor``: ``run`` (default) or ``export``.
+"""``python -m ingestor`` / ``atlas-ingestor``: ``run`` (default), ``export``, or ``follow`` (the feed).
 
 The ingestor applies no migration itself: at start it checks that the migrations it needs (up to
 ``006_stored_at``) are applied and exits with status 2 telling you to run ``atlas-migrate`` otherwise, so
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="output file (.jsonl, .jsonl.gz, .jsonl.zst)")
     export.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     export.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    sub.add_parser("follow", help="follow complete sessions from the sessions stream (see atlas-feed)")
     return parser
 
 
@@ -52,6 +53,11 @@ async def _serve(settings: IngestorSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["follow"]:  # the training feed has its own CLI: ``atlas-feed follow``, same arguments
+        from feed.__main__ import main as feed_main
+
+        return feed_main(argv)
     args = _parser().parse_args(argv)
     try:
         settings = IngestorSettings()

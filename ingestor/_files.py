@@ -43,6 +43,11 @@ def make_file_name(
     return name
 
 
+def is_final_name(name: str) -> bool:
+    """Whether ``name`` is a finalised JSONL file of an ingestor (never a hidden temporary)."""
+    return FILE_NAME_RE.match(name) is not None
+
+
 def check_file_name(name: str) -> str:
     if "/" in name or "\\" in name or "\x00" in name or ".." in name or not FILE_NAME_RE.fullmatch(name):
         raise ValueError(f"not a valid JSONL file name: {name!r}")

@@ -12,15 +12,19 @@ Protocol
    the transaction rolls back and is retried with a new file.
 2. *Append.* After commit, the lines of the just-assigned sessions (built from the rows the batch wrote,
    or read from Postgres where memory does not hold them all: ``_linecache``) are appended to
-   ``.<name>.tmp`` (one gzip member / zstd frame per append), flushed and fsynced, before the batch is
-   acked. A failed append is cut back to the last fsynced size and retried.
+   ``.<name>.tmp`` (one gzip member / zstd frame per append), flushed and fsynced, then published to the
+   sessions stream (confirmed, ``_stream``), before the batch is acked. A failed append is cut back to the
+   last fsynced size and retried; a failed publish is retried (lines already appended are not appended
+   again).
 3. *Roll* (size or age). In one transaction: lock the file row FOR UPDATE; if it is still open, rename the
    tmp to the final name, fsync the directory, set ``state = 'final'``; if it is already final, delete
    the tmp.
 4. *Recovery* (start and periodically). For an open row whose owner's advisory lock can be taken (the
    owner's liveness connection is gone): lock the row FOR UPDATE; if the final file exists, just mark it
-   final; else regenerate it from ``WHERE export_file = name`` into a separate tmp, fsync, rename, fsync the
-   directory, mark final. A safety sweep assigns any complete-but-unassigned session (normally none).
+   final; else regenerate it from ``WHERE export_file = name``, publish its lines to the sessions stream
+   (they may be there already: at-least-once, duplicates carry the session's id), write them into a
+   separate tmp, fsync, rename, fsync the directory, mark final. So a file is final only once all its lines
+   are in the stream. A safety sweep assigns any complete-but-unassigned session (normally none).
 
 Proof sketch
 ------------
@@ -57,6 +61,7 @@ from ingestor._errors import JsonlWriteError
 from ingestor._linecache import Assigned
 from ingestor._settings import IngestorSettings
 from ingestor._store import Store, fetch_lines
+from ingestor._stream import SessionStream
 from ingestor._write import FileTarget
 
 _log = structlog.get_logger("ingestor.jsonl")
@@ -65,11 +70,16 @@ Finalized = Literal["renamed", "existing", "regenerated"]
 
 
 async def finalize_locked(
-    conn: asyncpg.Connection, directory: Path, name: str, trusted_tmp: Path | None
+    conn: asyncpg.Connection,
+    directory: Path,
+    name: str,
+    trusted_tmp: Path | None,
+    stream: SessionStream | None = None,
 ) -> Finalized:
     """Make ``name`` final on disk and in ``jsonl_files``; the caller holds the row lock (state 'open').
 
-    ``trusted_tmp`` is the owner's complete tmp; None regenerates from Postgres (recovery)."""
+    ``trusted_tmp`` is the owner's complete tmp, its lines already in the stream; None regenerates from
+    Postgres (recovery) and publishes the lines to ``stream`` first (StreamUnavailable: try again later)."""
     final = _files.safe_path(directory, name)
     how: Finalized
     try:
@@ -81,6 +91,8 @@ async def finalize_locked(
         else:
             ids = [r["id"] for r in await conn.fetch(_sql.FILE_SESSION_IDS, name)]
             lines = await fetch_lines(conn, ids)
+            if stream is not None:
+                await stream.publish(lines, name)
             tmp = _files.recover_tmp_path(directory, name, secrets.token_hex(4))
             # One thread call: a failed write deletes its own tmp before anything else can run.
             await asyncio.to_thread(_files.write_and_publish, tmp, final, lines, _files.compression_of(name))
@@ -106,6 +118,8 @@ class _OpenFile:
     pending: list[Assigned] = field(default_factory=list)
     """Sessions committed to this file whose lines are not appended yet (with the line when memory
     held it; the others are read from Postgres)."""
+    unstreamed: list[bytes] = field(default_factory=list)
+    """Lines appended (fsynced) but not yet confirmed by the sessions stream."""
     trusted: bool = True
 
 
@@ -113,10 +127,16 @@ class RollingJsonl:
     """The one open file of this ingestor. Used from the service's main loop only (no concurrency)."""
 
     def __init__(
-        self, settings: IngestorSettings, store: Store, *, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: IngestorSettings,
+        store: Store,
+        *,
+        stream: SessionStream | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._store = store
+        self._stream = stream
         self._clock = clock
         self._dir = settings.jsonl_dir
         self._counter = 0
@@ -156,13 +176,22 @@ class RollingJsonl:
 
     @property
     def has_pending(self) -> bool:
-        return self._current is not None and bool(self._current.pending)
+        current = self._current
+        return current is not None and bool(current.pending or current.unstreamed)
 
     async def flush(self) -> None:
-        """Append the pending sessions' lines and fsync (DatabaseUnavailable / JsonlWriteError to retry)."""
+        """Append the pending sessions' lines and fsync, then publish them to the sessions stream
+        (DatabaseUnavailable / JsonlWriteError / StreamUnavailable: call again)."""
         current = self._current
-        if current is None or not current.pending:
+        if current is None:
             return
+        if current.pending:
+            await self._append(current)
+        if current.unstreamed and self._stream is not None:
+            await self._stream.publish(current.unstreamed, current.name)
+        current.unstreamed.clear()
+
+    async def _append(self, current: _OpenFile) -> None:
         missing = [session_id for session_id, line in current.pending if line is None]
         read = await self._store.lines(missing) if missing else {}
         lines = [line if line is not None else read.get(session_id) for session_id, line in current.pending]
@@ -179,6 +208,7 @@ class RollingJsonl:
             _log.error("jsonl.missing_lines", file=current.name, expected=len(missing), got=len(read))
             current.trusted = False
         current.pending.clear()
+        current.unstreamed.extend(x for x in lines if x is not None)
 
     def roll_due(self) -> bool:
         current = self._current
@@ -205,7 +235,7 @@ class RollingJsonl:
             row = await conn.fetchrow(_sql.FILE_LOCK, current.name)
             if row is not None and row["state"] == "open":
                 how = await finalize_locked(
-                    conn, self._dir, current.name, current.tmp if current.trusted else None
+                    conn, self._dir, current.name, current.tmp if current.trusted else None, self._stream
                 )
                 _log.info("jsonl.finalized", file=current.name, sessions=row["sessions"], how=how)
             else:

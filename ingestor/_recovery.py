@@ -20,6 +20,7 @@ from ingestor._jsonl import finalize_locked
 from ingestor._liveness import Liveness, lock_key
 from ingestor._settings import IngestorSettings
 from ingestor._store import DB_ERRORS, Store
+from ingestor._stream import SessionStream
 
 _log = structlog.get_logger("ingestor.recovery")
 
@@ -34,10 +35,17 @@ def _hidden_tmp_files(directory: Path) -> dict[Path, str]:
 
 
 class Recoverer:
-    def __init__(self, settings: IngestorSettings, store: Store, liveness: Liveness) -> None:
+    def __init__(
+        self,
+        settings: IngestorSettings,
+        store: Store,
+        liveness: Liveness,
+        stream: SessionStream | None = None,
+    ) -> None:
         self._settings = settings
         self._store = store
         self._liveness = liveness
+        self._stream = stream
         self._dir = settings.jsonl_dir
 
     async def cleanup_tmp(self, *, at_start: bool) -> int:
@@ -117,7 +125,7 @@ class Recoverer:
                         locked = await conn.fetchrow(_sql.FILE_LOCK, name)
                         if locked is None or locked["state"] != "open":
                             continue
-                        how = await finalize_locked(conn, self._dir, name, None)
+                        how = await finalize_locked(conn, self._dir, name, None, self._stream)
                     recovered += 1
                     _log.warning(
                         "recovery.file_finalized",

@@ -36,6 +36,7 @@ from ingestor._metrics import IngestorMetrics
 from ingestor._recovery import Recoverer
 from ingestor._settings import IngestorSettings
 from ingestor._store import Store
+from ingestor._stream import SessionStream
 
 _log = structlog.get_logger("ingestor.service")
 
@@ -74,8 +75,8 @@ class Ingestor:
             s.jsonl_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"cannot create jsonl_dir {s.jsonl_dir}: {err}") from err
-        async with Store(s) as store, Liveness(s) as liveness:
-            jsonl = RollingJsonl(s, store)
+        async with Store(s) as store, Liveness(s) as liveness, SessionStream(s) as stream:
+            jsonl = RollingJsonl(s, store, stream=stream)
             writer = BatchWriter(
                 store=store,
                 liveness=liveness,
@@ -84,7 +85,7 @@ class Ingestor:
                 metrics=self.metrics,
                 stats=self.stats,
             )
-            parts = _Parts(store, liveness, jsonl, Recoverer(s, store, liveness), writer)
+            parts = _Parts(store, liveness, jsonl, Recoverer(s, store, liveness, stream), writer)
             try:
                 await self._start_checks(parts)
             except ShutdownDeadline:
@@ -95,6 +96,7 @@ class Ingestor:
                 jsonl_dir=str(s.jsonl_dir),
                 batch_max_messages=s.batch_max_messages,
                 flush_interval_s=s.flush_interval_s,
+                sessions_stream=s.topology().sessions_stream if s.stream_enabled else None,
             )
             recovery = asyncio.create_task(self._recovery_loop(parts.recoverer))
             try:

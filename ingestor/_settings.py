@@ -60,6 +60,17 @@ class IngestorSettings(BrokerSettings):
     jsonl_max_age_s: float = Field(default=300.0, gt=0)
     jsonl_compression: Compression = "none"
 
+    stream_enabled: bool = True
+    """Publish every session made final (its JSONL line) to the ``<prefix>.sessions`` stream (the feed)."""
+    stream_max_age_s: int = Field(default=7 * 86_400, ge=1)
+    """The stream keeps sessions this long (RabbitMQ drops whole segments past it)."""
+    stream_max_bytes: int = Field(default=20 * 1024**3, ge=1024 * 1024)
+    """... and at most this many bytes, whichever limit comes first."""
+    stream_max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    """A line larger than this goes to the stream as a pointer (session ids, its JSONL file) instead: the
+    broker refuses messages past its own limit (128 MiB by default) and one session must never stop the
+    feed."""
+
     metrics_port: int | None = Field(default=None, ge=1, le=65_535)
     """Serve Prometheus metrics on this port (off when unset)."""
     metrics_host: str = Field(default="127.0.0.1", min_length=1)

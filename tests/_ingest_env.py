@@ -211,7 +211,8 @@ async def delete_topology(amqp_url: str, topology: Topology) -> None:
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel()
-        for queue in (topology.ingestor_queue, topology.dead_telemetry_queue, topology.dead_tasks_queue):
+        queues = (topology.ingestor_queue, topology.dead_telemetry_queue, topology.dead_tasks_queue)
+        for queue in (*queues, topology.sessions_stream):
             with contextlib.suppress(aio_pika.exceptions.AMQPError):
                 await channel.queue_delete(queue)
         for exchange in (topology.telemetry_exchange, topology.dead_exchange):

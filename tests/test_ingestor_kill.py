@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from feed import FeedSettings, follow_sessions
 from ingestor import IngestorSettings
 from tests._ingest_env import (
     check_against_generated,
@@ -83,6 +86,7 @@ async def test_sigkill_and_restart(make_database, amqp_url: str, tmp_path: Path)
         await wait_for(lambda: _no_open_files(settings), within=30, what="dead owners' files recovered")
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()[-3000:]
+        streamed = await _stream_ids(settings)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -95,6 +99,21 @@ async def test_sigkill_and_restart(make_database, amqp_url: str, tmp_path: Path)
     assert set(counts.values()) == {1}
     assert await open_files(settings.database_url) == []
     assert [p.name for p in settings.jsonl_dir.iterdir() if p.name.startswith(".")] == []
+    # The sessions stream holds every exported session (a crash may publish one again: at-least-once);
+    # the feed API hands each out once.
+    assert set(streamed) == gen.exported()
+    assert set(Counter(streamed).values()) == {1}
+
+
+async def _stream_ids(settings: IngestorSettings) -> list[str]:
+    feed = FeedSettings(amqp_url=settings.amqp_url, prefix=settings.prefix, cursor_dir=settings.jsonl_dir)
+    ids: list[str] = []
+    async with follow_sessions(feed, start="first") as sessions:
+        iterator = aiter(sessions)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                ids.append((await asyncio.wait_for(anext(iterator), 3.0)).adapter_session_id)
+    return ids
 
 
 async def _no_open_files(settings: IngestorSettings) -> bool:

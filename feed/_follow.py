@@ -1,0 +1,229 @@
+"""Following the sessions stream: :func:`follow_sessions`.
+
+The ingestor publishes each session it made final to ``<prefix>.sessions`` (a RabbitMQ stream) as its
+JSONL line; this reads it over AMQP 0-9-1 with aio-pika (the broker's ``x-stream-offset`` consumer
+argument: ``first``, ``last``, ``next``, an offset or a point in time). Why not the stream protocol
+(``rstream``): it is faster for a single reader, but a trainer reads a few hundred sessions a second at
+most, aio-pika is already the project's client (one reconnect model, one TLS and URL handling), and the
+stream protocol needs another port (5552) and plugin opened on every broker. What the stream protocol
+would add, server-side offset tracking, is replaced by the consumer's own durable cursor
+(:mod:`feed._cursor`), which also hides duplicates across restarts.
+
+Guarantees: sessions come in the stream's order of offsets, each ``adapter_session_id`` once (the stream
+is at-least-once after an ingestor crash; duplicates within the last ``dedup_window`` sessions the
+consumer saw are skipped), live (a new session arrives as soon as the ingestor published it). With a
+``consumer`` name, a session counts as finished when the caller asks for the next one; a follower killed
+and started again resumes after the last finished session: no gap, no repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal
+
+import aio_pika
+import aiormq
+import orjson
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+
+from atlas_common import (
+    BROKER_ERRORS,
+    STREAM_FILE_HEADER,
+    STREAM_OMITTED_HEADER,
+    STREAM_PUBLISHED_MS_HEADER,
+    Backoff,
+    BrokerConnection,
+)
+from feed._cursor import StreamCursor, cursor_path
+from feed._settings import FeedSettings
+
+_log = structlog.get_logger("feed.follow")
+
+Start = Literal["first", "last", "next"] | int | datetime
+"""Where a consumer with no cursor starts: the oldest session kept, the last chunk written, the next
+session published, an offset, or the first session published at or after a point in time."""
+
+_TIME_MARGIN: Final = timedelta(seconds=2)
+"""The broker finds a point in time by chunk (a chunk holds the messages written within a few ms), with
+its own clock: start that much earlier and keep only what was published at or after the time asked."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSession:
+    """One complete session from the stream."""
+
+    offset: int
+    adapter_session_id: str
+    line: bytes
+    """Its JSONL line (without the newline): the same bytes as in its finalised file."""
+    published_at: datetime | None
+    jsonl_file: str | None
+    """The finalised JSONL file that holds it."""
+    omitted_bytes: int | None = None
+    """Set when the line was too large for the stream: ``line`` is then a pointer (ids and the file)."""
+
+    def record(self) -> dict[str, Any]:
+        """The line as a dict (parsed on each call)."""
+        parsed: dict[str, Any] = orjson.loads(self.line)
+        return parsed
+
+
+def _offset_argument(start: Start) -> tuple[aio_pika.abc.FieldValue, int | None]:
+    """``x-stream-offset`` for ``start`` and, for a point in time, the published-ms to keep from."""
+    if isinstance(start, datetime):
+        at = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
+        return at - _TIME_MARGIN, int(at.timestamp() * 1000)
+    if isinstance(start, int) and not isinstance(start, bool):
+        if start < 0:
+            raise ValueError("a stream offset is >= 0")
+        return start, None
+    if start in ("first", "last", "next"):
+        return start, None
+    raise ValueError(f"start must be first, last, next, an offset or a datetime, not {start!r}")
+
+
+def _session(message: AbstractIncomingMessage) -> FeedSession:
+    headers = message.headers or {}
+    published = headers.get(STREAM_PUBLISHED_MS_HEADER)
+    omitted = headers.get(STREAM_OMITTED_HEADER)
+    file_name = headers.get(STREAM_FILE_HEADER)
+    return FeedSession(
+        offset=int(headers["x-stream-offset"]),  # type: ignore[arg-type]
+        adapter_session_id=message.message_id or "",
+        line=message.body,
+        published_at=(
+            datetime.fromtimestamp(published / 1000, tz=UTC) if isinstance(published, int) else None
+        ),
+        jsonl_file=file_name if isinstance(file_name, str) else None,
+        omitted_bytes=omitted if isinstance(omitted, int) else None,
+    )
+
+
+class SessionFollow:
+    """``async with follow_sessions(...) as sessions: async for session in sessions: ...``.
+
+    A session counts as finished when the loop asks for the next one, or when the ``async with`` block
+    ends without an exception; then it is written to the consumer's cursor. One that was being processed
+    when an exception (or a kill) ended the block is handed out again next time."""
+
+    def __init__(
+        self, settings: FeedSettings | None, start: Start, consumer: str | None, stop: asyncio.Event | None
+    ) -> None:
+        self._settings = settings or FeedSettings()
+        self._consumer = consumer
+        self._stop = stop or asyncio.Event()
+        path = (
+            cursor_path(self._settings.cursor_dir, consumer, "stream-cursor")
+            if consumer is not None
+            else None
+        )
+        self._cursor = StreamCursor(path, window=self._settings.dedup_window)
+        self._since_ms: int | None = None
+        if self._cursor.offset is not None:
+            self._offset: aio_pika.abc.FieldValue = self._cursor.offset + 1
+            _log.info("feed.resuming", consumer=consumer, offset=self._offset)
+        else:
+            self._offset, self._since_ms = _offset_argument(start)
+        self._handed: FeedSession | None = None
+        self._sessions: AsyncGenerator[FeedSession, None] | None = None
+
+    async def __aenter__(self) -> SessionFollow:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self._finish_handed()
+        if self._sessions is not None:
+            await self._sessions.aclose()
+        self._cursor.close()
+
+    def __aiter__(self) -> AsyncIterator[FeedSession]:
+        if self._sessions is None:
+            self._sessions = self._follow()
+        return self._sessions
+
+    def _finish_handed(self) -> None:
+        handed, self._handed = self._handed, None
+        if handed is not None:
+            self._cursor.done(handed.offset, handed.adapter_session_id)
+
+    async def _follow(self) -> AsyncGenerator[FeedSession, None]:
+        settings, stop, cursor = self._settings, self._stop, self._cursor
+        stream = settings.topology().sessions_stream
+        backoff = Backoff(initial_s=0.5, max_s=10.0)
+        while not stop.is_set():
+            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            try:
+                name = f"atlas-feed {self._consumer or ''}"
+                async with BrokerConnection(settings.amqp_url, name=name) as conn:
+                    channel = await conn.channel(publisher_confirms=False, prefetch_count=settings.prefetch)
+                    queue = await channel.get_queue(stream, ensure=True)  # passive: the ingestor declares it
+                    await queue.consume(inbox.put, arguments={"x-stream-offset": self._offset})
+                    backoff.reset()
+                    while not stop.is_set():
+                        message = await _next(inbox, conn.lost, stop)
+                        if message is None:
+                            break
+                        session = _session(message)
+                        await message.ack()  # a stream's ack is only credit for the next messages
+                        self._offset = session.offset + 1
+                        if self._skipped(session):
+                            cursor.done(session.offset, session.adapter_session_id)
+                            continue
+                        self._handed = session
+                        yield session
+                        self._finish_handed()
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                _log.info("feed.waiting_for_stream", stream=stream, hint="no ingestor has declared it yet")
+            except BROKER_ERRORS as err:
+                _log.warning("feed.broker_unavailable", error=str(err))
+            if not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff.next())
+
+    def _skipped(self, session: FeedSession) -> bool:
+        """Published before the point in time asked for, or a duplicate of a session already handed out."""
+        if self._since_ms is not None and (
+            session.published_at is None or session.published_at.timestamp() * 1000 < self._since_ms
+        ):
+            return True
+        return self._cursor.seen(session.adapter_session_id)
+
+
+def follow_sessions(
+    settings: FeedSettings | None = None,
+    *,
+    start: Start = "next",
+    consumer: str | None = None,
+    stop: asyncio.Event | None = None,
+) -> SessionFollow:
+    """Complete sessions from the stream, in order, live (the loop ends only when ``stop`` is set or the
+    caller leaves it): ``async with follow_sessions(start="first", consumer="grpo") as sessions``.
+
+    ``consumer``: a name whose cursor (in ``settings.cursor_dir``) makes the follow resumable: when it has
+    one, the follow resumes after its last finished session and ``start`` is not used. Without a name
+    nothing is kept on disk (duplicates are still hidden within the run)."""
+    return SessionFollow(settings, start, consumer, stop)
+
+
+async def _next(
+    inbox: asyncio.Queue[AbstractIncomingMessage], lost: asyncio.Event, stop: asyncio.Event
+) -> AbstractIncomingMessage | None:
+    """The next delivery, or None when the connection is lost or ``stop`` is set first."""
+    if not inbox.empty():
+        return inbox.get_nowait()
+    getter = asyncio.ensure_future(inbox.get())
+    waiters = {getter, asyncio.ensure_future(lost.wait()), asyncio.ensure_future(stop.wait())}
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if getter.done() and not getter.cancelled():
+        return getter.result()
+    return None

@@ -1,0 +1,258 @@
+"""The training feed: cursors and the file follower without services, then the sessions stream against
+the real broker, database and ingestor (replay by time, a follower killed and restarted)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from feed import FeedSettings, follow_files, follow_sessions
+from feed.__main__ import parse_start
+from feed._cursor import StreamCursor, cursor_path
+from ingestor import IngestorSettings, read_lines
+from ingestor._stream import stream_message
+from tests._ingest_env import (
+    delete_topology,
+    exported_counts,
+    fresh_settings,
+    running,
+    wait_drained,
+)
+from tests._ingest_gen import Generated, bodies, generate, publish
+
+# --- without services ----------------------------------------------------------------------------------
+
+
+def test_stream_cursor_resumes_and_hides_duplicates_across_restarts(tmp_path: Path) -> None:
+    """The cursor's log gives back the last offset and the recent ids after a restart, a torn last line
+    (a kill mid-write) is ignored, and compaction keeps both."""
+    path = tmp_path / "c.stream-cursor"
+    cursor = StreamCursor(path, window=3)
+    assert cursor.offset is None
+    for offset, asid in enumerate(["a", "b", "c", "d", "e", "f", "g"]):
+        cursor.done(offset, asid)
+    cursor.close()
+    assert len(path.read_bytes().splitlines()) <= 6  # compacted past twice the window
+    with path.open("ab") as out:
+        out.write(b"99")  # torn: a kill in the middle of "99\tx\n"
+    again = StreamCursor(path, window=3)
+    assert again.offset == 6
+    assert [again.seen(x) for x in "defg"] == [False, True, True, True]
+    again.done(7, "h")
+    again.close()
+    assert StreamCursor(path, window=3).offset == 7
+
+
+def test_consumer_names_cannot_leave_the_cursor_dir(tmp_path: Path) -> None:
+    """A consumer name is a file name inside the cursor directory, never a path."""
+    assert cursor_path(tmp_path, "grpo-1", "x") == tmp_path / "grpo-1.x"
+    for bad in ("../up", "a/b", "..", ".hidden", ""):
+        with pytest.raises(ValueError, match="consumer name"):
+            cursor_path(tmp_path, bad, "x")
+
+
+def test_parse_start() -> None:
+    """--from takes the stream's names, an offset, or an ISO time (naive means UTC later)."""
+    assert parse_start("first") == "first"
+    assert parse_start("42") == 42
+    assert parse_start("2026-11-30T01:02:03+00:00") == datetime(2026, 11, 30, 1, 2, 3, tzinfo=UTC)
+    with pytest.raises(Exception, match="ISO 8601"):
+        parse_start("yesterday")
+
+
+def test_a_line_too_large_for_the_stream_goes_as_a_pointer() -> None:
+    """An oversized line becomes a small pointer naming the session and its file; others go unchanged."""
+    line = orjson.dumps({"adapter_session_id": "as-1", "steps": ["x" * 5000], "session_metadata": {}}) + b"\n"
+    small = stream_message(line, "f.jsonl", max_bytes=10_000, now_ms=1)
+    assert (small.body, small.message_id) == (line[:-1], "as-1")
+    big = stream_message(line, "f.jsonl", max_bytes=1000, now_ms=1)
+    assert big.headers["atlas-omitted-bytes"] == len(line) - 1
+    assert orjson.loads(big.body)["jsonl_file"] == "f.jsonl"
+    assert big.message_id == "as-1"
+
+
+def _final(directory: Path, name: str, ids: list[str]) -> None:
+    (directory / name).write_bytes(b"".join(orjson.dumps({"adapter_session_id": i}) + b"\n" for i in ids))
+
+
+async def _take(follow_dir: Path, settings: FeedSettings, n: int | None, *, live: bool = False) -> list[str]:
+    got: list[str] = []
+    async with follow_files(follow_dir, consumer="rm", settings=settings, live=live) as lines:
+        async for line in lines:
+            got.append(line.record()["adapter_session_id"])
+            if n is not None and len(got) == n:
+                break
+    return got
+
+
+async def test_file_follower_resumes_and_never_reads_temporaries(tmp_path: Path) -> None:
+    """Final files only, each line once across a stop and a restart, and a file that becomes final later
+    with an older name is still read."""
+    jsonl = tmp_path / "jsonl"
+    jsonl.mkdir()
+    settings = FeedSettings(cursor_dir=tmp_path / "cursors", poll_interval_s=0.05)
+    _final(jsonl, "sessions-20261130T010000.000000Z-a-000001.jsonl", ["a1", "a2", "a3"])
+    _final(jsonl, "sessions-20261130T020000.000000Z-b-000001.jsonl", ["b1", "b2"])
+    (jsonl / ".sessions-20261130T030000.000000Z-c-000001.jsonl.tmp").write_bytes(
+        b'{"adapter_session_id":"tmp"}\n'
+    )
+    first = await _take(jsonl, settings, 2)
+    assert first == ["a1", "a2"]
+    _final(jsonl, "sessions-20261130T003000.000000Z-z-000001.jsonl", ["z1"])  # finalised late, older name
+    rest = await _take(jsonl, settings, None)
+    assert rest == ["a3", "z1", "b1", "b2"]
+    assert await _take(jsonl, settings, None) == []
+
+    async def later() -> None:
+        await asyncio.sleep(0.3)
+        _final(jsonl, "sessions-20261130T040000.000000Z-d-000001.jsonl", ["d1"])
+
+    writer = asyncio.create_task(later())
+    assert await asyncio.wait_for(_take(jsonl, settings, 1, live=True), 10) == ["d1"]
+    await writer
+
+
+async def test_an_error_in_the_loop_hands_the_session_out_again(tmp_path: Path) -> None:
+    """A line whose processing raised is not counted as finished: the next follow starts with it."""
+    jsonl = tmp_path / "jsonl"
+    jsonl.mkdir()
+    settings = FeedSettings(cursor_dir=tmp_path / "cursors")
+    _final(jsonl, "sessions-20261130T010000.000000Z-a-000001.jsonl", ["a1", "a2", "a3"])
+
+    async def trainer() -> None:
+        async with follow_files(jsonl, consumer="rm", settings=settings, live=False) as lines:
+            async for line in lines:
+                if line.record()["adapter_session_id"] == "a2":
+                    raise RuntimeError("the trainer failed on a2")
+
+    with pytest.raises(RuntimeError):
+        await trainer()
+    assert await _take(jsonl, settings, None) == ["a2", "a3"]
+
+
+# --- against the real broker, database and ingestor --------------------------------------------------
+
+
+async def _follow_all(
+    settings: IngestorSettings, feed: FeedSettings, *, start: object, idle_s: float = 3.0
+) -> list[bytes]:
+    """Every session the follow hands out until none arrives for ``idle_s``."""
+    got: list[bytes] = []
+    stop = asyncio.Event()
+    async with follow_sessions(feed, start=start, stop=stop) as sessions:  # type: ignore[arg-type]
+        iterator = aiter(sessions)
+        while True:
+            try:
+                session = await asyncio.wait_for(anext(iterator), idle_s)
+            except TimeoutError:
+                break
+            got.append(session.line)
+    return got
+
+
+def _feed_settings(settings: IngestorSettings, tmp_path: Path) -> FeedSettings:
+    return FeedSettings(amqp_url=settings.amqp_url, prefix=settings.prefix, cursor_dir=tmp_path / "cursors")
+
+
+def _file_lines(directory: Path) -> dict[str, bytes]:
+    return {
+        orjson.loads(line)["adapter_session_id"]: line
+        for path in sorted(directory.glob("sessions-*"))
+        for line in read_lines(path)
+    }
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+async def test_stream_replays_every_session_and_from_a_point_in_time(
+    make_database, amqp_url: str, tmp_path: Path
+) -> None:
+    """Every session made final is in the stream once, byte-identical to its file line; a replay from a
+    time between two loads returns exactly the second load's sessions."""
+    settings = await fresh_settings(make_database, amqp_url, tmp_path / "jsonl")
+    feed = _feed_settings(settings, tmp_path)
+    gen_a, gen_b = generate(120, seed=31), generate(80, seed=32)
+    try:
+        async with running(settings):
+            await publish(amqp_url, settings.topology(), bodies(gen_a.in_order()))
+            await wait_drained(settings, gen_a)
+            await asyncio.sleep(0.5)  # the last batch's lines reach the stream after its commit
+            between = datetime.now(tz=UTC)
+            await asyncio.sleep(0.2)
+            await publish(amqp_url, settings.topology(), bodies(gen_b.in_order()))
+            await wait_drained(settings, _merged(gen_a, gen_b))
+        everything = await _follow_all(settings, feed, start="first")
+        replayed = await _follow_all(settings, feed, start=between)
+    finally:
+        await delete_topology(amqp_url, settings.topology())
+    ids = [orjson.loads(x)["adapter_session_id"] for x in everything]
+    assert Counter(ids).most_common(1)[0][1] == 1
+    assert set(ids) == gen_a.exported() | gen_b.exported()
+    files = _file_lines(settings.jsonl_dir)
+    assert dict(zip(ids, everything, strict=True)) == files
+    assert {orjson.loads(x)["adapter_session_id"] for x in replayed} == gen_b.exported()
+
+
+def _merged(a: Generated, b: Generated) -> Generated:
+    merged = Generated()
+    merged.sessions = [*a.sessions, *b.sessions]
+    return merged
+
+
+def _follower(settings: IngestorSettings, tmp_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "AMQP_URL": settings.amqp_url,
+        "ATLAS_PREFIX": settings.prefix,
+        "FEED_CURSOR_DIR": str(tmp_path / "cursors"),
+        "LOG_LEVEL": "WARNING",
+    }
+    cmd = [sys.executable, "-m", "feed", "follow", "--from", "first", "--consumer", "trainer", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+async def test_a_follower_killed_mid_stream_resumes_without_a_gap(
+    make_database, amqp_url: str, tmp_path: Path
+) -> None:
+    """`python -m feed follow --consumer` SIGKILLed while sessions flow, then started again: together
+    the two runs print every session, with at most the one in hand at the kill printed twice."""
+    settings = await fresh_settings(make_database, amqp_url, tmp_path / "jsonl")
+    gen = generate(300, seed=33)
+    try:
+        async with running(settings):
+            await publish(amqp_url, settings.topology(), bodies(gen.in_order()))
+            await wait_drained(settings, gen)
+            await asyncio.sleep(0.5)
+            want = len(exported_counts(settings.jsonl_dir)) or len(gen.exported())
+            first = _follower(settings, tmp_path)
+            assert first.stdout is not None
+            lines: list[bytes] = []
+            deadline = time.monotonic() + 60
+            while len(lines) < want // 3 and time.monotonic() < deadline:
+                lines.append(await asyncio.to_thread(first.stdout.readline))
+            first.send_signal(signal.SIGKILL)
+            rest, _ = await asyncio.to_thread(first.communicate)
+            lines += [x + b"\n" for x in rest.splitlines()]
+            second = _follower(settings, tmp_path, "--idle-exit-s", "3")
+            out, _ = await asyncio.to_thread(second.communicate, None, 60)
+            assert second.returncode == 0
+    finally:
+        await delete_topology(amqp_url, settings.topology())
+    before = [orjson.loads(x)["adapter_session_id"] for x in lines if x.strip()]
+    after = [orjson.loads(x)["adapter_session_id"] for x in out.splitlines() if x.strip()]
+    assert 0 < len(before) < len(gen.exported())
+    assert set(before) | set(after) == gen.exported()
+    assert len(set(before) & set(after)) <= 1
+    assert len(after) == len(set(after))
