@@ -1,6 +1,6 @@
 """What every atlas-pipeline service shares: logging, settings base, topology, URL checks and redaction."""
 
-from atlas_common._broker import BROKER_ERRORS, BrokerConnection, sleep_unless
+from atlas_common._broker import BROKER_ERRORS, BrokerConnection, connect_any, sleep_unless
 from atlas_common._db import DB_TRANSIENT_ERRORS
 from atlas_common._deadletter import (
     DEAD_AT_HEADER,
@@ -42,6 +42,7 @@ from atlas_common._urls import (
     redact_url,
     scrub_secrets,
     scrub_text,
+    split_urls,
     strip_url,
     url_secrets,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "check_amqp_url",
     "check_database_url",
     "configure_logging",
+    "connect_any",
     "dead_letter_headers",
     "persistent_copy",
     "publish_confirmed",
@@ -89,6 +91,7 @@ __all__ = [
     "serve_metrics",
     "settings_problems",
     "sleep_unless",
+    "split_urls",
     "strip_url",
     "url_secrets",
 ]

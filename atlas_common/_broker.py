@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from typing import Any
 
 import aio_pika
@@ -18,7 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import AMQPError
 
 from atlas_common._resource import Resource
-from atlas_common._urls import redact_url
+from atlas_common._urls import redact_url, split_urls
 
 BROKER_ERRORS = (
     AMQPError,
@@ -32,9 +33,33 @@ BROKER_ERRORS = (
 """Everything the broker client raises when RabbitMQ, the connection or the channel is not there."""
 
 
+async def connect_any(url: str, *, timeout_s: float = 10.0, name: str = "atlas") -> AbstractConnection:
+    """A connection to the first node of ``url`` (one URL, or a comma-separated list of a cluster's nodes)
+    that answers, trying them from a random one on, so that many processes spread over the nodes and a
+    node that went away is left for the next. Raises the last node's error when none answers."""
+    urls = split_urls(url)
+    first = random.randrange(len(urls))  # noqa: S311 -- load spreading, not security
+    error: BaseException | None = None
+    for candidate in urls[first:] + urls[:first]:
+        try:
+            return await aio_pika.connect(
+                candidate, timeout=timeout_s, client_properties={"connection_name": name}
+            )
+        except StopAsyncIteration:
+            # aiormq's way of saying the peer closed the socket in the middle of the handshake (a broker
+            # going down, a load balancer with no backend): a connection failure like any other.
+            error = ConnectionError(f"{redact_url(candidate)} closed the connection during the handshake")
+        except BROKER_ERRORS as exc:
+            error = exc
+    assert error is not None  # noqa: S101 -- split_urls never returns an empty list
+    raise error
+
+
 class BrokerConnection(Resource):
     """``async with BrokerConnection(url) as broker``: ``broker.lost`` is set once the connection or any
-    channel opened through it closes unexpectedly; ``close()`` is safe twice."""
+    channel opened through it closes unexpectedly; ``close()`` is safe twice. ``url`` may list a cluster's
+    nodes (:func:`connect_any`): a service whose node goes away reconnects, with the same backoff, to one
+    that answers."""
 
     def __init__(self, url: str, *, connect_timeout_s: float = 10.0, name: str = "atlas") -> None:
         self._url = url
@@ -52,14 +77,7 @@ class BrokerConnection(Resource):
         """Connect (a no-op when already open, so ``open()`` then ``async with`` is one connection)."""
         if self._connection is not None:
             return
-        try:
-            self._connection = await aio_pika.connect(
-                self._url, timeout=self._timeout, client_properties={"connection_name": self._name}
-            )
-        except StopAsyncIteration:
-            # aiormq's way of saying the peer closed the socket in the middle of the handshake (a broker
-            # going down, a load balancer with no backend): a connection failure like any other.
-            raise ConnectionError("the broker closed the connection during the handshake") from None
+        self._connection = await connect_any(self._url, timeout_s=self._timeout, name=self._name)
         self._connection.close_callbacks.add(self._on_close)
 
     async def channel(

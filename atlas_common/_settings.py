@@ -6,7 +6,7 @@ import os
 import warnings
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, Field, ValidationError
+from pydantic import AfterValidator, AliasChoices, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -81,8 +81,11 @@ class BrokerSettings(BaseSettings):
 
     # repr=False: settings objects end up in logs, and a URL may hold a password.
     amqp_url: AmqpUrl = Field(
-        default="amqp://guest:guest@127.0.0.1:5672/", repr=False, validation_alias="AMQP_URL"
+        default="amqp://guest:guest@127.0.0.1:5672/",
+        repr=False,
+        validation_alias=AliasChoices("AMQP_URL", "AMQP_URLS"),
     )
+    """One broker URL, or a cluster's nodes as a comma-separated list of URLs (``AMQP_URLS`` works too)."""
     prefix: str = Field(default="atlas", pattern=r"^[A-Za-z0-9_.-]+$", validation_alias="ATLAS_PREFIX")
     queue_type: Literal["quorum", "classic"] = Field(default="quorum", validation_alias="ATLAS_QUEUE_TYPE")
     max_attempts: int = Field(default=3, ge=1, le=20, validation_alias="ATLAS_MAX_ATTEMPTS")

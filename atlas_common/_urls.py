@@ -7,6 +7,7 @@ with these functions, so a new place for a secret is handled once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterator
 from typing import Final
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
@@ -21,6 +22,13 @@ UNPARSEABLE: Final = "<unparseable url>"
 _MAX_PORT: Final = 65_535
 _AMQP_SCHEMES: Final = frozenset({"amqp", "amqps"})
 _POSTGRES_SCHEMES: Final = frozenset({"postgresql", "postgres"})
+_NEXT_AMQP_URL: Final = re.compile(r"\s*,\s*(?=amqps?://)")
+
+
+def split_urls(text: str) -> list[str]:
+    """The URLs of a broker address list: ``amqp://a:5672/,amqp://b:5672/`` (each URL whole, with its own
+    credentials, so nodes may differ in port or TLS). A single URL gives a list of one."""
+    return [u for u in _NEXT_AMQP_URL.split(text.strip()) if u] or [text]
 
 
 def redact_url(url: str) -> str:
@@ -28,7 +36,11 @@ def redact_url(url: str) -> str:
 
     ``amqp://user:secret@host/?token=t`` -> ``amqp://user:***@host/?token=***``. The host part is kept
     as written (several hosts, a bad port), so the operator sees where the URL points. A URL whose
-    password holds an unencoded ``/``, ``?`` or ``#`` cannot be split safely: it is not shown at all."""
+    password holds an unencoded ``/``, ``?`` or ``#`` cannot be split safely: it is not shown at all.
+    A list of broker URLs is redacted URL by URL."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        return ",".join(redact_url(u) for u in urls)
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -51,6 +63,9 @@ def redact_url(url: str) -> str:
 
 def strip_url(url: str) -> str:
     """``scheme://host:port/path`` of ``url``: no user info, query or fragment (any may carry a secret)."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        return ",".join(strip_url(u) for u in urls)
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -65,6 +80,9 @@ def strip_url(url: str) -> str:
 
 def url_secrets(url: str) -> frozenset[str]:
     """The secrets of ``url`` as they may appear in text: each raw and percent-decoded."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        return frozenset().union(*(url_secrets(u) for u in urls))
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -91,13 +109,21 @@ def scrub_secrets(text: str, url: str) -> str:
 
 
 def check_amqp_url(url: str) -> str:
-    """``url`` if aio-pika can connect with it, else ValueError saying why (the URL shown redacted)."""
+    """``url`` if aio-pika can connect with it, else ValueError saying why (the URL shown redacted). A
+    comma-separated list of URLs (the nodes of a cluster) is checked URL by URL."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        for each in urls:
+            check_amqp_url(each)
+        return url
     parts = _split(url, "AMQP")
     if parts.scheme not in _AMQP_SCHEMES:
         raise _invalid("AMQP", url, "it must start with amqp:// or amqps://")
     hostlist = parts.netloc.rpartition("@")[2]
     if "," in hostlist:
-        raise _invalid("AMQP", url, "it names more than one host")
+        raise _invalid(
+            "AMQP", url, "it names more than one host (list whole URLs instead: amqp://a/,amqp://b/)"
+        )
     _check_port(url, "AMQP", hostlist)
     if not parts.hostname:
         raise _invalid("AMQP", url, "it names no host")

@@ -12,11 +12,10 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from atlas_common import BROKER_ERRORS, BrokerUnavailable, redact_url, scrub_secrets
+from atlas_common import BROKER_ERRORS, BrokerUnavailable, connect_any, redact_url, scrub_secrets
 
 _QUIET_LOGGERS = ("aiormq", "aio_pika")
 
@@ -28,9 +27,10 @@ def quiet_broker_logs() -> None:
 
 
 async def connect(url: str, *, timeout_s: float = 10.0, name: str = "atlas-producer") -> AbstractConnection:
-    """A plain (non-robust) connection, or :class:`BrokerUnavailable` naming the URL without its secret."""
+    """A plain (non-robust) connection to the first node of ``url`` that answers, or
+    :class:`BrokerUnavailable` naming the URL without its secret."""
     try:
-        return await aio_pika.connect(url, timeout=timeout_s, client_properties={"connection_name": name})
+        return await connect_any(url, timeout_s=timeout_s, name=name)
     except (*BROKER_ERRORS, ValueError) as exc:
         detail = scrub_secrets(str(exc) or type(exc).__name__, url)
         raise BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(url)}: {detail}") from None

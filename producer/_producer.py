@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from atlas_common import (
     publish_confirmed,
     redact_url,
     scrub_secrets,
+    split_urls,
 )
 from producer._errors import PublishRejected
 from schemas import TaskMessage, encode
@@ -70,7 +72,7 @@ class Producer(Resource):
 
     async def open(self) -> None:
         try:
-            self._connection = await aio_pika.connect_robust(self._url, timeout=self._connect_timeout_s)
+            self._connection = await _connect_robust(self._url, self._connect_timeout_s)
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._exchange, _ = await self._topology.declare_tasks(self._channel)
         except (OSError, AMQPError, TimeoutError, ValueError) as exc:  # ValueError: a URL aio-pika refuses
@@ -157,3 +159,17 @@ async def _aiter(tasks: Iterable[TaskMessage] | AsyncIterable[TaskMessage]) -> A
     else:
         for task in tasks:
             yield task
+
+
+async def _connect_robust(url: str, timeout_s: float) -> AbstractRobustConnection:
+    """A robust connection to the first node of ``url`` (one URL or a cluster's list, from a random one on)
+    that answers. It stays with that node: a long submit whose node goes away waits for it to return."""
+    urls = split_urls(url)
+    first = random.randrange(len(urls))  # noqa: S311 -- load spreading, not security
+    error: Exception | None = None
+    for candidate in urls[first:] + urls[:first]:
+        try:
+            return await aio_pika.connect_robust(candidate, timeout=timeout_s)
+        except (OSError, AMQPError, TimeoutError) as exc:
+            error = exc
+    raise error or ConnectionError("no broker URL")
