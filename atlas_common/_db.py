@@ -1,8 +1,9 @@
-"""What every service treats as "PostgreSQL is not reachable right now" (retry later, blame no data)."""
+"""What every service treats as "PostgreSQL is not reachable right now" (retry later, blame no data), and
+the driver options for a service whose URL goes through a connection pooler."""
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final, Literal
 
 import asyncpg
 
@@ -18,3 +19,34 @@ DB_TRANSIENT_ERRORS: Final = (
     asyncpg.InternalClientError,
 )
 """Connection-level failures: the server went away, restarted, or the driver lost track of a connection."""
+
+DbPooler = Literal["none", "transaction"]
+"""What sits between a service and PostgreSQL: ``none`` (a direct or session-pooled connection) or
+``transaction`` (PgBouncer ``pool_mode = transaction`` or the like: each transaction may run on another server
+connection, so nothing may rely on session state between transactions)."""
+
+
+def connect_options(pooler: DbPooler) -> dict[str, Any]:
+    """``asyncpg.connect`` options for ``pooler``.
+
+    Behind a transaction pooler asyncpg's named prepared statements would be prepared on one server
+    connection and executed on another ("prepared statement ... does not exist"); ``statement_cache_size=0``
+    makes it use the unnamed statement and re-Parse it in the same Sync as its Bind/Execute (asyncpg's own
+    advice for PgBouncer, and what asyncpg >= 0.29 does when the cache is off). It costs a second Parse per
+    statement, which is why a direct connection keeps the cache."""
+    return {"statement_cache_size": 0} if pooler == "transaction" else {}
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """No reset query: see :func:`pool_options`."""
+
+
+def pool_options(pooler: DbPooler) -> dict[str, Any]:
+    """``asyncpg.create_pool`` options for ``pooler``: :func:`connect_options`, and behind a transaction
+    pooler no reset query on release. asyncpg's reset (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL``) would run on whichever server connection the pooler picks, not the one this client used:
+    it cleans nothing of ours and costs a round trip per release (the pooler cleans server connections
+    itself). An open transaction is still rolled back by asyncpg before the reset hook runs."""
+    if pooler != "transaction":
+        return {}
+    return {**connect_options(pooler), "reset": _keep_session}

@@ -5,6 +5,11 @@ file this process opens. While the connection lives, nobody else can take the lo
 the file alone. When the connection is lost the server releases the lock, a recoverer may finalize the
 file, and this process must stop using it: :meth:`Liveness.ensure` then connects again under a new
 generation (a new token and key), and the writer sees the token change and starts a new file.
+
+The lock is session state, so this connection uses ``liveness_url``, never a transaction pooler: behind
+one, the lock would be held by a server connection the pooler keeps (and lends to others) after this
+process died, and its files would never be recovered. Recoverers test the lock with a transaction-level
+``pg_try_advisory_xact_lock`` (``_recovery``), which conflicts with it and is safe through any pooler.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ class Liveness(Resource):
         self._generation += 1
         token = f"{self._settings.ingestor_id}/{self._nonce}/{self._generation}"
         try:
-            conn = await connect(self._settings)
+            conn = await connect(self._settings, self._settings.liveness_url)
         except DB_ERRORS as err:
             raise classify(err) from err
         try:

@@ -1,15 +1,15 @@
 """Recovery: finish the open JSONL files of dead owners, and delete stale hidden temporaries.
 
 An owner is dead when its owner-token advisory lock can be taken (see ``_liveness``); the recoverer holds
-that lock while it works, so two recoverers never work on one file, then releases it. The file is
-finalized by :func:`ingestor._jsonl.finalize_locked` under the ``jsonl_files`` row lock, which is what
-makes a recovered file and a live owner's roll mutually exclusive (the proof is in ``_jsonl``).
+that lock (transaction-level) through the transaction it works in, so two recoverers never work on one
+file. The file is finalized by :func:`ingestor._jsonl.finalize_locked` under the ``jsonl_files`` row
+lock, which is what makes a recovered file and a live owner's roll mutually exclusive (the proof is in
+``_jsonl``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from ingestor import _files, _sql
 from ingestor._jsonl import finalize_locked
 from ingestor._liveness import Liveness, lock_key
 from ingestor._settings import IngestorSettings
-from ingestor._store import DB_ERRORS, Store
+from ingestor._store import Store
 from ingestor._stream import SessionStream
 
 _log = structlog.get_logger("ingestor.recovery")
@@ -82,14 +82,11 @@ class Recoverer:
                     paths = recovering.get(row["name"])
                     if paths is None:
                         continue
-                    key = lock_key(row["owner_token"])
-                    if not await conn.fetchval(_sql.TRY_LOCK, key):
-                        continue  # the owner or a recoverer is at work: its tmp may be in use
-                    try:
+                    # The lock lasts as long as this transaction: the deletes happen while it is held.
+                    async with conn.transaction():
+                        if not await conn.fetchval(_sql.TRY_XACT_LOCK, lock_key(row["owner_token"])):
+                            continue  # the owner or a recoverer is at work: its tmp may be in use
                         deleted += await self._delete([(path, "open") for path in paths])
-                    finally:
-                        with contextlib.suppress(*DB_ERRORS):
-                            await conn.fetchval(_sql.UNLOCK, key)
         return deleted
 
     @staticmethod
@@ -117,24 +114,21 @@ class Recoverer:
                 except ValueError:
                     _log.error("recovery.bad_file_name", file=name)
                     continue
-                key = lock_key(token)
-                if not await conn.fetchval(_sql.TRY_LOCK, key):
-                    continue  # the owner is alive
-                try:
-                    async with conn.transaction():
-                        locked = await conn.fetchrow(_sql.FILE_LOCK, name)
-                        if locked is None or locked["state"] != "open":
-                            continue
-                        how = await finalize_locked(conn, self._dir, name, None, self._stream)
-                    recovered += 1
-                    _log.warning(
-                        "recovery.file_finalized",
-                        file=name,
-                        owner_token=token,
-                        how=how,
-                        sessions=locked["sessions"],
-                    )
-                finally:
-                    with contextlib.suppress(*DB_ERRORS):
-                        await conn.fetchval(_sql.UNLOCK, key)
+                # One transaction holds the owner's lock (transaction-level: it ends with the commit, and
+                # works through a transaction pooler) and the file's row lock while the file is finalized.
+                async with conn.transaction():
+                    if not await conn.fetchval(_sql.TRY_XACT_LOCK, lock_key(token)):
+                        continue  # the owner is alive
+                    locked = await conn.fetchrow(_sql.FILE_LOCK, name)
+                    if locked is None or locked["state"] != "open":
+                        continue
+                    how = await finalize_locked(conn, self._dir, name, None, self._stream)
+                recovered += 1
+                _log.warning(
+                    "recovery.file_finalized",
+                    file=name,
+                    owner_token=token,
+                    how=how,
+                    sessions=locked["sessions"],
+                )
         return recovered

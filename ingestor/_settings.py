@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from atlas_common import DEFAULT_DATABASE_URL, BrokerSettings, DatabaseUrl
+from atlas_common._db import DbPooler
 
 Compression = Literal["none", "gzip", "zstd"]
 
@@ -40,6 +41,15 @@ class IngestorSettings(BrokerSettings):
     database_url: DatabaseUrl = Field(
         default=DEFAULT_DATABASE_URL, repr=False, validation_alias="DATABASE_URL"
     )
+    db_pooler: DbPooler = "none"
+    """``transaction`` when DATABASE_URL goes through a transaction pooler (PgBouncer ``pool_mode =
+    transaction``): no prepared-statement cache, no reset query, and then ``liveness_database_url`` is
+    required. ``none`` for a direct or session-pooled connection."""
+    liveness_database_url: DatabaseUrl | None = Field(default=None, repr=False)
+    """The one connection that holds this process's owner lock (a session-level advisory lock) for the
+    process's life: must be a direct or session-pooled connection to the same database (behind a
+    transaction pooler the lock would stay with a shared server connection after this process died).
+    Default: DATABASE_URL."""
     ingestor_id: str = Field(default_factory=default_ingestor_id, pattern=INGESTOR_ID_PATTERN)
 
     batch_max_messages: int = Field(default=1000, ge=1, le=_MAX_PREFETCH // 2)
@@ -100,6 +110,15 @@ class IngestorSettings(BrokerSettings):
         return value
 
     @model_validator(mode="after")
+    def _liveness_not_transaction_pooled(self) -> IngestorSettings:
+        if self.db_pooler == "transaction" and self.liveness_database_url is None:
+            raise ValueError(
+                "INGESTOR_DB_POOLER=transaction needs INGESTOR_LIVENESS_DATABASE_URL: a direct or "
+                "session-pooled connection to the same database (the owner lock is session state)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _zstd_available(self) -> IngestorSettings:
         if self.jsonl_compression == "zstd":
             try:
@@ -110,6 +129,11 @@ class IngestorSettings(BrokerSettings):
                     "pip install 'atlas-pipeline[zstd]'"
                 ) from None
         return self
+
+    @property
+    def liveness_url(self) -> str:
+        """Where the owner lock's connection goes (see ``liveness_database_url``)."""
+        return self.liveness_database_url or self.database_url
 
     @property
     def prefetch_count(self) -> int:

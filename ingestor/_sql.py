@@ -191,7 +191,10 @@ SELECT name, owner_token FROM jsonl_files WHERE state = 'open' AND owner_token <
 """
 
 TRY_LOCK: Final = "SELECT pg_try_advisory_lock($1::int8)"
-UNLOCK: Final = "SELECT pg_advisory_unlock($1::int8)"
+"""The owner lock, session-level: only on the liveness connection."""
+TRY_XACT_LOCK: Final = "SELECT pg_try_advisory_xact_lock($1::int8)"
+"""A recoverer's test of an owner lock: conflicts with the session lock, ends with its transaction (so it
+works through a transaction pooler and is never left behind by a failed unlock)."""
 
 FILE_SESSION_IDS: Final = "SELECT id FROM sessions WHERE export_file = $1 ORDER BY id"
 

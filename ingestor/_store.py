@@ -14,6 +14,7 @@ import orjson
 import structlog
 
 from atlas_common import Resource, redact_url
+from atlas_common._db import connect_options, pool_options
 from ingestor import _sql
 from ingestor._batch import MergedBatch, Problem, RecordKey, key_of, task_lock_key
 from ingestor._errors import (
@@ -94,12 +95,17 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(name, encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
 
 
-async def connect(settings: IngestorSettings) -> asyncpg.Connection:
-    """One connection with the pool's codecs (liveness, recovery locks)."""
+async def connect(settings: IngestorSettings, url: str | None = None) -> asyncpg.Connection:
+    """One connection with the pool's codecs to ``url`` (default DATABASE_URL, through its pooler)."""
+    if url is None:
+        url, options = settings.database_url, connect_options(settings.db_pooler)
+    else:  # the liveness URL: direct or session-pooled by contract, so the statement cache is safe
+        options = {}
     conn = await asyncpg.connect(
-        settings.database_url,
+        url,
         timeout=settings.db_connect_timeout_s,
         command_timeout=settings.db_command_timeout_s,
+        **options,
     )
     await _init_connection(conn)
     return conn
@@ -144,6 +150,7 @@ class Store(Resource):
             init=_init_connection,
             timeout=self._settings.db_connect_timeout_s,
             command_timeout=self._settings.db_command_timeout_s,
+            **pool_options(self._settings.db_pooler),
         )
 
     async def close(self) -> None:

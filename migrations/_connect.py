@@ -53,11 +53,11 @@ _FAILURES: tuple[tuple[type[BaseException], UnreachableReason, str, str], ...] =
 _CAUGHT = tuple(exc_type for exc_type, *_ in _FAILURES)
 
 
-async def connect(url: str, *, timeout_s: float) -> asyncpg.Connection:
+async def connect(url: str, *, timeout_s: float, statement_cache_size: int = 100) -> asyncpg.Connection:
     """A connection to ``url``; DatabaseUnreachable names host, port and database, never the password."""
     target = parse_target(url)
     try:
-        return await asyncpg.connect(url, timeout=timeout_s)
+        return await asyncpg.connect(url, timeout=timeout_s, statement_cache_size=statement_cache_size)
     except _CAUGHT as err:
         raise _unreachable(err, url, target) from err
 

@@ -86,7 +86,10 @@ async def migration_status(
     Raises the same ChecksumMismatch an apply run would.
     """
     migrations = discover(directory)
-    conn = await connect(database_url, timeout_s=connect_timeout_s)
+    # No statement cache: the services call this with their own URL, which may go through a transaction
+    # pooler (PgBouncer), where a named statement can be prepared on one server connection and run on
+    # another. A few statements at start-up: the extra Parse each costs nothing that matters.
+    conn = await connect(database_url, timeout_s=connect_timeout_s, statement_cache_size=0)
     try:
         recorded: dict[int, RecordedMigration] = {}
         if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):

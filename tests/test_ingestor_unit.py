@@ -16,6 +16,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from atlas_common._db import connect_options, pool_options
 from ingestor import IngestorSettings, build_line, read_lines
 from ingestor._batch import merge_batch, task_lock_key
 from ingestor._consumer import collect
@@ -359,3 +360,25 @@ def test_prefetch_follows_message_size() -> None:
     assert prefetch_for(500, 16 * 1024 * 1024, 2000) == 2000
     assert prefetch_for(256 * 1024, 16 * 1024 * 1024, 2000) == 64
     assert prefetch_for(50 * 1024 * 1024, 16 * 1024 * 1024, 2000) == 8
+
+
+def test_transaction_pooler_needs_a_direct_liveness_url() -> None:
+    """INGESTOR_DB_POOLER=transaction without INGESTOR_LIVENESS_DATABASE_URL is refused; with it, only the
+    owner lock's connection uses it."""
+    pooled = "postgresql://atlas@pgbouncer:6432/atlas"
+    with pytest.raises(ValidationError, match="INGESTOR_LIVENESS_DATABASE_URL"):
+        IngestorSettings(database_url=pooled, db_pooler="transaction")
+    settings = IngestorSettings(
+        database_url=pooled, db_pooler="transaction", liveness_database_url="postgresql://atlas@db:5432/atlas"
+    )
+    assert (settings.database_url, settings.liveness_url) == (pooled, "postgresql://atlas@db:5432/atlas")
+    assert IngestorSettings(database_url=pooled).liveness_url == pooled
+
+
+def test_pool_options_behind_a_transaction_pooler() -> None:
+    """Behind a transaction pooler asyncpg gets no statement cache and no reset query; direct keeps both."""
+    assert pool_options("none") == connect_options("none") == {}
+    assert connect_options("transaction") == {"statement_cache_size": 0}
+    options = pool_options("transaction")
+    assert options["statement_cache_size"] == 0
+    assert callable(options["reset"])

@@ -29,6 +29,7 @@ import asyncpg
 import structlog
 
 from atlas_common import DB_TRANSIENT_ERRORS, Backoff, Resource, redact_url
+from atlas_common._db import DbPooler, pool_options
 from worker.runtime._ledger_group import (
     Claim,
     ClaimOp,
@@ -72,6 +73,7 @@ class TaskLedger(Resource):
         stale_after_s: float = 60.0,
         op_timeout_s: float = 60.0,
         pool_size: int = 2,
+        pooler: DbPooler = "none",
         stopping: asyncio.Event | None = None,
     ) -> None:
         if stale_after_s < 3 * heartbeat_s:
@@ -82,6 +84,7 @@ class TaskLedger(Resource):
         self._stale_after = timedelta(seconds=stale_after_s)
         self._op_timeout_s = op_timeout_s
         self._pool_size = pool_size
+        self._pooler: DbPooler = pooler
         self._pool: asyncpg.Pool | None = None
         self._stopping = stopping or asyncio.Event()
         self._pending = Group()
@@ -97,7 +100,11 @@ class TaskLedger(Resource):
             return
         try:
             self._pool = await asyncpg.create_pool(
-                self._url, min_size=1, max_size=self._pool_size, command_timeout=30
+                self._url,
+                min_size=1,
+                max_size=self._pool_size,
+                command_timeout=30,
+                **pool_options(self._pooler),
             )
         except (*DB_TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
             raise LedgerUnavailable(f"cannot reach PostgreSQL at {redact_url(self._url)}: {exc!r}") from exc

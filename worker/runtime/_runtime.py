@@ -95,6 +95,7 @@ class Worker:
             stale_after_s=settings.ledger_stale_after_s,
             op_timeout_s=settings.ledger_timeout_s,
             pool_size=settings.ledger_pool_size,
+            pooler=settings.db_pooler,
             stopping=self._stopping,
         ) as ledger:
             await check_database(settings, ledger)

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from atlas_common import DEFAULT_DATABASE_URL, BrokerSettings, DatabaseUrl
+from atlas_common._db import DbPooler
 
 
 def default_worker_id() -> str:
@@ -25,6 +26,10 @@ class WorkerSettings(BrokerSettings):
     database_url: DatabaseUrl = Field(
         default=DEFAULT_DATABASE_URL, repr=False, validation_alias="DATABASE_URL"
     )
+    db_pooler: DbPooler = "none"
+    """``transaction`` when DATABASE_URL goes through a transaction pooler (PgBouncer ``pool_mode =
+    transaction``): the ledger then keeps no session state between transactions (no prepared-statement
+    cache, no reset query). ``none`` for a direct or session-pooled connection."""
     concurrency: int = Field(default=16, ge=1, le=10_000)
     adapters: tuple[str, ...] = Field(default=())
     """``name=module:attr`` specs; the first is the default. Empty: the built-in demo adapter."""
@@ -36,6 +41,8 @@ class WorkerSettings(BrokerSettings):
     telemetry_linger_s: float = Field(default=0.002, ge=0, le=1)
     """How long a telemetry record may wait for others to share its broker message."""
     ledger_pool_size: int = Field(default=2, ge=1, le=100)
+    """Most PostgreSQL connections the ledger opens (it commits one group at a time: one is busy at once,
+    the second serves the start-up privilege check and a commit that overlaps a reconnect)."""
     ledger_heartbeat_s: float = Field(default=5.0, gt=0, le=300)
     """How often the worker marks the tasks it runs as alive in the task ledger."""
     ledger_stale_after_s: float = Field(default=60.0, gt=0)
