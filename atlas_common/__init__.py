@@ -1,7 +1,7 @@
 """What every atlas-pipeline service shares: logging, settings base, topology, URL checks and redaction."""
 
 from atlas_common._broker import BROKER_ERRORS, BrokerConnection, connect_any, sleep_unless
-from atlas_common._db import DB_TRANSIENT_ERRORS
+from atlas_common._db import DB_TRANSIENT_ERRORS, DbPooler, connect_options, pool_options
 from atlas_common._deadletter import (
     DEAD_AT_HEADER,
     LAST_ERROR_HEADER,
@@ -72,6 +72,7 @@ __all__ = [
     "BrokerSettings",
     "BrokerUnavailable",
     "DatabaseUrl",
+    "DbPooler",
     "LogFormat",
     "MetricsServerError",
     "PublishNotConfirmed",
@@ -81,8 +82,10 @@ __all__ = [
     "check_database_url",
     "configure_logging",
     "connect_any",
+    "connect_options",
     "dead_letter_headers",
     "persistent_copy",
+    "pool_options",
     "publish_confirmed",
     "redact_url",
     "run",

@@ -12,8 +12,7 @@ from typing import Final, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from atlas_common import DEFAULT_DATABASE_URL, BrokerSettings, DatabaseUrl
-from atlas_common._db import DbPooler
+from atlas_common import DEFAULT_DATABASE_URL, BrokerSettings, DatabaseUrl, DbPooler
 
 Compression = Literal["none", "gzip", "zstd"]
 

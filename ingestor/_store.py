@@ -13,8 +13,7 @@ import asyncpg
 import orjson
 import structlog
 
-from atlas_common import Resource, redact_url
-from atlas_common._db import connect_options, pool_options
+from atlas_common import Resource, connect_options, pool_options, redact_url
 from ingestor import _sql
 from ingestor._batch import MergedBatch, Problem, RecordKey, key_of, task_lock_key
 from ingestor._errors import (

@@ -28,8 +28,7 @@ from typing import Any, Final, TypeVar
 import asyncpg
 import structlog
 
-from atlas_common import DB_TRANSIENT_ERRORS, Backoff, Resource, redact_url
-from atlas_common._db import DbPooler, pool_options
+from atlas_common import DB_TRANSIENT_ERRORS, Backoff, DbPooler, Resource, pool_options, redact_url
 from worker.runtime._ledger_group import (
     Claim,
     ClaimOp,

@@ -8,8 +8,7 @@ import socket
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from atlas_common import DEFAULT_DATABASE_URL, BrokerSettings, DatabaseUrl
-from atlas_common._db import DbPooler
+from atlas_common import DEFAULT_DATABASE_URL, BrokerSettings, DatabaseUrl, DbPooler
 
 
 def default_worker_id() -> str:
