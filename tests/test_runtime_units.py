@@ -14,7 +14,7 @@ import pytest
 from atlas_common import RETRY_HEADER, PublishNotConfirmed, Topology
 from schemas import TaskMessage, decode_telemetry, encode
 from worker.runtime import AdapterRegistry, WorkerMetrics, WorkerSettings
-from worker.runtime._ledger_group import Claim
+from worker.runtime._ledger_group import Claim, GroupResult
 from worker.runtime._policy import Ack, DeadLetter, Retry, Settler
 from worker.runtime._taskrun import Services, TaskRun
 from worker.sessions import PythonAdapter
@@ -284,3 +284,12 @@ async def test_a_succeeded_close_is_the_final_attempt() -> None:
     assert await _run(_Quick, ledger, batcher).run() == Ack()
     close = batcher.records[-1]
     assert (close.status, close.close_metadata["final_attempt"]) == ("succeeded", True)
+
+
+def test_a_task_that_ended_in_the_heartbeats_own_commit_was_not_taken_over() -> None:
+    """The heartbeat runs last in a group commit: a task the same group succeeded or settled is no longer
+    running, and only the ones that no statement ended count as taken over (no false warning)."""
+    beat = {"a": "tok-a", "b": "tok-b", "c": "tok-c", "d": "tok-d"}
+    result = GroupResult(claims={}, succeeded={"b"}, settled={"c"}, alive={"a"})
+    assert result.taken_over(beat) == {"d"}
+

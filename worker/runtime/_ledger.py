@@ -254,7 +254,7 @@ class TaskLedger(Resource):
                     return
             else:
                 self._resolve(group, result)
-                lost = set(beat) - result.alive
+                lost = result.taken_over(beat)
                 if lost:
                     log.warning("ledger.claims_taken_over", tasks=sorted(lost)[:20], count=len(lost))
                 return

@@ -140,6 +140,12 @@ class GroupResult:
     settled: set[str]
     alive: set[str]
 
+    def taken_over(self, beat: dict[str, str]) -> set[str]:
+        """Heartbeated tasks that another worker holds now. A task this same group succeeded or settled is
+        no longer ``running`` by the time the heartbeat statement runs (it comes last): it ended, it was
+        not taken over."""
+        return set(beat) - self.alive - self.succeeded - self.settled
+
 
 async def apply_group(
     conn: asyncpg.Connection, group: Group, beat: dict[str, str], *, worker_id: str, stale_after: timedelta
