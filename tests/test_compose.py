@@ -22,9 +22,13 @@ import jsonschema
 import pytest
 import yaml
 
+from atlas_common import check_amqp_url, split_urls
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
-INFRA = {"rabbitmq", "postgres"}
+CLUSTER_NODES = ("rabbit-1", "rabbit-2", "rabbit-3")
+INFRA = {"rabbitmq", "postgres", *CLUSTER_NODES}
+CLUSTER_CONF = ROOT / "deploy" / "rabbitmq-cluster" / "rabbitmq.conf"
 
 
 def _compose() -> dict[str, Any]:
@@ -125,10 +129,13 @@ def test_project_services_share_the_image_and_environment() -> None:
         assert service.get("build") == ".", name
         env = service["environment"]
         assert env["LOG_FORMAT"] == "json", name
-        amqp, db = urlsplit(env["AMQP_URL"]), urlsplit(env["DATABASE_URL"])
-        assert amqp.scheme == "amqp", name
-        assert amqp.hostname in services, name
-        assert amqp.port == 5672, name
+        assert check_amqp_url(env["AMQP_URL"]) == env["AMQP_URL"], name
+        for url in split_urls(env["AMQP_URL"]):  # one node, or every node of the cluster
+            amqp = urlsplit(url)
+            assert amqp.scheme == "amqp", name
+            assert amqp.hostname in services, name
+            assert amqp.port == 5672, name
+        db = urlsplit(env["DATABASE_URL"])
         assert db.scheme == "postgresql", name
         assert db.hostname in services, name
         assert db.path == "/" + services["postgres"]["environment"]["POSTGRES_DB"], name
@@ -184,10 +191,13 @@ def test_volumes_are_declared_and_jsonl_dir_is_the_mount() -> None:
 
 
 def test_demo_producer_is_behind_the_demo_profile() -> None:
-    """The producer only runs with --profile demo, so a plain `up` never submits tasks by itself."""
+    """The producer only runs with --profile demo, so a plain `up` never submits tasks by itself; the
+    cluster's services only with --profile cluster; everything else is the plain single-node stack."""
     services = _services()
     assert services["producer"].get("profiles") == ["demo"]
-    assert all("profiles" not in svc for name, svc in services.items() if name != "producer")
+    cluster = {name for name, svc in services.items() if svc.get("profiles") == ["cluster"]}
+    assert cluster == {*CLUSTER_NODES, "ingestor-cluster", "worker-cluster"}
+    assert all("profiles" not in svc for name, svc in services.items() if name not in {"producer", *cluster})
     assert _argv(services["producer"]["command"])[:4] == ["atlas-producer", "demo", "--count", "1000"]
 
 
@@ -218,3 +228,81 @@ def test_dockerignore_keeps_the_context_small_but_buildable() -> None:
     kept = {"pyproject.toml", "README.md", "atlas_common", "schemas", "worker", "producer", "ingestor"}
     assert not kept & patterns
     assert not kept & {p.rstrip("/") for p in patterns}
+
+
+# -- the cluster profile ---------------------------------------------------------------------------------
+
+
+def _cluster_conf() -> dict[str, str]:
+    """deploy/rabbitmq-cluster/rabbitmq.conf as key -> value (the sysctl-like format RabbitMQ reads)."""
+    out: dict[str, str] = {}
+    for raw in CLUSTER_CONF.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            key, sep, value = line.partition("=")
+            assert sep, f"not a key = value line: {raw!r}"
+            assert key.strip() not in out, f"{key.strip()} set twice"
+            out[key.strip()] = value.strip()
+    return out
+
+
+def test_cluster_profile_has_three_nodes_sharing_a_cookie() -> None:
+    """rabbit-1..3: the broker image of the single-node stack, a host name each (the node name), a data
+    volume each, one Erlang cookie, the cluster's rabbitmq.conf mounted, a healthcheck, AMQP on loopback."""
+    services = _services()
+    cookies, hostnames, volumes = set(), set(), set()
+    for name in CLUSTER_NODES:
+        node = services[name]
+        assert node["image"] == services["rabbitmq"]["image"], name
+        assert node["hostname"] == name
+        hostnames.add(node["hostname"])
+        cookies.add(node["environment"]["RABBITMQ_ERLANG_COOKIE"])
+        mounts = node["volumes"]
+        assert f"./{CLUSTER_CONF.relative_to(ROOT)}:/etc/rabbitmq/conf.d/20-atlas-cluster.conf:ro" in mounts
+        data = [m for m in mounts if m.endswith(":/var/lib/rabbitmq")]
+        assert len(data) == 1, name
+        volumes.add(data[0])
+        assert node["healthcheck"]["test"][1:] == ["rabbitmq-diagnostics", "-q", "ping"]
+        assert all(str(p).startswith("127.0.0.1:") for p in node.get("ports", [])), name
+    assert len(hostnames) == len(volumes) == 3
+    assert len(cookies) == 1
+    [cookie] = cookies
+    assert re.fullmatch(r"\$\{ATLAS_ERLANG_COOKIE:-[^}]{20,}\}", cookie), "a cookie the operator can set"
+
+
+def test_cluster_conf_lists_every_node_for_classic_config_discovery() -> None:
+    """The nodes find each other by classic-config peer discovery, and the list is exactly the three
+    compose nodes (rabbit@<hostname>)."""
+    conf = _cluster_conf()
+    assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = {v for k, v in conf.items() if k.startswith("cluster_formation.classic_config.nodes.")}
+    services = _services()
+    assert listed == {f"rabbit@{services[name]['hostname']}" for name in CLUSTER_NODES}
+    assert conf["cluster_partition_handling"] == "pause_minority"
+    assert conf["loopback_users.guest"] == "false"
+
+
+def test_cluster_services_get_every_node_and_quorum_queues() -> None:
+    """ingestor-cluster and worker-cluster run what ingestor and worker run, with all three nodes in
+    AMQP_URL (the list tests/test_cluster.py gives its services), quorum queues, and wait for the three
+    nodes, never for the single-node broker."""
+    services = _services()
+    for name, single in (("ingestor-cluster", "ingestor"), ("worker-cluster", "worker")):
+        service, plain = services[name], services[single]
+        assert service["command"] == plain["command"], name
+        assert service["build"] == plain["build"], name
+        env = service["environment"]
+        hosts = [urlsplit(url).hostname for url in split_urls(env["AMQP_URL"])]
+        assert hosts == list(CLUSTER_NODES), name
+        assert env.get("ATLAS_QUEUE_TYPE", "quorum") == "quorum", name
+        assert env["DATABASE_URL"] == plain["environment"]["DATABASE_URL"], name
+        deps = _depends_on(service)
+        assert "rabbitmq" not in deps, name
+        assert deps == {
+            "migrate": "service_completed_successfully",
+            **dict.fromkeys(CLUSTER_NODES, "service_healthy"),
+        }, name
+    for key in ("container_name", "hostname", "ports"):
+        assert key not in services["worker-cluster"], key
+    ingestor = services["ingestor-cluster"]
+    assert f"jsonl:{ingestor['environment']['INGESTOR_JSONL_DIR']}" in ingestor["volumes"]
