@@ -35,8 +35,8 @@ STREAM_PUBLISHED_MS_HEADER: Final = "atlas-published-ms"
 """Sessions stream: when the ingestor published the message (ms since the epoch); replay by time reads it."""
 STREAM_FILE_HEADER: Final = "atlas-jsonl-file"
 """Sessions stream: the finalised JSONL file the session is in (once that file is final)."""
-STREAM_OMITTED_HEADER: Final = "atlas-omitted-bytes"
-"""Sessions stream: set on a pointer message that stands for a line too large for the stream (its size)."""
+STREAM_SESSIONS_HEADER: Final = "atlas-sessions"
+"""Sessions stream: how many JSONL lines (sessions) the message holds."""
 
 
 @dataclass(frozen=True, slots=True)

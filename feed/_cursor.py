@@ -3,9 +3,10 @@
 RabbitMQ tracks stream offsets on the server only for its stream protocol, not for AMQP 0-9-1 consumers,
 so a follower keeps its own cursor, which also lets it work against any broker it can read from.
 
-- :class:`StreamCursor` is an append-only log, one ``<offset>\\t<adapter_session_id>\\n`` line per
-  session the consumer finished (written before the next one is handed out, so a killed follower resumes
-  after the last session it finished: no gap, no repeat). The log's tail also rebuilds the set of recently
+- :class:`StreamCursor` is an append-only log, one ``<offset>\\t<index>\\t<adapter_session_id>\\n`` line
+  per session the consumer finished (a stream message holds a batch of sessions; ``index`` is the line in
+  it), written before the next one is handed out, so a killed follower resumes after the last session it
+  finished: no gap, no repeat. The log's tail also rebuilds the set of recently
   seen session ids that hides the stream's duplicates across restarts. It is compacted to its last
   ``window`` lines (written aside, fsynced, renamed) when it grows past twice that.
 - :class:`FileCursor` is one small JSON document (file name, line, the files read to the end), replaced
@@ -56,11 +57,13 @@ class StreamCursor:
     def __init__(self, path: Path | None, *, window: int) -> None:
         self._path = path
         self._window = window
-        self._recent: deque[tuple[int, str]] = deque()
+        self._recent: deque[tuple[int, int, str]] = deque()
         self._seen: dict[str, int] = {}
         """id -> how many times it is in ``_recent`` (a duplicate is logged too, to move the offset)."""
         self.offset: int | None = None
-        """The last offset finished, None when the consumer never finished one."""
+        """The stream offset of the last session finished, None when the consumer never finished one."""
+        self.index = -1
+        """Its line in that message."""
         self._lines = 0
         self._fd: int | None = None
         if path is not None:
@@ -80,18 +83,19 @@ class StreamCursor:
             with path.open("r+b") as out:
                 out.truncate(len(complete))
         for raw in complete.splitlines():
-            offset, _, asid = raw.decode("utf-8", "replace").partition("\t")
-            if not offset.isdigit():
+            offset, _, rest = raw.decode("utf-8", "replace").partition("\t")
+            index, _, asid = rest.partition("\t")
+            if not (offset.isdigit() and index.isdigit()):
                 continue
-            self.offset = int(offset)
+            self.offset, self.index = int(offset), int(index)
             self._lines += 1
-            self._remember(self.offset, asid)
+            self._remember(self.offset, self.index, asid)
 
-    def _remember(self, offset: int, asid: str) -> None:
-        self._recent.append((offset, asid))
+    def _remember(self, offset: int, index: int, asid: str) -> None:
+        self._recent.append((offset, index, asid))
         self._seen[asid] = self._seen.get(asid, 0) + 1
         while len(self._recent) > self._window:
-            _, old = self._recent.popleft()
+            _, _, old = self._recent.popleft()
             left = self._seen[old] - 1
             if left:
                 self._seen[old] = left
@@ -101,19 +105,24 @@ class StreamCursor:
     def seen(self, asid: str) -> bool:
         return asid in self._seen
 
-    def done(self, offset: int, asid: str) -> None:
-        """The consumer finished the message at ``offset`` (a session or a duplicate it skipped)."""
-        self.offset = offset
-        self._remember(offset, asid)
+    def passed(self, offset: int, index: int) -> bool:
+        """Whether the session at (``offset``, ``index``) is at or before the last one finished."""
+        return self.offset is not None and (offset, index) <= (self.offset, self.index)
+
+    def done(self, offset: int, index: int, asid: str) -> None:
+        """The consumer finished line ``index`` of the message at ``offset`` (a session or a duplicate it
+        skipped)."""
+        self.offset, self.index = offset, index
+        self._remember(offset, index, asid)
         if self._fd is None:
             return
-        os.write(self._fd, f"{offset}\t{asid}\n".encode())
+        os.write(self._fd, f"{offset}\t{index}\t{asid}\n".encode())
         self._lines += 1
         if self._lines > 2 * self._window and self._path is not None:
             self._compact(self._path, self._fd)
 
     def _compact(self, path: Path, fd: int) -> None:
-        lines = [f"{offset}\t{asid}\n" for offset, asid in self._recent]
+        lines = [f"{offset}\t{index}\t{asid}\n" for offset, index, asid in self._recent]
         os.close(fd)
         _replace(path, "".join(lines).encode())
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)

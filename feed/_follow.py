@@ -34,7 +34,6 @@ from aio_pika.abc import AbstractIncomingMessage
 from atlas_common import (
     BROKER_ERRORS,
     STREAM_FILE_HEADER,
-    STREAM_OMITTED_HEADER,
     STREAM_PUBLISHED_MS_HEADER,
     Backoff,
     BrokerConnection,
@@ -58,19 +57,27 @@ class FeedSession:
     """One complete session from the stream."""
 
     offset: int
+    """The stream offset of the message that holds it."""
+    index: int
+    """Its line in that message (a message holds one ingestor batch's sessions)."""
     adapter_session_id: str
     line: bytes
     """Its JSONL line (without the newline): the same bytes as in its finalised file."""
+    data: dict[str, Any]
+    """The line, parsed."""
     published_at: datetime | None
     jsonl_file: str | None
     """The finalised JSONL file that holds it."""
-    omitted_bytes: int | None = None
-    """Set when the line was too large for the stream: ``line`` is then a pointer (ids and the file)."""
+
+    @property
+    def omitted_bytes(self) -> int | None:
+        """Set when the line was too large for the stream: ``line`` is then a pointer (ids, the file)."""
+        value = self.data.get("omitted_bytes")
+        return value if isinstance(value, int) else None
 
     def record(self) -> dict[str, Any]:
-        """The line as a dict (parsed on each call)."""
-        parsed: dict[str, Any] = orjson.loads(self.line)
-        return parsed
+        """The line as a dict."""
+        return self.data
 
 
 def _offset_argument(start: Start) -> tuple[aio_pika.abc.FieldValue, int | None]:
@@ -87,21 +94,36 @@ def _offset_argument(start: Start) -> tuple[aio_pika.abc.FieldValue, int | None]
     raise ValueError(f"start must be first, last, next, an offset or a datetime, not {start!r}")
 
 
-def _session(message: AbstractIncomingMessage) -> FeedSession:
+def sessions_of(message: AbstractIncomingMessage) -> list[FeedSession]:
+    """The sessions one stream message holds, in order (a line that is not a JSON object is skipped with
+    a warning: nothing the ingestor writes, but a feed must not stop on a foreign message)."""
     headers = message.headers or {}
+    offset = int(headers["x-stream-offset"])  # type: ignore[arg-type]
     published = headers.get(STREAM_PUBLISHED_MS_HEADER)
-    omitted = headers.get(STREAM_OMITTED_HEADER)
+    at = datetime.fromtimestamp(published / 1000, tz=UTC) if isinstance(published, int) else None
     file_name = headers.get(STREAM_FILE_HEADER)
-    return FeedSession(
-        offset=int(headers["x-stream-offset"]),  # type: ignore[arg-type]
-        adapter_session_id=message.message_id or "",
-        line=message.body,
-        published_at=(
-            datetime.fromtimestamp(published / 1000, tz=UTC) if isinstance(published, int) else None
-        ),
-        jsonl_file=file_name if isinstance(file_name, str) else None,
-        omitted_bytes=omitted if isinstance(omitted, int) else None,
-    )
+    out = []
+    for index, line in enumerate(message.body.splitlines()):
+        try:
+            data = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            _log.warning("feed.line_skipped", offset=offset, index=index, reason="not a JSON object")
+            continue
+        asid = data.get("adapter_session_id")
+        out.append(
+            FeedSession(
+                offset=offset,
+                index=index,
+                adapter_session_id=asid if isinstance(asid, str) else "",
+                line=line,
+                data=data,
+                published_at=at,
+                jsonl_file=file_name if isinstance(file_name, str) else None,
+            )
+        )
+    return out
 
 
 class SessionFollow:
@@ -125,7 +147,8 @@ class SessionFollow:
         self._cursor = StreamCursor(path, window=self._settings.dedup_window)
         self._since_ms: int | None = None
         if self._cursor.offset is not None:
-            self._offset: aio_pika.abc.FieldValue = self._cursor.offset + 1
+            # The message of the last finished session: the lines after it in that message come next.
+            self._offset: aio_pika.abc.FieldValue = self._cursor.offset
             _log.info("feed.resuming", consumer=consumer, offset=self._offset)
         else:
             self._offset, self._since_ms = _offset_argument(start)
@@ -150,7 +173,7 @@ class SessionFollow:
     def _finish_handed(self) -> None:
         handed, self._handed = self._handed, None
         if handed is not None:
-            self._cursor.done(handed.offset, handed.adapter_session_id)
+            self._cursor.done(handed.offset, handed.index, handed.adapter_session_id)
 
     async def _follow(self) -> AsyncGenerator[FeedSession, None]:
         settings, stop, cursor = self._settings, self._stop, self._cursor
@@ -169,15 +192,17 @@ class SessionFollow:
                         message = await _next(inbox, conn.lost, stop)
                         if message is None:
                             break
-                        session = _session(message)
                         await message.ack()  # a stream's ack is only credit for the next messages
-                        self._offset = session.offset + 1
-                        if self._skipped(session):
-                            cursor.done(session.offset, session.adapter_session_id)
-                            continue
-                        self._handed = session
-                        yield session
-                        self._finish_handed()
+                        for session in sessions_of(message):
+                            if cursor.passed(session.offset, session.index):
+                                continue  # finished before a restart or a reconnect
+                            if self._skipped(session):
+                                cursor.done(session.offset, session.index, session.adapter_session_id)
+                                continue
+                            self._handed = session
+                            yield session
+                            self._finish_handed()
+                        self._offset = int(message.headers["x-stream-offset"]) + 1  # type: ignore[arg-type]
             except aiormq.exceptions.ChannelNotFoundEntity:
                 _log.info("feed.waiting_for_stream", stream=stream, hint="no ingestor has declared it yet")
             except BROKER_ERRORS as err:

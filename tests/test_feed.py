@@ -20,7 +20,7 @@ from feed import FeedSettings, follow_files, follow_sessions
 from feed.__main__ import parse_start
 from feed._cursor import StreamCursor, cursor_path
 from ingestor import IngestorSettings, read_lines
-from ingestor._stream import stream_message
+from ingestor._stream import stream_messages
 from tests._ingest_env import (
     delete_topology,
     exported_counts,
@@ -39,18 +39,21 @@ def test_stream_cursor_resumes_and_hides_duplicates_across_restarts(tmp_path: Pa
     path = tmp_path / "c.stream-cursor"
     cursor = StreamCursor(path, window=3)
     assert cursor.offset is None
-    for offset, asid in enumerate(["a", "b", "c", "d", "e", "f", "g"]):
-        cursor.done(offset, asid)
+    for n, asid in enumerate(["a", "b", "c", "d", "e", "f", "g"]):
+        cursor.done(n // 2, n % 2, asid)  # two sessions per stream message
     cursor.close()
     assert len(path.read_bytes().splitlines()) <= 6  # compacted past twice the window
     with path.open("ab") as out:
-        out.write(b"99")  # torn: a kill in the middle of "99\tx\n"
+        out.write(b"99\t0")  # torn: a kill in the middle of "99\t0\tx\n"
     again = StreamCursor(path, window=3)
-    assert again.offset == 6
+    assert (again.offset, again.index) == (3, 0)
+    assert again.passed(3, 0)
+    assert not again.passed(3, 1)
     assert [again.seen(x) for x in "defg"] == [False, True, True, True]
-    again.done(7, "h")
+    again.done(3, 1, "h")
     again.close()
-    assert StreamCursor(path, window=3).offset == 7
+    resumed = StreamCursor(path, window=3)
+    assert (resumed.offset, resumed.index) == (3, 1)
 
 
 def test_consumer_names_cannot_leave_the_cursor_dir(tmp_path: Path) -> None:
@@ -70,15 +73,22 @@ def test_parse_start() -> None:
         parse_start("yesterday")
 
 
-def test_a_line_too_large_for_the_stream_goes_as_a_pointer() -> None:
-    """An oversized line becomes a small pointer naming the session and its file; others go unchanged."""
-    line = orjson.dumps({"adapter_session_id": "as-1", "steps": ["x" * 5000], "session_metadata": {}}) + b"\n"
-    small = stream_message(line, "f.jsonl", max_bytes=10_000, now_ms=1)
-    assert (small.body, small.message_id) == (line[:-1], "as-1")
-    big = stream_message(line, "f.jsonl", max_bytes=1000, now_ms=1)
-    assert big.headers["atlas-omitted-bytes"] == len(line) - 1
-    assert orjson.loads(big.body)["jsonl_file"] == "f.jsonl"
-    assert big.message_id == "as-1"
+def test_lines_are_packed_into_messages_and_an_oversized_one_becomes_a_pointer() -> None:
+    """One message per batch up to the size limit, lines unchanged and in order; a line over the limit
+    alone becomes a small pointer naming the session and its file."""
+    lines = [orjson.dumps({"adapter_session_id": f"as-{i}", "pad": "x" * 300}) + b"\n" for i in range(10)]
+    big = (
+        orjson.dumps({"adapter_session_id": "as-big", "steps": ["x" * 5000], "session_metadata": {}}) + b"\n"
+    )
+    messages = stream_messages([*lines[:5], big, *lines[5:]], "f.jsonl", max_bytes=1000, now_ms=7)
+    bodies = [m.body for m in messages]
+    assert b"".join(bodies).count(b"\n") == 11
+    assert all(len(b) <= 1000 for b in bodies)
+    assert b"".join(bodies).startswith(b"".join(lines[:2]))
+    pointer = next(orjson.loads(x) for b in bodies for x in b.splitlines() if b"as-big" in x)
+    assert (pointer["omitted_bytes"], pointer["jsonl_file"]) == (len(big) - 1, "f.jsonl")
+    assert sum(m.headers["atlas-sessions"] for m in messages) == 11  # type: ignore[misc]
+    assert len(stream_messages(lines, "f.jsonl", max_bytes=1 << 20, now_ms=7)) == 1
 
 
 def _final(directory: Path, name: str, ids: list[str]) -> None:
@@ -244,13 +254,14 @@ async def test_a_follower_killed_mid_stream_resumes_without_a_gap(
                 lines.append(await asyncio.to_thread(first.stdout.readline))
             first.send_signal(signal.SIGKILL)
             rest, _ = await asyncio.to_thread(first.communicate)
-            lines += [x + b"\n" for x in rest.splitlines()]
+            # A line cut by the kill is not counted: that session was in hand, and comes again.
+            lines += rest.splitlines(keepends=True)
             second = _follower(settings, tmp_path, "--idle-exit-s", "3")
             out, _ = await asyncio.to_thread(second.communicate, None, 60)
             assert second.returncode == 0
     finally:
         await delete_topology(amqp_url, settings.topology())
-    before = [orjson.loads(x)["adapter_session_id"] for x in lines if x.strip()]
+    before = [orjson.loads(x)["adapter_session_id"] for x in lines if x.endswith(b"\n")]
     after = [orjson.loads(x)["adapter_session_id"] for x in out.splitlines() if x.strip()]
     assert 0 < len(before) < len(gen.exported())
     assert set(before) | set(after) == gen.exported()

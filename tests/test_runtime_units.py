@@ -292,4 +292,3 @@ def test_a_task_that_ended_in_the_heartbeats_own_commit_was_not_taken_over() -> 
     beat = {"a": "tok-a", "b": "tok-b", "c": "tok-c", "d": "tok-d"}
     result = GroupResult(claims={}, succeeded={"b"}, settled={"c"}, alive={"a"})
     assert result.taken_over(beat) == {"d"}
-
