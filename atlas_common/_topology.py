@@ -12,8 +12,9 @@
     ingestor --(telemetry)--> [<p>.dead direct] --> <p>.telemetry.dead
     ingestor --(each session made final, its JSONL line)--> <p>.sessions (stream) --> trainers (feed)
 
-Delay queues are one classic queue per backoff tier with a queue-wide TTL, so expiry is FIFO and no
-plugin is needed; expired messages dead-letter back into the tasks exchange.
+Delay queues are one queue per backoff tier with a queue-wide TTL, so expiry is FIFO and no plugin is
+needed; expired messages dead-letter back into the tasks exchange. With quorum queues (the default) the
+tiers are quorum queues too (replicated, dead-lettering at least once), named ``<p>.retry.<ms>ms.q``.
 """
 
 from __future__ import annotations
@@ -93,7 +94,12 @@ class Topology:
         return max(1, round(delay * 1000))
 
     def retry_queue(self, delay_ms: int) -> str:
-        return f"{self.prefix}.retry.{delay_ms}ms"
+        """A retry tier (its routing key too). Quorum tiers have a name of their own (``.q``), so that a
+        deployment whose classic tiers exist moves to replicated ones without redeclaring a queue with
+        other arguments (which the broker refuses): the old tiers get no new messages and empty by
+        themselves as their TTL expires."""
+        suffix = ".q" if self.queue_type == "quorum" else ""
+        return f"{self.prefix}.retry.{delay_ms}ms{suffix}"
 
     def retry_delays_ms(self) -> list[int]:
         return sorted({self.retry_delay_ms(a) for a in range(1, self.max_attempts)})
@@ -159,16 +165,20 @@ class Topology:
         )
         for delay_ms in self.retry_delays_ms():
             name = self.retry_queue(delay_ms)
-            tier = await channel.declare_queue(
-                name,
-                durable=True,
-                arguments={
-                    "x-queue-type": "classic",
-                    "x-message-ttl": delay_ms,
-                    "x-dead-letter-exchange": self.tasks_exchange,
-                    "x-dead-letter-routing-key": TASK_ROUTING_KEY,
-                },
-            )
+            tier_args: dict[str, aio_pika.abc.FieldValue] = {
+                "x-queue-type": self.queue_type,
+                "x-message-ttl": delay_ms,
+                "x-dead-letter-exchange": self.tasks_exchange,
+                "x-dead-letter-routing-key": TASK_ROUTING_KEY,
+            }
+            if self.queue_type == "quorum":
+                # Replicated like the tasks queue, so a tier survives the node it was declared on; and
+                # expired messages are dead-lettered at least once (the default for quorum queues is at
+                # most once: a leader change at that moment would lose the task). That strategy needs
+                # the overflow behaviour reject-publish (RabbitMQ >= 3.10).
+                tier_args["x-dead-letter-strategy"] = "at-least-once"
+                tier_args["x-overflow"] = "reject-publish"
+            tier = await channel.declare_queue(name, durable=True, arguments=tier_args)
             await tier.bind(retry, name)
         return exchange, queue
 

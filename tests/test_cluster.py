@@ -10,7 +10,6 @@ by themselves. Then the node starts again and rejoins the cluster.
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import sys
 import time
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import aiormq
 import asyncpg
 import orjson
 import pytest
@@ -193,7 +191,6 @@ async def test_a_leader_node_crash_mid_run_loses_and_duplicates_nothing(
     )
     run = _Run(cluster, stack, run_id)
     run.mark("start")
-    _mirror_retry_tiers(cluster, stack.topology)
     conn = await asyncpg.connect(migrated_database)
     try:
         victim = await _start_services(run)
@@ -243,33 +240,6 @@ async def test_a_leader_node_crash_mid_run_loses_and_duplicates_nothing(
     sys.stderr.write(f"\ncluster failover ({TASKS} tasks): {timings}\n")
 
 
-def _mirror_retry_tiers(cluster: RabbitCluster, topology: Topology) -> None:
-    """Mirror the topology's retry tiers to every node (a classic-queue policy).
-
-    The retry tiers are classic queues (atlas_common.Topology.declare_tasks), so each lives on the one
-    node that declared it first; while that node is down, declaring the task topology fails with
-    NOT_FOUND ("home node ... is down or inaccessible") and a worker that reconnects to a surviving node
-    never consumes again (see test_retry_tiers_survive_their_home_node). The policy is what an operator
-    of a cluster has to apply until the tiers are quorum queues; it lets this test show the rest."""
-    pattern = "^" + re.escape(topology.prefix) + r"\.retry\."
-    definition = '{"ha-mode": "all", "ha-sync-mode": "automatic"}'
-    cluster.ctl(
-        cluster.nodes[0],
-        "set_policy",
-        "--apply-to",
-        "queues",
-        f"{topology.prefix}-retry-ha",
-        pattern,
-        definition,
-    )
-
-
-@pytest.mark.xfail(
-    raises=aiormq.exceptions.ChannelNotFoundEntity,
-    strict=True,
-    reason="atlas_common.Topology declares the retry tiers as classic queues: not replicated, so the task "
-    "topology cannot be declared while the node they live on is down (fix: quorum tiers with x-message-ttl)",
-)
 async def test_retry_tiers_survive_their_home_node(rabbit_cluster: RabbitCluster) -> None:  # noqa: F811
     """With the node that declared the task topology stopped, a worker or producer connecting to a
     surviving node can still declare it (and so consume and publish)."""
