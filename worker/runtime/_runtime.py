@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Final
 
 import structlog
@@ -115,16 +116,29 @@ class Worker:
                     await sleep_unless(stop, delay)
                     continue
                 epoch += 1
-                backoff.reset()
+                delay = 0.0
                 async with broker:
                     try:
-                        await self._serve_epoch(broker, ledger, stop)
+                        # The backoff resets once the epoch consumes, not when the connection opens: a
+                        # node that accepts connections but cannot serve the topology (a cluster node
+                        # whose peers are down) would otherwise be retried in a tight loop.
+                        await self._serve_epoch(broker, ledger, stop, consuming=backoff.reset)
                     except BROKER_ERRORS as exc:
-                        log.warning("broker.epoch_failed", error=repr(exc))
+                        delay = backoff.next()
+                        log.warning("broker.epoch_failed", error=repr(exc), retry_in_s=round(delay, 2))
                         await self._cancel_inflight("broker connection lost")
+                if delay:
+                    await sleep_unless(stop, delay)
         log.info("worker.stopped", worker_id=settings.worker_id)
 
-    async def _serve_epoch(self, broker: BrokerConnection, ledger: TaskLedger, stop: asyncio.Event) -> None:
+    async def _serve_epoch(
+        self,
+        broker: BrokerConnection,
+        ledger: TaskLedger,
+        stop: asyncio.Event,
+        *,
+        consuming: Callable[[], None],
+    ) -> None:
         settings, topology = self._settings, self._topology
         publish_channel = await broker.channel(publisher_confirms=True)
         consume_channel = await broker.channel(publisher_confirms=False, prefetch_count=settings.concurrency)
@@ -142,6 +156,7 @@ class Worker:
             )
             queue = await consume_channel.get_queue(topology.tasks_queue, ensure=False)
             consumer_tag = await queue.consume(self._on_message)
+            consuming()
             log.info(
                 "worker.started",
                 worker_id=settings.worker_id,
