@@ -3,10 +3,11 @@
 The shape is the one Atlas trainers read (see the export-format note, and ``docs/jsonl-format.md`` for every
 field): ``task``, ``final_answer``, ``plan``, ``steps`` (every ``step_results`` row of the session in step
 order: the plan call, one execute per plan step, the synthesis; ``phase`` tells them apart),
-``session_metadata`` (the stored metadata plus ``session_id``, ``status``, ``created_at``, ``completed_at``
-and ``adapter_session``), ``execution_mode``, ``attempt`` / ``final_attempt``, and the adapter fields at the
-top level. Serialised with orjson, keys sorted, so the same rows always give the same bytes (the rolling
-files, recovery, ``export`` and the ingestor's in-memory path all call this one function).
+``session_metadata`` (the stored metadata plus ``session_id``, ``status``, ``created_at``, ``completed_at``,
+``adapter_session``, ``attempt`` and ``final_attempt``), ``execution_mode``, ``attempt`` / ``final_attempt``
+again, and the adapter fields at the top level. Serialised with orjson, keys sorted, so the same rows
+always give the same bytes (the rolling files, recovery, ``export`` and the ingestor's in-memory path all
+call this one function).
 
 A line reads only what a row holds in Postgres and in the ingestor's memory alike (``_write.line_session``,
 ``_rows.step_row``): nothing here may need a column those two do not carry.
@@ -169,6 +170,9 @@ def session_record(session: Mapping[str, Any], steps: Sequence[Mapping[str, Any]
     adapter_session = stored.get("adapter_session")
     if not isinstance(adapter_session, dict):
         adapter_session = {"adapter_session_id": session["adapter_session_id"]}
+    attempt = stored.get("attempt")
+    attempt = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None
+    final_attempt = _final_attempt(session["status"], stored)
     session_metadata = {
         **stored,
         "reason": stored.get("reason") or "",  # text, never null (see ``step_record``)
@@ -177,16 +181,19 @@ def session_record(session: Mapping[str, Any], steps: Sequence[Mapping[str, Any]
         "created_at": _iso(session["created_at"]),
         "completed_at": _iso(session["completed_at"]),
         "adapter_session": adapter_session,
+        # Also at the top level; here too because the Atlas trainers' loader keeps only the Atlas session
+        # fields of a line (``task`` .. ``session_metadata``) and drops every other top-level key.
+        "attempt": attempt,
+        "final_attempt": final_attempt,
     }
-    attempt = stored.get("attempt")
     line: dict[str, Any] = {
         "task": session["task"],
         "final_answer": session["final_answer"] or "",
         "plan": plan,
         "steps": records,
         "session_metadata": session_metadata,
-        "attempt": attempt if isinstance(attempt, int) else None,
-        "final_attempt": _final_attempt(session["status"], stored),
+        "attempt": attempt,
+        "final_attempt": final_attempt,
         "adapter_session_id": session["adapter_session_id"],
         "adapter_usage": session["adapter_usage"],
         "adapter_events": session["adapter_events"] if session["adapter_events"] is not None else [],
