@@ -12,7 +12,7 @@ Two paths, one line format (the ingestor's JSONL line, see ``docs/jsonl-format.m
 """
 
 from feed._files import FileFollow, FileLine, follow_files
-from feed._follow import FeedSession, SessionFollow, Start, follow_sessions
+from feed._follow import FeedSession, Position, SessionFollow, Start, follow_sessions
 from feed._settings import FeedSettings
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "FeedSettings",
     "FileFollow",
     "FileLine",
+    "Position",
     "SessionFollow",
     "Start",
     "follow_files",

@@ -1,7 +1,8 @@
 """``python -m feed`` / ``atlas-feed``: print complete sessions as JSONL on stdout.
 
-    atlas-feed follow --from first|last|next|<offset>|<ISO 8601 time> [--consumer NAME] [--count N]
-                      [--idle-exit-s S]
+    atlas-feed follow --from first|last|next|<offset>|<offset>:<index>|<ISO 8601 time> [--consumer NAME]
+                      [--count N]
+                      [--idle-exit-s S] [--positions]
     atlas-feed files [--dir var/jsonl] [--consumer NAME] [--once] [--count N]
 
 ``follow`` reads the sessions stream (live, in order, duplicates hidden); ``files`` the finalised JSONL
@@ -25,18 +26,21 @@ from pydantic import ValidationError
 
 from atlas_common import configure_logging, settings_problems
 from feed._files import follow_files
-from feed._follow import Start, follow_sessions
+from feed._follow import Position, Start, follow_sessions
 from feed._settings import FeedSettings
 
 _PROGRESS_S = 5.0
 
 
 def parse_start(text: str) -> Start:
-    """``first``, ``last``, ``next``, a non-negative offset, or an ISO 8601 time (UTC when no zone)."""
+    """``first``, ``last``, ``next``, a non-negative offset, ``<offset>:<index>`` (right after that
+    session), or an ISO 8601 time (UTC when no zone)."""
     if text in ("first", "last", "next"):
         return text  # type: ignore[return-value]
     if text.isdigit():
         return int(text)
+    if text.count(":") == 1 and text.replace(":", "").isdigit():
+        return Position.parse(text)
     try:
         return datetime.fromisoformat(text)
     except ValueError:
@@ -50,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     follow = sub.add_parser("follow", help="complete sessions from the sessions stream")
     follow.add_argument("--from", dest="start", type=parse_start, default="next", help="where to start")
+    follow.add_argument(
+        "--positions", action="store_true", help="prefix each line with its <offset>:<index> and a tab"
+    )
     files = sub.add_parser("files", help="complete sessions from the finalised JSONL files")
     files.add_argument("--dir", type=Path, default=Path("var/jsonl"), help="the ingestors' jsonl_dir")
     files.add_argument("--once", action="store_true", help="stop once every final file is read")
@@ -86,13 +93,16 @@ async def _run(args: argparse.Namespace, settings: FeedSettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     if args.command == "follow":
         async with follow_sessions(settings, start=args.start, consumer=args.consumer, stop=stop) as sessions:
-            printed = await _print_all((s.line async for s in sessions), args.count, args.idle_exit_s)
+            lines = (
+                f"{s.position}\t".encode() + s.line if args.positions else s.line async for s in sessions
+            )
+            printed = await _print_all(lines, args.count, args.idle_exit_s)
     else:
         follow = follow_files(
             args.dir, consumer=args.consumer, settings=settings, live=not args.once, stop=stop
         )
-        async with follow as lines:
-            printed = await _print_all((x.line async for x in lines), args.count, args.idle_exit_s)
+        async with follow as file_lines:
+            printed = await _print_all((x.line async for x in file_lines), args.count, args.idle_exit_s)
     print(f"feed: {printed:,} sessions", file=sys.stderr, flush=True)
     return 0
 

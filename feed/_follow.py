@@ -43,9 +43,32 @@ from feed._settings import FeedSettings
 
 _log = structlog.get_logger("feed.follow")
 
-Start = Literal["first", "last", "next"] | int | datetime
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """Where a session is in the stream (``FeedSession.position``). As a start, it means *after* that
+    session: a trainer that saves the position of the last session it used together with its own
+    checkpoint resumes exactly there, with no gap and no repeat, whatever killed it. ``str()`` gives
+    ``<offset>:<index>``, which ``Position.parse`` and ``--from`` read back."""
+
+    offset: int
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.offset}:{self.index}"
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        offset, sep, index = text.partition(":")
+        if not (sep and offset.isdigit() and index.isdigit()):
+            raise ValueError(f"a position is <offset>:<index>, not {text!r}")
+        return cls(int(offset), int(index))
+
+
+Start = Literal["first", "last", "next"] | int | datetime | Position
 """Where a consumer with no cursor starts: the oldest session kept, the last chunk written, the next
-session published, an offset, or the first session published at or after a point in time."""
+session published, an offset, the first session published at or after a point in time, or right after
+a session's :class:`Position`."""
 
 _TIME_MARGIN: Final = timedelta(seconds=2)
 """The broker finds a point in time by chunk (a chunk holds the messages written within a few ms), with
@@ -78,6 +101,10 @@ class FeedSession:
     def record(self) -> dict[str, Any]:
         """The line as a dict."""
         return self.data
+
+    @property
+    def position(self) -> Position:
+        return Position(self.offset, self.index)
 
 
 def _offset_argument(start: Start) -> tuple[aio_pika.abc.FieldValue, int | None]:
@@ -146,10 +173,12 @@ class SessionFollow:
         )
         self._cursor = StreamCursor(path, window=self._settings.dedup_window)
         self._since_ms: int | None = None
+        if self._cursor.offset is None and isinstance(start, Position):
+            self._cursor.offset, self._cursor.index = start.offset, start.index
         if self._cursor.offset is not None:
             # The message of the last finished session: the lines after it in that message come next.
             self._offset: aio_pika.abc.FieldValue = self._cursor.offset
-            _log.info("feed.resuming", consumer=consumer, offset=self._offset)
+            _log.info("feed.resuming", consumer=consumer, offset=self._offset, index=self._cursor.index)
         else:
             self._offset, self._since_ms = _offset_argument(start)
         self._handed: FeedSession | None = None
@@ -232,7 +261,9 @@ def follow_sessions(
 
     ``consumer``: a name whose cursor (in ``settings.cursor_dir``) makes the follow resumable: when it has
     one, the follow resumes after its last finished session and ``start`` is not used. Without a name
-    nothing is kept on disk (duplicates are still hidden within the run)."""
+    nothing is kept on disk (duplicates are still hidden within the run). For exactly once across any
+    kill, keep ``session.position`` with your own checkpoint and start from it (without a consumer name:
+    duplicates are then hidden within the run only)."""
     return SessionFollow(settings, start, consumer, stop)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from feed import FeedSettings, follow_files, follow_sessions
+from feed import FeedSettings, Position, follow_files, follow_sessions
 from feed.__main__ import parse_start
 from feed._cursor import StreamCursor, cursor_path
 from ingestor import IngestorSettings, read_lines
@@ -68,6 +68,8 @@ def test_parse_start() -> None:
     """--from takes the stream's names, an offset, or an ISO time (naive means UTC later)."""
     assert parse_start("first") == "first"
     assert parse_start("42") == 42
+    assert parse_start("42:3") == Position(42, 3)
+    assert str(Position.parse("7:0")) == "7:0"
     assert parse_start("2026-11-30T01:02:03+00:00") == datetime(2026, 11, 30, 1, 2, 3, tzinfo=UTC)
     with pytest.raises(Exception, match="ISO 8601"):
         parse_start("yesterday")
@@ -219,7 +221,9 @@ def _merged(a: Generated, b: Generated) -> Generated:
     return merged
 
 
-def _follower(settings: IngestorSettings, tmp_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _follower(
+    settings: IngestorSettings, tmp_path: Path, *extra: str, start: str = "first", consumer: bool = True
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "AMQP_URL": settings.amqp_url,
@@ -227,7 +231,8 @@ def _follower(settings: IngestorSettings, tmp_path: Path, *extra: str) -> subpro
         "FEED_CURSOR_DIR": str(tmp_path / "cursors"),
         "LOG_LEVEL": "WARNING",
     }
-    cmd = [sys.executable, "-m", "feed", "follow", "--from", "first", "--consumer", "trainer", *extra]
+    named = ["--consumer", "trainer"] if consumer else []
+    cmd = [sys.executable, "-m", "feed", "follow", "--from", start, *named, *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
 
@@ -267,3 +272,43 @@ async def test_a_follower_killed_mid_stream_resumes_without_a_gap(
     assert set(before) | set(after) == gen.exported()
     assert len(set(before) & set(after)) <= 1
     assert len(after) == len(set(after))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+async def test_a_follower_that_keeps_positions_resumes_exactly_once(
+    make_database, amqp_url: str, tmp_path: Path
+) -> None:
+    """A consumer that keeps each session's position with its output (``--positions``) and is SIGKILLed
+    mid-stream resumes ``--from`` the last position it kept: every session once, none twice."""
+    settings = await fresh_settings(make_database, amqp_url, tmp_path / "jsonl")
+    gen = generate(300, seed=34)
+    try:
+        async with running(settings):
+            await publish(amqp_url, settings.topology(), bodies(gen.in_order()))
+            await wait_drained(settings, gen)
+            await asyncio.sleep(0.5)
+            first = _follower(settings, tmp_path, "--positions", consumer=False)
+            assert first.stdout is not None
+            kept: list[bytes] = []
+            deadline = time.monotonic() + 60
+            while len(kept) < len(gen.exported()) // 3 and time.monotonic() < deadline:
+                kept.append(await asyncio.to_thread(first.stdout.readline))
+            first.send_signal(signal.SIGKILL)
+            rest, _ = await asyncio.to_thread(first.communicate)
+            kept += [x for x in rest.splitlines(keepends=True) if x.endswith(b"\n")]  # a cut line: not kept
+            last = kept[-1].split(b"\t", 1)[0].decode()
+            second = _follower(
+                settings, tmp_path, "--positions", "--idle-exit-s", "3", start=last, consumer=False
+            )
+            out, _ = await asyncio.to_thread(second.communicate, None, 60)
+            assert second.returncode == 0
+    finally:
+        await delete_topology(amqp_url, settings.topology())
+
+    def ids(lines: list[bytes]) -> list[str]:
+        return [orjson.loads(x.split(b"\t", 1)[1])["adapter_session_id"] for x in lines]
+
+    before, after = ids(kept), ids(out.splitlines(keepends=True))
+    assert 0 < len(before) < len(gen.exported())
+    assert sorted(before + after) == sorted(gen.exported())
