@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from atlas_common import PublishNotConfirmed
 from schemas import (
     NUL_ESCAPE,
     DecodeError,
@@ -302,6 +303,35 @@ class _Exchange:
 
         self.bodies.append(message.body)
         return aiormq.spec.Basic.Ack()
+
+
+class _NackingExchange(_Exchange):
+    """Nacks every publish, like a channel that a dead cluster node left in a bad state."""
+
+    async def publish(self, message: Any, routing_key: str, **options: Any) -> Any:
+        import aiormq
+
+        self.bodies.append(message.body)
+        return aiormq.spec.Basic.Nack()
+
+
+async def test_envelopes_refused_in_a_row_ask_for_a_new_connection() -> None:
+    """Nacked envelopes fail their records; the fifth in a row calls on_refused once (the runtime then
+    reconnects), and a confirmed envelope starts the count again."""
+    exchange = _NackingExchange()
+    calls: list[int] = []
+    async with TelemetryBatcher(exchange, linger_s=0, on_refused=lambda: calls.append(1)) as batcher:  # type: ignore[arg-type]
+        for n in range(7):
+            with pytest.raises(PublishNotConfirmed):
+                await batcher.send("step", encode(_step(seq=n + 1)))
+        assert calls == [1]
+        exchange.publish = _Exchange.publish.__get__(exchange)  # type: ignore[method-assign]
+        await batcher.send("step", encode(_step(seq=9)))
+        exchange.publish = _NackingExchange.publish.__get__(exchange)  # type: ignore[method-assign]
+        for n in range(5):
+            with pytest.raises(PublishNotConfirmed):
+                await batcher.send("step", encode(_step(seq=10 + n)))
+    assert calls == [1, 1]
 
 
 async def test_envelopes_never_pass_the_message_limit() -> None:

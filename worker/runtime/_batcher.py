@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Final
 
 import aio_pika
@@ -24,6 +25,8 @@ log = structlog.get_logger("worker.telemetry")
 
 _HEAD: Final = b'{"schema_version":%d,"kind":"%s","records":['
 _HEAD_AND_TAIL_BYTES: Final = 64
+REFUSED_LIMIT: Final = 5
+"""Envelopes refused in a row after which the batcher asks for a new connection."""
 
 
 class _Buffer:
@@ -46,8 +49,13 @@ class TelemetryBatcher(Resource):
         linger_s: float = 0.002,
         max_records: int = 500,
         max_bytes: int = 256 * 1024,
+        on_refused: Callable[[], None] | None = None,
+        refused_limit: int = REFUSED_LIMIT,
     ) -> None:
         self._exchange = exchange
+        self._on_refused = on_refused
+        self._refused_limit = refused_limit
+        self._refused_in_a_row = 0
         self._linger_s = linger_s
         self._max_records = max_records
         self._max_bytes = max_bytes
@@ -136,8 +144,11 @@ class TelemetryBatcher(Resource):
         if error is None:
             self.batches_sent += 1
             self.records_sent += records
+            self._refused_in_a_row = 0
         else:
             log.warning("telemetry.batch_not_confirmed", kind=kind, records=records, error=repr(error))
+            if not cancelled:
+                self._refused(error)
         if cancelled:
             raise asyncio.CancelledError
 
@@ -154,3 +165,15 @@ class TelemetryBatcher(Resource):
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+
+    def _refused(self, error: BaseException) -> None:
+        """Envelopes refused one after another (nacked) mean the channel is not going to recover by
+        itself: seen after a cluster node died, where a reconnected channel had every publish nacked
+        for 35 s while a fresh one worked. Past ``refused_limit`` in a row, ``on_refused`` (the runtime
+        ends the connection's epoch and reconnects) is called, once per run of refusals."""
+        self._refused_in_a_row += 1
+        if self._refused_in_a_row == self._refused_limit and self._on_refused is not None:
+            log.warning(
+                "telemetry.broker_refusing_reconnecting", refused=self._refused_in_a_row, error=repr(error)
+            )
+            self._on_refused()

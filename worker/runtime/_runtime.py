@@ -147,7 +147,11 @@ class Worker:
         # (publishes are mandatory, so a topology with no queue bound fails loudly instead).
         await topology.declare_ingestor(publish_channel)
         telemetry = await topology.declare_telemetry(publish_channel)
-        async with TelemetryBatcher(telemetry, linger_s=settings.telemetry_linger_s) as batcher:
+        # Refusals in a row end this connection's epoch (reconnect, maybe to another node): see _batcher.
+        batcher = TelemetryBatcher(
+            telemetry, linger_s=settings.telemetry_linger_s, on_refused=broker.lost.set
+        )
+        async with batcher:
             self._services = Services(settings, self._registry, ledger, batcher, self._metrics)
             self._settler = Settler(
                 topology,
