@@ -14,7 +14,9 @@ queues and the JSONL are removed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final, Literal
 
@@ -46,6 +48,41 @@ def e2e_name(workers: int, latency_s: float, metric: Metric) -> str:
     )
 
 
+@contextlib.asynccontextmanager
+async def stack_run(
+    amqp_url: str,
+    admin_database_url: str,
+    logdir: Path,
+    name: str,
+    *,
+    tasks: int,
+    workers: int,
+    concurrency: int,
+    demo_latency_s: float,
+) -> AsyncIterator[tuple[Run, asyncpg.Connection]]:
+    """A :class:`bench.mainjob.Run` of its own (topology ``atlas-bench-<name>-<id>``, logs under
+    ``logdir/<name>``) on a fresh migrated scratch database, with a connection to that database; on exit
+    the connection is closed, the run's queues are deleted and the database is dropped."""
+    async with scratch_database(admin_database_url) as database_url:
+        await apply_migrations(database_url)
+        run = Run(
+            amqp_url=amqp_url,
+            database_url=database_url,
+            tasks=tasks,
+            workers=workers,
+            concurrency=concurrency,
+            demo_latency_s=demo_latency_s,
+            prefix_stem=f"atlas-bench-{name}",
+            runs_dir=logdir / name,
+        )
+        conn = await asyncpg.connect(database_url)
+        try:
+            yield run, conn
+        finally:
+            await conn.close()
+            await delete_topology(amqp_url, run.topology)
+
+
 async def end_to_end(
     amqp_url: str,
     admin_database_url: str,
@@ -61,30 +98,24 @@ async def end_to_end(
     ``baseline_workers``: the tasks/s row is compared with the row of that many workers (same latency).
     """
     concurrency = concurrency_for(latency_s)
-    async with scratch_database(admin_database_url) as database_url:
-        await apply_migrations(database_url)
-        run = Run(
-            amqp_url=amqp_url,
-            database_url=database_url,
-            tasks=n,
-            workers=workers,
-            concurrency=concurrency,
-            demo_latency_s=latency_s,
-            prefix_stem="atlas-bench-e2e",
-            runs_dir=logdir / "e2e",
+    stack = stack_run(
+        amqp_url,
+        admin_database_url,
+        logdir,
+        "e2e",
+        tasks=n,
+        workers=workers,
+        concurrency=concurrency,
+        demo_latency_s=latency_s,
+    )
+    async with stack as (run, conn):
+        outcome = await run_stack(run, conn, progress=False, wait_ready=True)
+        calls = await conn.fetchval(
+            "SELECT coalesce(sum((adapter_usage->>'calls')::bigint), 0) FROM sessions "
+            "WHERE status = 'succeeded'"
         )
-        conn = await asyncpg.connect(database_url)
-        try:
-            outcome = await run_stack(run, conn, progress=False, wait_ready=True)
-            calls = await conn.fetchval(
-                "SELECT coalesce(sum((adapter_usage->>'calls')::bigint), 0) FROM sessions "
-                "WHERE status = 'succeeded'"
-            )
-        finally:
-            await conn.close()
-            await delete_topology(amqp_url, run.topology)
-        files, lines = await asyncio.to_thread(jsonl_stats, run.jsonl_dir)
-        await asyncio.to_thread(shutil.rmtree, run.jsonl_dir, ignore_errors=True)
+    files, lines = await asyncio.to_thread(jsonl_stats, run.jsonl_dir)
+    await asyncio.to_thread(shutil.rmtree, run.jsonl_dir, ignore_errors=True)
     if len(outcome.stored) != n or lines != n or any(outcome.exit_codes):
         raise RuntimeError(
             f"end to end: {len(outcome.stored)} stored, {lines} JSONL lines of {n} tasks, exit codes "

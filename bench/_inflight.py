@@ -28,12 +28,11 @@ from typing import Final
 import asyncpg
 
 from bench._cpu import cpu_seconds
-from bench._harness import QueueProbe, proc_status_kib, scratch_database
+from bench._e2e import stack_run
+from bench._harness import QueueProbe, proc_status_kib
 from bench._memory import CALLS_PER_TASK, worker_rss_name
 from bench._report import Result
-from bench._stack import delete_topology
 from bench.mainjob import Run, check_alive, running_stack
-from migrations import apply_migrations
 from producer import Producer, demo_tasks
 
 SAMPLE_S: Final = 0.5
@@ -112,26 +111,20 @@ async def llm_bound_sessions(
     estimated_s = CALLS_PER_TASK * latency_s
     warmup_s = WARMUP_SESSIONS * estimated_s
     n = concurrency + math.ceil(QUEUE_MARGIN * concurrency * (warmup_s + seconds) / estimated_s)
-    async with scratch_database(admin_database_url) as database_url:
-        await apply_migrations(database_url)
-        run = Run(
-            amqp_url=amqp_url,
-            database_url=database_url,
-            tasks=n,
-            workers=1,
-            concurrency=concurrency,
-            demo_latency_s=latency_s,
-            prefix_stem="atlas-bench-inflight",
-            runs_dir=logdir / "inflight",
-        )
-        conn = await asyncpg.connect(database_url)
-        try:
-            w = await _window(run, conn, warmup_s=warmup_s, seconds=seconds)
-            done = await conn.fetchrow(_DONE_IN, _utc(w.start), _utc(w.end))
-            calls = await conn.fetchval(_CALLS)
-        finally:
-            await conn.close()
-            await delete_topology(amqp_url, run.topology)
+    stack = stack_run(
+        amqp_url,
+        admin_database_url,
+        logdir,
+        "inflight",
+        tasks=n,
+        workers=1,
+        concurrency=concurrency,
+        demo_latency_s=latency_s,
+    )
+    async with stack as (run, conn):
+        w = await _window(run, conn, warmup_s=warmup_s, seconds=seconds)
+        done = await conn.fetchrow(_DONE_IN, _utc(w.start), _utc(w.end))
+        calls = await conn.fetchval(_CALLS)
     if w.left == 0 or any(run.exit_codes) or not done["n"]:
         raise RuntimeError(
             f"LLM-bound sessions: {w.left} tasks left queued (must be > 0: queue more), {done['n']} done in "

@@ -28,12 +28,10 @@ from typing import Final, Literal
 import asyncpg
 
 from bench._cpu import CpuSample, cost_rows
-from bench._e2e import CONCURRENCY
-from bench._harness import scratch_database
+from bench._e2e import CONCURRENCY, stack_run
 from bench._report import Result
-from bench._stack import delete_topology, jsonl_stats, percentile
+from bench._stack import jsonl_stats, percentile
 from bench.mainjob import Run, running_stack, wait_stored
-from migrations import apply_migrations
 from producer import Producer, demo_tasks
 from schemas import TaskMessage
 
@@ -148,25 +146,19 @@ async def steady_open_loop(
     """Publish at ``rate`` tasks/s for ``seconds``; latency, rate and CPU-per-task rows of the window after
     ``warmup_s``. ``rate_source`` says where the rate came from (for the notes)."""
     n = max(1, round(rate * seconds))
-    async with scratch_database(admin_database_url) as database_url:
-        await apply_migrations(database_url)
-        run = Run(
-            amqp_url=amqp_url,
-            database_url=database_url,
-            tasks=n,
-            workers=1,
-            concurrency=CONCURRENCY,
-            demo_latency_s=0.0,
-            prefix_stem="atlas-bench-steady",
-            runs_dir=logdir / "steady",
-        )
-        conn = await asyncpg.connect(database_url)
-        try:
-            measured = await _run(run, conn, rate=rate, seconds=seconds, warmup_s=warmup_s)
-        finally:
-            await conn.close()
-            await delete_topology(amqp_url, run.topology)
-        await asyncio.to_thread(shutil.rmtree, run.jsonl_dir, ignore_errors=True)
+    stack = stack_run(
+        amqp_url,
+        admin_database_url,
+        logdir,
+        "steady",
+        tasks=n,
+        workers=1,
+        concurrency=CONCURRENCY,
+        demo_latency_s=0.0,
+    )
+    async with stack as (run, conn):
+        measured = await _run(run, conn, rate=rate, seconds=seconds, warmup_s=warmup_s)
+    await asyncio.to_thread(shutil.rmtree, run.jsonl_dir, ignore_errors=True)
     if len(measured.stored) != n or measured.jsonl_lines != n or any(measured.exit_codes):
         raise RuntimeError(
             f"steady state: {len(measured.stored)} stored, {measured.jsonl_lines} JSONL lines of {n} tasks, "
