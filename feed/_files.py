@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from feed._cursor import FileCursor, cursor_path
+from feed._handout import Handout
 from feed._settings import FeedSettings
 from ingestor import is_final_name, read_lines
 
@@ -48,7 +49,7 @@ def _final_files(directory: Path) -> list[str]:
         return []
 
 
-class FileFollow:
+class FileFollow(Handout[FileLine]):
     """``async with follow_files(dir, consumer="rm") as lines: async for line in lines: ...``; a line is
     finished (saved in the cursor) when the loop asks for the next one or the block ends without an
     exception, as with :class:`feed.SessionFollow`."""
@@ -69,32 +70,15 @@ class FileFollow:
         self._live = live
         self._stop = stop or asyncio.Event()
         self._cursor = FileCursor(self._path)
-        self._handed: FileLine | None = None
-        self._lines: AsyncGenerator[FileLine, None] | None = None
 
-    async def __aenter__(self) -> FileFollow:
+    async def _open(self) -> None:
         self._cursor = await asyncio.to_thread(FileCursor.load, self._path)
-        return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is None and self._handed is not None:
-            await asyncio.to_thread(self._finish_handed)
-        if self._lines is not None:
-            await self._lines.aclose()
+    async def _finish(self, item: FileLine) -> None:
+        self._cursor.file, self._cursor.line = item.file, item.line_no + 1
+        await asyncio.to_thread(self._cursor.save)
 
-    def __aiter__(self) -> AsyncIterator[FileLine]:
-        if self._lines is None:
-            self._lines = self._follow()
-        return self._lines
-
-    def _finish_handed(self) -> None:
-        handed, self._handed = self._handed, None
-        if handed is None:
-            return
-        self._cursor.file, self._cursor.line = handed.file, handed.line_no + 1
-        self._cursor.save()
-
-    async def _follow(self) -> AsyncGenerator[FileLine, None]:
+    async def _items(self) -> AsyncGenerator[FileLine, None]:
         cursor, stop = self._cursor, self._stop
         while not stop.is_set():
             names = await asyncio.to_thread(_final_files, self._dir)
@@ -108,9 +92,7 @@ class FileFollow:
                 lines = await asyncio.to_thread(read_lines, self._dir / name)
                 first = cursor.line if cursor.file == name else 0
                 for number in range(first, len(lines)):
-                    self._handed = FileLine(name, number, lines[number])
-                    yield self._handed
-                    await asyncio.to_thread(self._finish_handed)
+                    yield FileLine(name, number, lines[number])
                     if stop.is_set():
                         return
                 cursor.finished.add(name)

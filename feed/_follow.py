@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
@@ -39,6 +39,7 @@ from atlas_common import (
     BrokerConnection,
 )
 from feed._cursor import StreamCursor, cursor_path
+from feed._handout import Handout
 from feed._settings import FeedSettings
 
 _log = structlog.get_logger("feed.follow")
@@ -153,7 +154,7 @@ def sessions_of(message: AbstractIncomingMessage) -> list[FeedSession]:
     return out
 
 
-class SessionFollow:
+class SessionFollow(Handout[FeedSession]):
     """``async with follow_sessions(...) as sessions: async for session in sessions: ...``.
 
     A session counts as finished when the loop asks for the next one, or when the ``async with`` block
@@ -181,30 +182,14 @@ class SessionFollow:
             _log.info("feed.resuming", consumer=consumer, offset=self._offset, index=self._cursor.index)
         else:
             self._offset, self._since_ms = _offset_argument(start)
-        self._handed: FeedSession | None = None
-        self._sessions: AsyncGenerator[FeedSession, None] | None = None
 
-    async def __aenter__(self) -> SessionFollow:
-        return self
+    async def _finish(self, item: FeedSession) -> None:
+        self._cursor.done(item.offset, item.index, item.adapter_session_id)
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is None:
-            self._finish_handed()
-        if self._sessions is not None:
-            await self._sessions.aclose()
+    def _close(self) -> None:
         self._cursor.close()
 
-    def __aiter__(self) -> AsyncIterator[FeedSession]:
-        if self._sessions is None:
-            self._sessions = self._follow()
-        return self._sessions
-
-    def _finish_handed(self) -> None:
-        handed, self._handed = self._handed, None
-        if handed is not None:
-            self._cursor.done(handed.offset, handed.index, handed.adapter_session_id)
-
-    async def _follow(self) -> AsyncGenerator[FeedSession, None]:
+    async def _items(self) -> AsyncGenerator[FeedSession, None]:
         settings, stop, cursor = self._settings, self._stop, self._cursor
         stream = settings.topology().sessions_stream
         backoff = Backoff(initial_s=0.5, max_s=10.0)
@@ -228,9 +213,7 @@ class SessionFollow:
                             if self._skipped(session):
                                 cursor.done(session.offset, session.index, session.adapter_session_id)
                                 continue
-                            self._handed = session
                             yield session
-                            self._finish_handed()
                         self._offset = int(message.headers["x-stream-offset"]) + 1  # type: ignore[arg-type]
             except aiormq.exceptions.ChannelNotFoundEntity:
                 _log.info("feed.waiting_for_stream", stream=stream, hint="no ingestor has declared it yet")

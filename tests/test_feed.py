@@ -23,7 +23,6 @@ from ingestor import IngestorSettings, read_lines
 from ingestor._stream import stream_messages
 from tests._ingest_env import (
     delete_topology,
-    exported_counts,
     fresh_settings,
     running,
     wait_drained,
@@ -236,6 +235,19 @@ def _follower(
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
 
+async def _kill_mid_stream(follower: subprocess.Popen[bytes], after_lines: int) -> list[bytes]:
+    """SIGKILL ``follower`` once it printed ``after_lines`` lines; every whole line it printed (a line
+    cut by the kill is left out: that session was in hand, and comes again)."""
+    assert follower.stdout is not None
+    lines: list[bytes] = []
+    deadline = time.monotonic() + 60
+    while len(lines) < after_lines and time.monotonic() < deadline:
+        lines.append(await asyncio.to_thread(follower.stdout.readline))
+    follower.send_signal(signal.SIGKILL)
+    rest, _ = await asyncio.to_thread(follower.communicate)
+    return [x for x in [*lines, *rest.splitlines(keepends=True)] if x.endswith(b"\n")]
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 async def test_a_follower_killed_mid_stream_resumes_without_a_gap(
@@ -250,23 +262,13 @@ async def test_a_follower_killed_mid_stream_resumes_without_a_gap(
             await publish(amqp_url, settings.topology(), bodies(gen.in_order()))
             await wait_drained(settings, gen)
             await asyncio.sleep(0.5)
-            want = len(exported_counts(settings.jsonl_dir)) or len(gen.exported())
-            first = _follower(settings, tmp_path)
-            assert first.stdout is not None
-            lines: list[bytes] = []
-            deadline = time.monotonic() + 60
-            while len(lines) < want // 3 and time.monotonic() < deadline:
-                lines.append(await asyncio.to_thread(first.stdout.readline))
-            first.send_signal(signal.SIGKILL)
-            rest, _ = await asyncio.to_thread(first.communicate)
-            # A line cut by the kill is not counted: that session was in hand, and comes again.
-            lines += rest.splitlines(keepends=True)
+            lines = await _kill_mid_stream(_follower(settings, tmp_path), len(gen.exported()) // 3)
             second = _follower(settings, tmp_path, "--idle-exit-s", "3")
             out, _ = await asyncio.to_thread(second.communicate, None, 60)
             assert second.returncode == 0
     finally:
         await delete_topology(amqp_url, settings.topology())
-    before = [orjson.loads(x)["adapter_session_id"] for x in lines if x.endswith(b"\n")]
+    before = [orjson.loads(x)["adapter_session_id"] for x in lines]
     after = [orjson.loads(x)["adapter_session_id"] for x in out.splitlines() if x.strip()]
     assert 0 < len(before) < len(gen.exported())
     assert set(before) | set(after) == gen.exported()
@@ -289,14 +291,7 @@ async def test_a_follower_that_keeps_positions_resumes_exactly_once(
             await wait_drained(settings, gen)
             await asyncio.sleep(0.5)
             first = _follower(settings, tmp_path, "--positions", consumer=False)
-            assert first.stdout is not None
-            kept: list[bytes] = []
-            deadline = time.monotonic() + 60
-            while len(kept) < len(gen.exported()) // 3 and time.monotonic() < deadline:
-                kept.append(await asyncio.to_thread(first.stdout.readline))
-            first.send_signal(signal.SIGKILL)
-            rest, _ = await asyncio.to_thread(first.communicate)
-            kept += [x for x in rest.splitlines(keepends=True) if x.endswith(b"\n")]  # a cut line: not kept
+            kept = await _kill_mid_stream(first, len(gen.exported()) // 3)
             last = kept[-1].split(b"\t", 1)[0].decode()
             second = _follower(
                 settings, tmp_path, "--positions", "--idle-exit-s", "3", start=last, consumer=False
