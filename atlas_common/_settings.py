@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 from pydantic import AfterValidator, AliasChoices, Field, ValidationError
 from pydantic.fields import FieldInfo
@@ -59,12 +59,18 @@ class LegacyEnv(PydanticBaseSettingsSource):
 
 class BrokerSettings(BaseSettings):
     """Base of each service's settings. Shared variables have fixed names (``AMQP_URL``, ``DATABASE_URL``,
-    ``ATLAS_*``, ``LOG_*``); a service's own read ``<PREFIX>_<NAME>`` (its ``env_prefix``), and the old
-    unprefixed names still work with a deprecation warning (:class:`LegacyEnv`)."""
+    ``ATLAS_*``, ``LOG_*``); a service's own read ``<PREFIX>_<NAME>`` (its ``env_prefix``). A service whose
+    variables were unprefixed before it got its prefix sets ``legacy_unprefixed_env`` so that the old names
+    still work with a deprecation warning (:class:`LegacyEnv`)."""
 
     model_config = SettingsConfigDict(
         frozen=True, extra="ignore", env_ignore_empty=True, populate_by_name=True
     )
+
+    legacy_unprefixed_env: ClassVar[bool] = False
+    """Also read each own setting under its bare name (``JSONL_DIR``), with a warning. Opt-in: a service
+    that never read bare names must not start picking up ``CONCURRENCY`` or ``PREFETCH`` meant for
+    something else."""
 
     @classmethod
     def settings_customise_sources(
@@ -76,7 +82,7 @@ class BrokerSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         prefix = str(cls.model_config.get("env_prefix") or "")
-        legacy = (LegacyEnv(settings_cls, prefix),) if prefix else ()
+        legacy = (LegacyEnv(settings_cls, prefix),) if prefix and cls.legacy_unprefixed_env else ()
         return (init_settings, env_settings, *legacy, dotenv_settings, file_secret_settings)
 
     # repr=False: settings objects end up in logs, and a URL may hold a password.

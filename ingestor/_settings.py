@@ -35,6 +35,8 @@ class IngestorSettings(BrokerSettings):
     service."""
 
     model_config = SettingsConfigDict(env_prefix="INGESTOR_", validate_by_name=True, validate_by_alias=True)
+    # The one service whose variables were bare (JSONL_DIR ...) before it got its prefix.
+    legacy_unprefixed_env = True
 
     # repr=False: settings objects end up in logs, and this URL may hold a password.
     database_url: DatabaseUrl = Field(
