@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
-from aio_pika.exceptions import AMQPError, DeliveryError
+from aio_pika.abc import AbstractExchange
+from aio_pika.exceptions import DeliveryError
 
 from atlas_common import (
+    BROKER_ERRORS,
     TASK_ROUTING_KEY,
+    Backoff,
+    BrokerConnection,
     BrokerUnavailable,
     PublishNotConfirmed,
     Resource,
@@ -21,12 +24,15 @@ from atlas_common import (
     publish_confirmed,
     redact_url,
     scrub_secrets,
-    split_urls,
 )
 from producer._errors import PublishRejected
 from schemas import TaskMessage, encode
 
 log = structlog.get_logger("producer")
+
+_RECONNECT_FOR_S: Final = 30.0
+"""How long a publish that finds the connection lost keeps trying to reconnect (as long as it would wait
+for a confirm) before its task is reported not enqueued."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,25 +72,95 @@ class Producer(Resource):
         self._topology = topology or Topology()
         self._window = window
         self._connect_timeout_s = connect_timeout_s
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._open = False
+        self._broker: BrokerConnection | None = None
         self._exchange: AbstractExchange | None = None
+        # Up to ``window`` publishes may find the connection lost at once: one of them reconnects for all,
+        # and those that queued behind a reconnect that failed fail with it instead of each trying again.
+        self._reconnecting = asyncio.Lock()
+        self._reconnects = 0
+        self._reconnect_failure: BrokerUnavailable | None = None
 
     async def open(self) -> None:
         try:
-            self._connection = await _connect_robust(self._url, self._connect_timeout_s)
-            self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-            self._exchange, _ = await self._topology.declare_tasks(self._channel)
-        except (OSError, AMQPError, TimeoutError, ValueError) as exc:  # ValueError: a URL aio-pika refuses
+            await self._new_epoch()
+        except (*BROKER_ERRORS, ValueError) as exc:  # ValueError: a URL aio-pika refuses
             await self.close()
-            detail = scrub_secrets(repr(exc), self._url)
-            raise BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(self._url)}: {detail}") from exc
+            raise self._unavailable(exc) from exc
+        self._open = True
 
     async def close(self) -> None:
         """Close the connection; safe to call twice."""
-        connection, self._connection, self._channel, self._exchange = self._connection, None, None, None
-        if connection is not None and not connection.is_closed:
-            await connection.close()
+        self._open = False
+        await self._end_epoch()
+
+    async def _new_epoch(self) -> None:
+        """Connect to a node that answers (:func:`atlas_common.connect_any`), open a confirmed channel and
+        declare the task topology. A lost connection is not replayed behind our back (the shared model
+        of :class:`atlas_common.BrokerConnection`): publishes in flight on it fail, the next reconnects."""
+        await self._end_epoch()
+        self._broker = BrokerConnection(
+            self._url, connect_timeout_s=self._connect_timeout_s, name="atlas-producer"
+        )
+        await self._broker.open()
+        channel = await self._broker.channel(publisher_confirms=True)
+        self._exchange, _ = await self._topology.declare_tasks(channel)
+
+    async def _end_epoch(self) -> None:
+        broker, self._broker, self._exchange = self._broker, None, None
+        if broker is not None:
+            await broker.close()
+
+    def _unavailable(self, exc: BaseException) -> BrokerUnavailable:
+        detail = scrub_secrets(repr(exc), self._url)
+        return BrokerUnavailable(f"cannot reach RabbitMQ at {redact_url(self._url)}: {detail}")
+
+    async def _current_exchange(self) -> AbstractExchange:
+        """This epoch's exchange; when the connection was lost, a new epoch first (retried with backoff for
+        up to ``_RECONNECT_FOR_S``, maybe landing on another of the cluster's nodes)."""
+        if not self._open:
+            raise BrokerUnavailable("the producer is not open (use 'async with Producer(...)')")
+        exchange = self._live_exchange()
+        if exchange is not None:
+            return exchange
+        seen = self._reconnects
+        async with self._reconnecting:
+            exchange = self._live_exchange()
+            if exchange is not None:
+                return exchange
+            if self._reconnects != seen and self._reconnect_failure is not None:
+                raise self._reconnect_failure
+            self._reconnects += 1
+            try:
+                return await self._reconnect()
+            except BrokerUnavailable as exc:
+                self._reconnect_failure = exc
+                raise
+
+    def _live_exchange(self) -> AbstractExchange | None:
+        """This epoch's exchange, or None once its connection was lost."""
+        if self._broker is None or self._broker.lost.is_set():
+            return None
+        return self._exchange
+
+    async def _reconnect(self) -> AbstractExchange:
+        log.warning("producer.broker_lost", url=redact_url(self._url))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _RECONNECT_FOR_S
+        backoff = Backoff(initial_s=0.2, max_s=5.0)
+        while True:
+            try:
+                await self._new_epoch()
+            except (*BROKER_ERRORS, ValueError) as exc:
+                await self._end_epoch()
+                delay = backoff.next()
+                if loop.time() + delay > deadline:
+                    raise self._unavailable(exc) from exc
+                await asyncio.sleep(delay)
+                continue
+            assert self._exchange is not None  # noqa: S101 -- a new epoch declares the exchange
+            log.info("producer.reconnected", url=redact_url(self._url))
+            return self._exchange
 
     @property
     def topology(self) -> Topology:
@@ -142,10 +218,14 @@ class Producer(Resource):
         return SubmitReport(submitted=len(ids), task_ids=ids)
 
     async def _publish(self, task: TaskMessage) -> None:
-        if self._exchange is None:
-            raise BrokerUnavailable("the producer is not open (use 'async with Producer(...)')")
         try:
-            await publish_confirmed(self._exchange, task_message(task), TASK_ROUTING_KEY)
+            exchange = await self._current_exchange()
+        except BrokerUnavailable as exc:
+            if not self._open:
+                raise
+            raise PublishRejected(task.task_id, str(exc)) from exc
+        try:
+            await publish_confirmed(exchange, task_message(task), TASK_ROUTING_KEY)
         except PublishNotConfirmed as exc:
             if isinstance(exc.__cause__, DeliveryError):
                 raise PublishRejected(task.task_id, f"returned by the broker ({exc.__cause__})") from exc
@@ -159,17 +239,3 @@ async def _aiter(tasks: Iterable[TaskMessage] | AsyncIterable[TaskMessage]) -> A
     else:
         for task in tasks:
             yield task
-
-
-async def _connect_robust(url: str, timeout_s: float) -> AbstractRobustConnection:
-    """A robust connection to the first node of ``url`` (one URL or a cluster's list, from a random one on)
-    that answers. It stays with that node: a long submit whose node goes away waits for it to return."""
-    urls = split_urls(url)
-    first = random.randrange(len(urls))  # noqa: S311 -- load spreading, not security
-    error: Exception | None = None
-    for candidate in urls[first:] + urls[:first]:
-        try:
-            return await aio_pika.connect_robust(candidate, timeout=timeout_s)
-        except (OSError, AMQPError, TimeoutError) as exc:
-            error = exc
-    raise error or ConnectionError("no broker URL")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
 
-from producer import content_task_id, parse_lines
+from producer import Producer, PublishRejected, content_task_id, demo_tasks, parse_lines
 from tests._pipeline import ROOT, PipelineStack
+from tests._proxy import TcpProxy
 
 
 def test_lines_without_ids_get_stable_content_ids() -> None:
@@ -132,3 +135,28 @@ def test_unreachable_broker_is_a_clear_error(tmp_path: Path) -> None:
     assert b"cannot reach RabbitMQ" in result.stderr
     assert b"Traceback" not in result.stderr
     assert b"s3cret" not in result.stderr
+
+
+@pytest.mark.integration
+async def test_a_producer_reconnects_after_its_connection_is_cut(pipeline: PipelineStack) -> None:
+    """A long-lived producer whose connection is cut publishes again once the broker is back: it starts a
+    new connection by itself, and no task is enqueued twice."""
+    first, second = demo_tasks(2, run_id="reconnect")
+    broker = urlsplit(pipeline.amqp_url)
+    async with (
+        TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672) as proxy,
+        Producer(proxy.proxied_url(pipeline.amqp_url), pipeline.topology, connect_timeout_s=2) as producer,
+    ):
+        assert await producer.submit(first) == first.task_id
+        proxy.cut()
+        await asyncio.sleep(0.5)
+        proxy.restore()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert await producer.submit(second) == second.task_id
+                break
+            except PublishRejected:  # published on the cut connection before its loss was seen
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+    assert await pipeline.queue_depth(pipeline.topology.tasks_queue, expect=2) == 2
