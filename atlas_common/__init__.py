@@ -1,7 +1,7 @@
 """What every atlas-pipeline service shares: logging, settings base, topology, URL checks and redaction."""
 
 from atlas_common._broker import BROKER_ERRORS, BrokerConnection, connect_any, sleep_unless
-from atlas_common._db import DB_TRANSIENT_ERRORS, DbPooler, connect_options, pool_options
+from atlas_common._db import DB_ERRORS, DB_TRANSIENT_ERRORS, DbPooler, connect_options, pool_options
 from atlas_common._deadletter import (
     DEAD_AT_HEADER,
     LAST_ERROR_HEADER,
@@ -49,6 +49,7 @@ from atlas_common._urls import (
 
 __all__ = [
     "BROKER_ERRORS",
+    "DB_ERRORS",
     "DB_TRANSIENT_ERRORS",
     "DEAD_AT_HEADER",
     "DEAD_TASK_ROUTING_KEY",

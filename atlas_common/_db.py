@@ -20,6 +20,10 @@ DB_TRANSIENT_ERRORS: Final = (
 )
 """Connection-level failures: the server went away, restarted, or the driver lost track of a connection."""
 
+DB_ERRORS: Final = (*DB_TRANSIENT_ERRORS, asyncpg.PostgresError)
+"""Anything a database call may raise, a refused command included (no such table, permission denied, a
+wrong password): for a one-shot tool that reports the failure instead of retrying it."""
+
 DbPooler = Literal["none", "transaction"]
 """What sits between a service and PostgreSQL: ``none`` (a direct or session-pooled connection) or
 ``transaction`` (PgBouncer ``pool_mode = transaction`` or the like: each transaction may run on another server

@@ -29,7 +29,7 @@ from typing import Any, Final, Literal
 import asyncpg
 import orjson
 
-from atlas_common import Topology, redact_url
+from atlas_common import DB_ERRORS, Topology, redact_url
 from producer._deadletters import read_dead_letters
 from producer._errors import ProducerError
 
@@ -218,7 +218,7 @@ async def run_audit(
     """Reconcile ledger, tables, dead letters and (with ``jsonl_dir``) the JSONL files."""
     try:
         conn = await asyncpg.connect(database_url, timeout=connect_timeout_s)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DB_ERRORS as exc:
         raise AuditError(f"cannot reach PostgreSQL at {redact_url(database_url)}: {exc}") from exc
     report = AuditReport()
     try:
@@ -240,10 +240,10 @@ async def run_audit(
         problems = await _problems(conn, pending)
     except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
         raise AuditError(f"the database is not migrated ({exc}): run `python -m migrations`") from exc
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DB_ERRORS as exc:
         raise AuditError(f"PostgreSQL query failed: {exc}") from exc
     finally:
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        with contextlib.suppress(*DB_ERRORS):
             await conn.close()
     dead: dict[str, list[str]] = {}
     if pending and amqp_url is not None and topology is not None and dead_letter_limit > 0:

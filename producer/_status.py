@@ -29,7 +29,7 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractConnection
 
-from atlas_common import Topology, redact_url, scrub_secrets
+from atlas_common import DB_ERRORS, Topology, redact_url, scrub_secrets
 from producer._amqp import PASSIVE_MISSING, connect, queue_depth, throwaway_channel
 from producer._audit import count_unaccounted
 
@@ -216,7 +216,7 @@ async def peek_ingestion_lag(
     return IngestionLag("ok", seconds=max(0.0, age), oldest_emitted_at=oldest)
 
 
-_DB_ERRORS = (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_DB_ERRORS = (*DB_ERRORS, ValueError)  # ValueError: a URL asyncpg refuses
 _MIGRATE_HINT = "apply the migrations: atlas-migrate"
 
 
