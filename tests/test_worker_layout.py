@@ -76,3 +76,24 @@ def test_importing_the_sdk_loads_no_runtime(module: str) -> None:
     loaded = set(done.stdout.split())
     assert "worker.sessions" in loaded
     assert _within(loaded, ("worker.runtime", "worker.adapters", "aio_pika", "asyncpg")) == []
+
+
+def test_atlas_common_loads_the_broker_and_database_clients_on_first_use() -> None:
+    """The SDK may use atlas_common's light names (Backoff, URL scrubbing): importing them loads neither
+    aio-pika nor asyncpg, while every name in ``atlas_common.__all__`` still resolves (loading them)."""
+    script = (
+        "import sys\n"
+        "from atlas_common import Backoff, scrub_text, strip_url\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+        "import atlas_common\n"
+        "missing = [n for n in atlas_common.__all__ if getattr(atlas_common, n, None) is None]\n"
+        "print(' '.join(missing) or '-')\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    light, missing, everything = done.stdout.splitlines()
+    assert _within(set(light.split()), ("aio_pika", "asyncpg")) == []
+    assert missing == "-"
+    assert {"aio_pika", "asyncpg"} <= set(everything.split())
