@@ -1,7 +1,8 @@
 """HTTP plumbing shared by the HTTP adapters: one lazily created aiohttp pool, JSON POSTs with retries.
 
 * Every POST has a per-request timeout. 5xx, 429, timeouts and connection errors are retried up to
-  ``max_retries`` times with exponential backoff (``backoff_s * 2**(n-1)``, jittered, capped at 30 s);
+  ``max_retries`` times with exponential backoff (``backoff_s * 2**(n-1)``, capped at 30 s, jittered:
+  :class:`atlas_common.Backoff`);
   a ``Retry-After`` header (seconds or an HTTP date) replaces the backoff, capped at
   ``max_retry_after_s``. Other non-2xx statuses (4xx, and 3xx: redirects are not followed, so auth
   headers never travel to another host) raise at once. Every failure is an :class:`AdapterHTTPError`
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ import aiohttp
 import orjson
 import structlog
 
-from atlas_common import scrub_text, strip_url
+from atlas_common import Backoff, scrub_text, strip_url
 from worker.sessions import AdapterConfigError, WorkerError
 
 log = structlog.get_logger("worker.adapters")
@@ -152,12 +152,16 @@ class RetryPolicy:
         if self.max_retry_after_s < 0:
             raise AdapterConfigError("max_retry_after_s must not be negative")
 
-    def delay(self, attempt: int, retry_after: float | None) -> float:
-        """Seconds to sleep after failed attempt ``attempt`` (1-based)."""
-        if retry_after is not None:
-            return min(retry_after, self.max_retry_after_s)
-        base = min(MAX_BACKOFF_S, self.backoff_s * 2.0 ** (attempt - 1))
-        return base / 2 + random.uniform(0, base / 2)  # noqa: S311 -- jitter, not security
+    def backoff(self) -> Backoff:
+        """The delays of one request's retries (a new one per request)."""
+        return Backoff(initial_s=min(self.backoff_s, MAX_BACKOFF_S), max_s=MAX_BACKOFF_S)
+
+    def delay(self, backoff: Backoff, retry_after: float | None) -> float:
+        """Seconds to sleep after a failed attempt: the server's ``Retry-After`` when it sent one (capped at
+        ``max_retry_after_s``), else the next backoff. The backoff advances either way, so a server that
+        stops sending Retry-After does not bring the wait back to its start."""
+        backed_off = backoff.next()
+        return backed_off if retry_after is None else min(retry_after, self.max_retry_after_s)
 
 
 def check_timeout(timeout_s: float) -> float:
@@ -238,6 +242,7 @@ class JSONPoster:
         safe_url = redact_url(url)
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         attempts = self.policy.max_retries + 1
+        backoff = self.policy.backoff()
         for attempt in range(1, attempts + 1):
             status: int | None = None
             retry_after: float | None = None
@@ -274,7 +279,7 @@ class JSONPoster:
                 retry_after = parse_retry_after(retry_after_header)
             if attempt == attempts:
                 break
-            delay = self.policy.delay(attempt, retry_after)
+            delay = self.policy.delay(backoff, retry_after)
             log.warning(
                 "http.retrying",
                 what=what,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
+from atlas_common import Backoff
 from schemas import new_task_id
 from worker.sessions._adapter import AgentAdapter, close_after_error
 from worker.sessions._context import SessionContext
@@ -20,14 +21,18 @@ from worker.sessions._session import AgentSession, StatelessSession
 
 log = structlog.get_logger("worker.sessions")
 
+_MAX_OPEN_BACKOFF_S: Final = 30.0
+"""The longest wait between two attempts to open a session."""
+
 
 class Student:
     """Drives one adapter through sessions.
 
-    Opening a session is tried ``max_open_attempts`` times, sleeping ``open_backoff_s * 2**(n-1)``
-    after the n-th failure; after the last failure a :class:`StatelessSession` over the adapter's
-    ``ainvoke`` is used instead, with ``metadata`` ``{"fallback": True, "open_error": ...,
-    "open_attempts": ...}``. Every session opened is closed, whatever happens.
+    Opening a session is tried ``max_open_attempts`` times, sleeping ``open_backoff_s * 2**(n-1)`` (up
+    to 20 % less: jitter; at most 30 s) after the n-th failure; after the last failure
+    a :class:`StatelessSession` over the adapter's ``ainvoke`` is used instead, with ``metadata``
+    ``{"fallback": True, "open_error": ..., "open_attempts": ...}``. Every session opened is closed,
+    whatever happens.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class Student:
     async def _open(self, context: SessionContext) -> tuple[AgentSession, int, bool]:
         """``(session, attempts, fallback)``. Cancellation while opening propagates."""
         error = ""
+        backoff = Backoff(initial_s=min(self.open_backoff_s, _MAX_OPEN_BACKOFF_S), max_s=_MAX_OPEN_BACKOFF_S)
         for attempt in range(1, self.max_open_attempts + 1):
             try:
                 return await self.adapter.open_session(context), attempt, False
@@ -74,7 +80,7 @@ class Student:
                     error=error,
                 )
                 if attempt < self.max_open_attempts:
-                    await asyncio.sleep(self.open_backoff_s * 2 ** (attempt - 1))
+                    await asyncio.sleep(backoff.next())
         fallback = StatelessSession(
             self.adapter,
             context,
