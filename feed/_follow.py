@@ -19,7 +19,6 @@ and started again resumes after the last finished session: no gap, no repeat.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,6 +36,7 @@ from atlas_common import (
     STREAM_PUBLISHED_MS_HEADER,
     Backoff,
     BrokerConnection,
+    sleep_unless,
 )
 from feed._cursor import StreamCursor, cursor_path
 from feed._handout import Handout
@@ -220,8 +220,7 @@ class SessionFollow(Handout[FeedSession]):
             except BROKER_ERRORS as err:
                 _log.warning("feed.broker_unavailable", error=str(err))
             if not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff.next())
+                await sleep_unless(stop, backoff.next())
 
     def _skipped(self, session: FeedSession) -> bool:
         """Published before the point in time asked for, or a duplicate of a session already handed out."""

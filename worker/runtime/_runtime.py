@@ -241,8 +241,7 @@ class Worker:
 
     async def _requeue_after_pause(self, message: AbstractIncomingMessage) -> None:
         # A pause before handing it back, so an outage (or a bug) is not a hot redelivery loop.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), _INFRA_BACKOFF_S)
+        await sleep_unless(self._stopping, _INFRA_BACKOFF_S)
         await _requeue_quietly(message)
         self._metrics.infra_errors.inc()
 
