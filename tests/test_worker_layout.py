@@ -56,6 +56,18 @@ def test_adapters_do_not_import_the_runtime() -> None:
     assert _offending("worker/adapters", ("worker.runtime",)) == {}
 
 
+def test_adapters_use_only_the_public_sdk() -> None:
+    """No built-in adapter imports a private module of the SDK (``worker.sessions._*``): what they need
+    is in ``worker.sessions.__all__``, as for any adapter."""
+    private = {
+        str(path.relative_to(ROOT)): sorted(
+            m for m in _imported_modules(path) if m.startswith("worker.sessions._")
+        )
+        for path in sorted((ROOT / "worker/adapters").rglob("*.py"))
+    }
+    assert {path: modules for path, modules in private.items() if modules} == {}
+
+
 @pytest.mark.parametrize("package", ["ingestor", "producer", "atlas_common", "schemas", "migrations"])
 def test_other_packages_do_not_import_the_worker(package: str) -> None:
     assert _offending(package, ("worker",)) == {}

@@ -17,9 +17,15 @@ from typing import Any, Final
 from pydantic import JsonValue
 
 from schemas import Usage
-from worker.sessions import AgentSession, BaseSession, SessionContext, StatefulAgentAdapterMixin, StepOutcome
-from worker.sessions._json import to_text
-from worker.sessions._session import new_session_id
+from worker.sessions import (
+    AgentSession,
+    BaseSession,
+    SessionContext,
+    StatefulAgentAdapterMixin,
+    StepOutcome,
+    new_session_id,
+    to_text,
+)
 
 _ACTIONS: Final = ("Research", "Analyse", "Outline", "Draft", "Check", "Summarise", "Compare")
 _TOOLS: Final = ("search", "calculator", "notes", "lookup")

@@ -50,9 +50,10 @@ from worker.sessions import (
     BaseSession,
     SessionContext,
     StatefulAgentAdapterMixin,
+    new_session_id,
+    to_json_object,
+    to_jsonable,
 )
-from worker.sessions._json import to_json_object, to_jsonable
-from worker.sessions._session import new_session_id
 
 SESSION_HEADER: Final = "X-Atlas-Session-Id"
 

@@ -46,14 +46,16 @@ from worker.sessions import (
     AdapterConfigError,
     AgentSession,
     BaseSession,
+    EventDict,
     SessionContext,
     StatefulAgentAdapterMixin,
     StepOutcome,
+    new_session_id,
     normalize_usage,
+    to_json_object,
+    to_jsonable,
+    to_text,
 )
-from worker.sessions._json import to_json_object, to_jsonable, to_text
-from worker.sessions._outcome import EventDict
-from worker.sessions._session import new_session_id
 
 log = structlog.get_logger("worker.adapters")
 
