@@ -38,6 +38,7 @@ from ingestor._files import is_final_name, read_lines
 from ingestor._lines import build_line
 from ingestor._service import Ingestor
 from ingestor._settings import IngestorSettings
+from ingestor._store import fetch_line_map
 
 __all__ = [
     "ConfigError",
@@ -46,6 +47,7 @@ __all__ = [
     "IngestorSettings",
     "build_line",
     "export_sessions",
+    "fetch_line_map",
     "is_final_name",
     "read_lines",
 ]

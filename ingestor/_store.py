@@ -111,7 +111,9 @@ async def connect(settings: IngestorSettings, url: str | None = None) -> asyncpg
 
 
 async def fetch_line_map(conn: asyncpg.Connection, ids: Sequence[int]) -> dict[int, bytes]:
-    """The JSONL lines of sessions ``ids`` built from Postgres, by session id (a missing id: no such row)."""
+    """The JSONL lines of sessions ``ids`` built from Postgres, by session id (a missing id: no such row).
+    ``conn`` decodes ``json`` / ``jsonb`` columns to Python values (a type codec, as the ingestor's own
+    connections do)."""
     lines: dict[int, bytes] = {}
     for start in range(0, len(ids), _ID_CHUNK):
         chunk = list(ids[start : start + _ID_CHUNK])

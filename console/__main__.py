@@ -1,0 +1,47 @@
+"""``python -m console`` / ``atlas-console``: serve the web console until SIGINT / SIGTERM.
+
+    atlas-console [--host 127.0.0.1] [--port 8070] [--requeue-enabled]
+
+Exit status 0 on a signal, 2 on bad settings or a port that cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+from atlas_common import configure_logging, run, settings_problems
+from console._serve import serve
+from console._settings import ConsoleSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="atlas-console", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", help="address to listen on (default $CONSOLE_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default $CONSOLE_PORT or 8070; 0 picks one)")
+    parser.add_argument(
+        "--requeue-enabled", action="store_true", default=None, help="allow requeueing dead letters"
+    )
+    args = parser.parse_args(argv)
+    overrides = {"host": args.host, "port": args.port, "requeue_enabled": args.requeue_enabled}
+    try:
+        settings = ConsoleSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:
+        for problem in settings_problems(err):
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    configure_logging(level=settings.log_level, log_format=settings.log_format)
+    try:
+        run(serve(settings))
+    except OSError as exc:
+        print(
+            f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr
+        )
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
