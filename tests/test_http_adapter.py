@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from atlas_common import strip_url
 from tests._logs import captured
 from worker.adapters import AdapterHTTPError, HTTPAdapter, HTTPAdapterFromEnv, http_adapter_from_env
-from worker.adapters._http import parse_retry_after, redact_url
+from worker.adapters._http import parse_retry_after
 from worker.sessions import AdapterConfigError, AdapterError, SessionContext, Student, load_adapter
 
 Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
@@ -247,7 +248,7 @@ async def test_retries_exhausted_raise_clear_error(
     assert info.value.attempts == 3
     assert "after 3 attempts" in str(info.value)
     assert "HTTP 503: overloaded" in str(info.value)
-    assert redact_url(agent.url) in str(info.value)
+    assert strip_url(agent.url) in str(info.value)
 
 
 async def test_no_retry_on_400(agent: FakeAgent, make_adapter: Callable[..., HTTPAdapter]) -> None:
@@ -477,9 +478,9 @@ def test_bad_configuration_is_rejected_without_values() -> None:
         HTTPAdapter("http://127.0.0.1/agent", timeout_s=0)
 
 
-def test_redact_url_and_retry_after() -> None:
+def test_strip_url_and_retry_after() -> None:
     """URLs lose credentials and query strings; Retry-After accepts seconds and HTTP dates."""
-    assert redact_url("https://user:pw@host:8443/v1/x?key=secret#frag") == "https://host:8443/v1/x"
+    assert strip_url("https://user:pw@host:8443/v1/x?key=secret#frag") == "https://host:8443/v1/x"
     assert parse_retry_after("2") == 2.0
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None

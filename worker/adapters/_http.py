@@ -54,11 +54,6 @@ class AdapterHTTPError(WorkerError):
         self.attempts = attempts
 
 
-def redact_url(url: str) -> str:
-    """``url`` without user info, query string or fragment (those may carry credentials)."""
-    return strip_url(url)
-
-
 def check_url(url: str, what: str) -> str:
     """``url`` if it is an absolute http(s) URL with a host, else :class:`AdapterConfigError`."""
     if not isinstance(url, str) or not url.strip():
@@ -68,9 +63,9 @@ def check_url(url: str, what: str) -> str:
         parts = urlsplit(url)
         _ = parts.port  # raises ValueError on a bad port
     except ValueError:
-        raise AdapterConfigError(f"{what} {redact_url(url)!r} is not a valid URL") from None
+        raise AdapterConfigError(f"{what} {strip_url(url)!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise AdapterConfigError(f"{what} {redact_url(url)!r} must be an absolute http:// or https:// URL")
+        raise AdapterConfigError(f"{what} {strip_url(url)!r} must be an absolute http:// or https:// URL")
     return url
 
 
@@ -239,7 +234,7 @@ class JSONPoster:
         """POST ``body`` (JSON-able) to ``url``: the 2xx reply, or :class:`AdapterHTTPError` (module doc)."""
         data = orjson.dumps(body)
         all_headers = {"Content-Type": "application/json", "Accept": "application/json", **headers}
-        safe_url = redact_url(url)
+        safe_url = strip_url(url)
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         attempts = self.policy.max_retries + 1
         backoff = self.policy.backoff()

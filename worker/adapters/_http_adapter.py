@@ -34,6 +34,7 @@ from typing import Any, Final
 
 from pydantic_settings import SettingsConfigDict
 
+from atlas_common import strip_url
 from worker.adapters._env import AdapterEnvSettings, from_env
 from worker.adapters._http import (
     JSONPoster,
@@ -41,7 +42,6 @@ from worker.adapters._http import (
     check_header_name,
     check_headers,
     check_url,
-    redact_url,
     secret_values,
 )
 from worker.sessions import (
@@ -144,7 +144,7 @@ class HTTPAdapter(StatefulAgentAdapterMixin):
 
     def __repr__(self) -> str:
         return (
-            f"<{type(self).__name__} name={self.name!r} url={redact_url(self.url)!r} "
+            f"<{type(self).__name__} name={self.name!r} url={strip_url(self.url)!r} "
             f"headers={self.header_names!r} session_events={self.session_events}>"
         )
 
@@ -156,7 +156,7 @@ class _HTTPSession(BaseSession):
             {
                 "adapter": adapter.name,
                 "http": True,
-                "url": redact_url(adapter.url),
+                "url": strip_url(adapter.url),
                 "task_id": context.task_id,
                 "session_events": adapter.session_events,
             },

@@ -32,13 +32,13 @@ import structlog
 from pydantic import JsonValue
 from pydantic_settings import SettingsConfigDict
 
+from atlas_common import strip_url
 from worker.adapters._env import AdapterEnvSettings, from_env
 from worker.adapters._http import (
     AdapterHTTPError,
     JSONPoster,
     RetryPolicy,
     check_url,
-    redact_url,
     secret_values,
     snippet,
 )
@@ -168,9 +168,9 @@ class OpenAIChatAdapter(StatefulAgentAdapterMixin):
         data = reply.decoded()
         if not isinstance(data, dict):
             raise AdapterHTTPError(
-                f"{what}: {redact_url(self.url)} replied with something other than a JSON object: "
+                f"{what}: {strip_url(self.url)} replied with something other than a JSON object: "
                 f"{snippet(reply.body, secrets)}",
-                url=redact_url(self.url),
+                url=strip_url(self.url),
                 status=reply.status,
                 attempts=reply.attempts,
             )
@@ -183,7 +183,7 @@ class OpenAIChatAdapter(StatefulAgentAdapterMixin):
     def __repr__(self) -> str:
         return (
             f"<{type(self).__name__} name={self.name!r} model={self.model!r} "
-            f"base_url={redact_url(self.base_url)!r} api_key_env={self.api_key_env!r}>"
+            f"base_url={strip_url(self.base_url)!r} api_key_env={self.api_key_env!r}>"
         )
 
 
@@ -239,7 +239,7 @@ class _ChatSession(BaseSession):
             {
                 "adapter": adapter.name,
                 "model": adapter.model,
-                "base_url": redact_url(adapter.base_url),
+                "base_url": strip_url(adapter.base_url),
                 "task_id": context.task_id,
                 "authenticated": bool(headers),
             },
@@ -265,7 +265,7 @@ class _ChatSession(BaseSession):
         choices = data.get("choices")
         choice = choices[0] if isinstance(choices, list) and choices else None
         if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
-            url = redact_url(self._adapter.url)
+            url = strip_url(self._adapter.url)
             raise AdapterHTTPError(
                 f"adapter {self._adapter.name!r} chat completion: {url} replied without choices[0].message: "
                 f"{snippet(orjson.dumps(data), self._secrets)}",
