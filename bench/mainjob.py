@@ -1,7 +1,9 @@
 """The main job: a real end-to-end run on this machine.
 
-Applies the migrations, starts an ingestor and 2 workers (processes), submits N demo tasks, waits until
-every session is in PostgreSQL and in a finalised JSONL file, prints a summary, shuts everything down.
+Applies the migrations, starts an ingestor, 2 workers and the web console (processes), submits N demo
+tasks, waits until every session is in PostgreSQL and in a finalised JSONL file, prints a summary ending
+with the console's URL for the run, shuts everything down (on a terminal, the console once Enter is
+pressed).
 ``./atlas run [--tasks N]`` (or ``python -m bench.mainjob``). Uses $AMQP_URL / $DATABASE_URL.
 
 :func:`run_stack` is the run itself (start the processes, submit, wait until stored, stop them); the
@@ -15,13 +17,16 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlencode
 
 import aio_pika
 import asyncpg
@@ -296,7 +301,63 @@ def _stop(run: Run, timeout_s: float = 60.0) -> list[int]:
     return codes
 
 
-async def main_async(run: Run) -> int:
+CONSOLE_PORT = 8070
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` when nothing listens on it on loopback, else 0 (the console picks a free one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", preferred))
+        except OSError:
+            return 0
+    return preferred
+
+
+@contextlib.contextmanager
+def console_process(run: Run, *, timeout_s: float = 30.0) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The web console on the run's prefix and database, loopback only; yields it and its URL (read from
+    its ``console: <url>`` line); stopped (SIGTERM, then SIGKILL) on exit."""
+    port = os.environ.get("CONSOLE_PORT") or str(_free_port(CONSOLE_PORT))
+    log_path = run.workdir / "console.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "console"],
+            env=run.env(CONSOLE_PORT=port, CONSOLE_HOST="127.0.0.1"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    try:
+        deadline = time.monotonic() + timeout_s
+        url = None
+        while url is None:
+            for line in log_path.read_text(errors="replace").splitlines():
+                if line.startswith("console: "):
+                    url = line.removeprefix("console: ").strip()
+            if url is None:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the console did not start; see {log_path}")
+                time.sleep(0.1)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run_url(console_url: str, outcome: Outcome) -> str:
+    """The console's sessions list narrowed to the run's time span."""
+    since = datetime.fromtimestamp(outcome.started - 1, UTC).isoformat(timespec="seconds")
+    until = datetime.fromtimestamp(outcome.finished + 1, UTC).isoformat(timespec="seconds")
+    return f"{console_url.rstrip('/')}/sessions?{urlencode({'since': since, 'until': until})}"
+
+
+async def main_async(run: Run, *, keep_console: bool | None = None) -> int:
     problems = await ensure_services(run.amqp_url, run.database_url)
     if problems:
         for problem in problems:
@@ -308,10 +369,21 @@ async def main_async(run: Run) -> int:
     print(f"migrations: {len(applied)} applied; run {run.run_id}, logs in {run.workdir}", flush=True)
     conn = await asyncpg.connect(run.database_url)
     try:
-        outcome = await run_stack(run, conn)
-        if any(outcome.exit_codes):
-            print(f"warning: exit codes {outcome.exit_codes}; see logs in {run.workdir}", file=sys.stderr)
-        print(await _summary(run, conn, outcome))
+        with console_process(run) as (_, console_url):
+            print(f"console: {console_url} (live while the job runs)", flush=True)
+            outcome = await run_stack(run, conn)
+            if any(outcome.exit_codes):
+                print(f"warning: exit codes {outcome.exit_codes}; see logs in {run.workdir}", file=sys.stderr)
+            print(await _summary(run, conn, outcome))
+            print(f"  console         {run_url(console_url, outcome)}", flush=True)
+            if keep_console is None:
+                keep_console = sys.stdin.isatty() and sys.stdout.isatty()
+            if keep_console:
+                print("the console keeps serving this run: press Enter to stop it", flush=True)
+                with contextlib.suppress(KeyboardInterrupt, EOFError):
+                    await asyncio.to_thread(sys.stdin.readline)
+            else:
+                print(f"  (stopped with the job; ATLAS_PREFIX={run.prefix} ./atlas console serves it again)")
     finally:
         await conn.close()
         await delete_topology(run.amqp_url, run.topology)
@@ -324,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--demo-latency-s", type=float, default=0.0, help="simulated LLM latency per call")
+    parser.add_argument(
+        "--keep-console",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the web console serving after the summary until Enter (default: on a terminal)",
+    )
     args = parser.parse_args(argv)
     configure_logging(level="WARNING")
     run = Run(
@@ -334,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         demo_latency_s=args.demo_latency_s,
     )
-    return asyncio.run(main_async(run))
+    return asyncio.run(main_async(run, keep_console=args.keep_console))
 
 
 if __name__ == "__main__":

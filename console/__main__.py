@@ -17,14 +17,18 @@ from console._serve import serve
 from console._settings import ConsoleSettings
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlas-console", description=__doc__.splitlines()[0])
     parser.add_argument("--host", help="address to listen on (default $CONSOLE_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default $CONSOLE_PORT or 8070; 0 picks one)")
     parser.add_argument(
         "--requeue-enabled", action="store_true", default=None, help="allow requeueing dead letters"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     overrides = {"host": args.host, "port": args.port, "requeue_enabled": args.requeue_enabled}
     try:
         settings = ConsoleSettings(**{k: v for k, v in overrides.items() if v is not None})

@@ -306,3 +306,13 @@ def test_cluster_services_get_every_node_and_quorum_queues() -> None:
         assert key not in services["worker-cluster"], key
     ingestor = services["ingestor-cluster"]
     assert f"jsonl:{ingestor['environment']['INGESTOR_JSONL_DIR']}" in ingestor["volumes"]
+
+
+def test_console_is_published_on_loopback_only() -> None:
+    """The console (no login of its own) is reachable from the host's loopback, nowhere else."""
+    console = _services()["console"]
+    assert _argv(console["command"])[0] == "atlas-console"
+    assert console["ports"], "the console publishes its port"
+    for port in console["ports"]:
+        assert str(port).startswith("127.0.0.1:"), port
+    assert console["environment"]["CONSOLE_REQUEUE_ENABLED"].endswith(":-false}")
