@@ -153,6 +153,32 @@ async def test_a_dead_loop_fails_callers_at_once(ledger_url: str) -> None:
         await ledger.close()
 
 
+async def test_a_dead_loop_fails_the_calls_already_waiting(ledger_url: str) -> None:
+    """Calls already awaiting when the loop dies (one in the group it was committing while PostgreSQL was
+    away, one queued behind it) fail at once with LedgerUnavailable, not at their deadline."""
+    host, port = ledger_url.split("@", 1)[1].split("/", 1)[0].split(":")
+    async with TcpProxy(host, int(port)) as proxy:
+        ledger = await _ledger(proxy.proxied_url(ledger_url), "w", op_timeout_s=30.0)
+        try:
+            assert (await ledger.claim("before")).outcome == "run"
+            proxy.cut()
+            committing = asyncio.create_task(ledger.claim("t1"))
+            await asyncio.sleep(0.3)  # the loop has taken t1 and retries its commit
+            queued = asyncio.create_task(ledger.claim("t2"))
+            await asyncio.sleep(0.1)
+            assert not committing.done()
+            assert not queued.done()
+            assert ledger._loop_task is not None
+            ledger._loop_task.cancel()
+            started = time.monotonic()
+            for call in (committing, queued):
+                with pytest.raises(LedgerUnavailable, match="loop died"):
+                    await call
+            assert time.monotonic() - started < 2
+        finally:
+            await ledger.close()
+
+
 async def test_calls_have_a_deadline_while_the_database_is_away(ledger_url: str) -> None:
     """With PostgreSQL unreachable a claim fails after op_timeout_s (the task is handed back), and the
     ledger serves again once the database is back."""

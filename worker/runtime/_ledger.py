@@ -87,6 +87,8 @@ class TaskLedger(Resource):
         self._pool: asyncpg.Pool | None = None
         self._stopping = stopping or asyncio.Event()
         self._pending = Group()
+        self._committing = Group()
+        """The group the loop is committing: its callers wait too, and must hear if the loop dies."""
         self._active: dict[str, str] = {}
         """task_id -> token of the claims this worker holds (heartbeated)."""
         self._wake = asyncio.Event()
@@ -124,8 +126,7 @@ class TaskLedger(Resource):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._pending.fail(LedgerUnavailable("the task ledger is closed"))
-        self._pending = Group()
+        self._fail_waiting(LedgerUnavailable("the task ledger is closed"))
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -192,8 +193,13 @@ class TaskLedger(Resource):
         """The loop never ends by itself; if it does, every caller must hear about it, not wait forever."""
         self._dead = (task.exception() if not task.cancelled() else None) or RuntimeError("ledger loop ended")
         log.error("ledger.loop_died", error=repr(self._dead))
-        self._pending.fail(LedgerUnavailable(f"the task ledger loop died: {self._dead!r}"))
-        self._pending = Group()
+        self._fail_waiting(LedgerUnavailable(f"the task ledger loop died: {self._dead!r}"))
+
+    def _fail_waiting(self, error: LedgerUnavailable) -> None:
+        """Fail every call still waiting: those queued and those of the group the loop was committing."""
+        for group in (self._committing, self._pending):
+            group.fail(error)
+        self._committing, self._pending = Group(), Group()
 
     async def _run(self) -> None:
         next_beat = time.monotonic() + self._heartbeat_s
@@ -209,11 +215,14 @@ class TaskLedger(Resource):
                 next_beat = time.monotonic() + self._heartbeat_s
             if not group and not (beat and self._active):
                 continue
+            # Left set if the loop dies mid-commit (cancelled, a BaseException): _loop_ended fails it.
+            self._committing = group
             try:
                 await self._commit(group, dict(self._active) if beat else {})
             except Exception as exc:  # a bug or an unforeseen driver error: fail this group, keep serving
                 log.exception("ledger.group_failed", items=len(group))
                 group.fail(LedgerUnavailable(f"ledger group failed: {exc!r}"))
+            self._committing = Group()
 
     def _take(self) -> tuple[Group, Group]:
         """Up to _MAX_GROUP operations, and no task_id twice among the claims (one statement cannot update a
