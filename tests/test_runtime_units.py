@@ -1,5 +1,6 @@
 """The worker runtime's pieces with in-process fakes (no broker, no database): the Settler when the broker
-never confirms, and one task's life through a timeout, a success and a takeover."""
+never confirms, one task's life through a timeout, a success and a takeover, and how the telemetry
+batcher splits records into envelopes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from atlas_common import RETRY_HEADER, PublishNotConfirmed, Topology
 from schemas import TaskMessage, decode_telemetry, encode
 from worker.runtime import AdapterRegistry, WorkerMetrics, WorkerSettings
+from worker.runtime._batcher import TelemetryBatcher
 from worker.runtime._ledger_group import Claim, GroupResult
 from worker.runtime._policy import Ack, DeadLetter, Retry, Settler
 from worker.runtime._taskrun import Services, TaskRun
@@ -292,3 +294,62 @@ def test_a_task_that_ended_in_the_heartbeats_own_commit_was_not_taken_over() -> 
     beat = {"a": "tok-a", "b": "tok-b", "c": "tok-c", "d": "tok-d"}
     result = GroupResult(claims={}, succeeded={"b"}, settled={"c"}, alive={"a"})
     assert result.taken_over(beat) == {"d"}
+
+
+def _records(body: bytes) -> tuple[str, list[Any]]:
+    """An envelope's kind and its records."""
+    envelope = orjson.loads(body)
+    return envelope["kind"], envelope["records"]
+
+
+async def test_the_batcher_splits_by_record_count() -> None:
+    """With max_records=3 and a long linger, every third record sends its envelope at once (confirmed
+    without waiting for the linger); the rest goes out on close, order kept."""
+    exchange = _Exchange(aiormq.spec.Basic.Ack())
+    batcher = TelemetryBatcher(exchange, linger_s=60, max_records=3)  # type: ignore[arg-type]
+    async with batcher:
+        futures = [batcher.send("step", orjson.dumps({"n": n})) for n in range(7)]
+        async with asyncio.timeout(5):
+            await asyncio.gather(*futures[:6])
+        assert [len(_records(body)[1]) for body, _, _ in exchange.published] == [3, 3]
+        assert not futures[6].done()
+    await futures[6]
+    assert [[r["n"] for r in _records(body)[1]] for body, _, _ in exchange.published] == [
+        [0, 1, 2],
+        [3, 4, 5],
+        [6],
+    ]
+    assert (batcher.batches_sent, batcher.records_sent) == (3, 7)
+
+
+async def test_the_batcher_splits_by_bytes() -> None:
+    """With max_bytes=100, records of 49 bytes (50 with their separator) go out two to an envelope as soon
+    as the second is queued, whatever max_records allows."""
+    exchange = _Exchange(aiormq.spec.Basic.Ack())
+    parts = [orjson.dumps({"pad": f"{n}" + "x" * 38}) for n in range(5)]
+    assert {len(part) for part in parts} == {49}
+    batcher = TelemetryBatcher(exchange, linger_s=60, max_records=500, max_bytes=100)  # type: ignore[arg-type]
+    async with batcher:
+        futures = [batcher.send("step", part) for part in parts]
+        async with asyncio.timeout(5):
+            await asyncio.gather(*futures[:4])
+        assert not futures[4].done()
+    assert [len(_records(body)[1]) for body, _, _ in exchange.published] == [2, 2, 1]
+    assert all(len(body) <= 100 + 64 for body, _, _ in exchange.published)
+
+
+async def test_the_batcher_sends_one_envelope_per_kind() -> None:
+    """Records of three kinds queued in one window: one envelope per kind, routed by its kind, holding
+    only that kind's records in the order they were sent."""
+    exchange = _Exchange(aiormq.spec.Basic.Ack())
+    sent = [("opened", 1), ("step", 2), ("close", 3), ("step", 4), ("opened", 5), ("step", 6)]
+    async with TelemetryBatcher(exchange, linger_s=0.05) as batcher:  # type: ignore[arg-type]
+        async with asyncio.timeout(5):
+            await asyncio.gather(*(batcher.send(kind, orjson.dumps({"n": n})) for kind, n in sent))
+    envelopes = {routing_key: _records(body) for body, routing_key, _ in exchange.published}
+    assert len(exchange.published) == 3
+    assert {key: (kind, [r["n"] for r in records]) for key, (kind, records) in envelopes.items()} == {
+        "opened": ("opened", [1, 5]),
+        "step": ("step", [2, 4, 6]),
+        "close": ("close", [3]),
+    }
