@@ -29,6 +29,7 @@ class Overview:
     @property
     def read_time(self) -> datetime:
         return datetime.fromtimestamp(self.read_at, UTC)
+
     status: PipelineStatus | None
     broker_error: str | None
     rates: _queries.Rates | None

@@ -18,8 +18,11 @@ from typing import Any, Final, Literal
 import asyncpg
 import orjson
 
-MAX_STEPS_SHOWN: Final = 1_000
+MAX_STEPS_SHOWN: Final = 300
 """Steps one session page shows (a session with more says how many are left out)."""
+SHOWN_TEXT_CHARS: Final = 20_000
+"""Characters of one text (task, trace, output, answer) a page reads and shows: PostgreSQL cuts it
+(``left``), so a session of long traces costs a bounded page; the whole text is in the JSONL line."""
 MAX_ATTEMPTS_SHOWN: Final = 50
 MAX_PROBLEMS_SHOWN: Final = 50
 RATE_WINDOW_S: Final = 600
@@ -196,11 +199,14 @@ class SessionDetail:
 
 
 _SESSION: Final = """
-SELECT id, task, status, metadata, final_answer, created_at, completed_at, stored_at, adapter_session_id,
-       adapter_usage, adapter_events, task_id, attempt, steps_expected, export_file
+SELECT id, left(task, $2) AS task, length(task) AS task_chars, status, metadata,
+       left(final_answer, $2) AS final_answer, length(final_answer) AS final_answer_chars, created_at,
+       completed_at, stored_at, adapter_session_id, adapter_usage, adapter_events, task_id, attempt,
+       steps_expected, export_file
 FROM sessions WHERE id = $1"""
 _STEPS: Final = """
-SELECT step_id, trace, output, attempts, metadata, adapter_usage, adapter_events
+SELECT step_id, left(trace, $3) AS trace, length(trace) AS trace_chars, left(output, $3) AS output,
+       length(output) AS output_chars, attempts, metadata, adapter_usage, adapter_events
 FROM step_results WHERE session_id = $1 ORDER BY step_id LIMIT $2"""
 _STEP_COUNT: Final = "SELECT count(*) FROM step_results WHERE session_id = $1"
 _PLAN: Final = "SELECT plan FROM plans WHERE session_id = $1"
@@ -214,11 +220,11 @@ WHERE adapter_session_id = $1 OR task_id = $2 ORDER BY last_seen DESC LIMIT $3""
 
 
 async def session_detail(conn: asyncpg.Connection, session_id: int) -> SessionDetail | None:
-    row = await conn.fetchrow(_SESSION, session_id)
+    row = await conn.fetchrow(_SESSION, session_id, SHOWN_TEXT_CHARS)
     if row is None:
         return None
     session = dict(row)
-    steps = [dict(r) for r in await conn.fetch(_STEPS, session_id, MAX_STEPS_SHOWN)]
+    steps = [dict(r) for r in await conn.fetch(_STEPS, session_id, MAX_STEPS_SHOWN, SHOWN_TEXT_CHARS)]
     total = len(steps) if len(steps) < MAX_STEPS_SHOWN else int(await conn.fetchval(_STEP_COUNT, session_id))
     plan = await conn.fetchval(_PLAN, session_id)
     task_id = session.get("task_id")

@@ -15,8 +15,8 @@ from aiohttp import web
 ENV: Final = web.AppKey("jinja", jinja2.Environment)
 LONG_TEXT_CHARS: Final = 600
 """Text longer than this (a trace, an output) starts collapsed."""
-SHOWN_TEXT_CHARS: Final = 200_000
-"""Characters of one value a page shows; the rest is in the session's JSONL line."""
+SHOWN_JSON_CHARS: Final = 20_000
+"""Characters of one JSON value (metadata, an event) a page shows; the rest is in the JSONL line."""
 
 
 def install(env: jinja2.Environment) -> None:
@@ -41,11 +41,15 @@ def pretty(value: Any) -> str:
     return clip(text)
 
 
-def clip(value: Any) -> str:
+def clip(value: Any, total_chars: int | None = None, limit: int = SHOWN_JSON_CHARS) -> str:
+    """The text, cut at ``limit``, saying how much more there is (``total_chars``: the length of the
+    whole value when the database already cut it)."""
     text = "" if value is None else str(value)
-    if len(text) <= SHOWN_TEXT_CHARS:
+    total = max(total_chars or 0, len(text))
+    if total <= limit and len(text) == total:
         return text
-    return f"{text[:SHOWN_TEXT_CHARS]}\n… {len(text) - SHOWN_TEXT_CHARS:,} more characters in the JSONL line"
+    shown = text[:limit]
+    return f"{shown}\n… {total - len(shown):,} more characters in the session's JSONL line"
 
 
 def when(value: datetime | None) -> str:

@@ -131,6 +131,8 @@ def test_session_page_escapes_everything_an_agent_wrote():
     session = {
         "id": 7,
         "task": EVIL,
+        "task_chars": len(EVIL),
+        "final_answer_chars": len(EVIL),
         "status": "failed",
         "metadata": {"adapter": EVIL},
         "final_answer": EVIL,
@@ -149,6 +151,8 @@ def test_session_page_escapes_everything_an_agent_wrote():
         "step_id": 1,
         "trace": EVIL,
         "output": EVIL,
+        "trace_chars": len(EVIL),
+        "output_chars": len(EVIL),
         "attempts": 1,
         "adapter_usage": {"calls": 1},
         "metadata": {"phase": EVIL, "status": EVIL, "description": EVIL, "error": EVIL},
@@ -178,3 +182,12 @@ def test_session_page_escapes_everything_an_agent_wrote():
     assert "<script>" not in html.replace('<script src="console.js" defer></script>', "")
     assert "<img" not in html
     assert "&lt;script&gt;alert(" in html
+
+
+def test_clip_says_how_much_the_database_left_out():
+    """A text PostgreSQL cut to the page's limit ends with how many characters the JSONL line still has."""
+    assert _render.clip("abc", 3) == "abc"
+    cut = _render.clip("a" * 10, 1_000_010, limit=10)
+    assert cut.startswith("a" * 10)
+    assert "1,000,000 more characters" in cut
+    assert "more characters" in _render.clip("b" * 30, None, limit=10)
