@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tests._ingest_env import (
     wait_drained,
 )
 from tests._ingest_gen import Generated, bodies, generate, publish
+from tests._pipeline import stop_processes
 
 # --- without services ----------------------------------------------------------------------------------
 
@@ -220,8 +222,30 @@ def _merged(a: Generated, b: Generated) -> Generated:
     return merged
 
 
+Followers = list[subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def followers() -> Iterator[Followers]:
+    """The follower processes a test starts, stopped however the test ends (SIGTERM, then SIGKILL past a
+    deadline), so a failed test leaves none behind."""
+    procs: Followers = []
+    try:
+        yield procs
+    finally:
+        stop_processes(procs, timeout_s=10)
+        for proc in procs:
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
 def _follower(
-    settings: IngestorSettings, tmp_path: Path, *extra: str, start: str = "first", consumer: bool = True
+    followers: Followers,
+    settings: IngestorSettings,
+    tmp_path: Path,
+    *extra: str,
+    start: str = "first",
+    consumer: bool = True,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -232,7 +256,8 @@ def _follower(
     }
     named = ["--consumer", "trainer"] if consumer else []
     cmd = [sys.executable, "-m", "feed", "follow", "--from", start, *named, *extra]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    followers.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+    return followers[-1]
 
 
 async def _kill_mid_stream(follower: subprocess.Popen[bytes], after_lines: int) -> list[bytes]:
@@ -251,7 +276,7 @@ async def _kill_mid_stream(follower: subprocess.Popen[bytes], after_lines: int) 
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 async def test_a_follower_killed_mid_stream_resumes_without_a_gap(
-    make_database, amqp_url: str, tmp_path: Path
+    make_database, amqp_url: str, tmp_path: Path, followers: Followers
 ) -> None:
     """`python -m feed follow --consumer` SIGKILLed while sessions flow, then started again: together
     the two runs print every session, with at most the one in hand at the kill printed twice."""
@@ -262,8 +287,8 @@ async def test_a_follower_killed_mid_stream_resumes_without_a_gap(
             await publish(amqp_url, settings.topology(), bodies(gen.in_order()))
             await wait_drained(settings, gen)
             await asyncio.sleep(0.5)
-            lines = await _kill_mid_stream(_follower(settings, tmp_path), len(gen.exported()) // 3)
-            second = _follower(settings, tmp_path, "--idle-exit-s", "3")
+            lines = await _kill_mid_stream(_follower(followers, settings, tmp_path), len(gen.exported()) // 3)
+            second = _follower(followers, settings, tmp_path, "--idle-exit-s", "3")
             out, _ = await asyncio.to_thread(second.communicate, None, 60)
             assert second.returncode == 0
     finally:
@@ -279,7 +304,7 @@ async def test_a_follower_killed_mid_stream_resumes_without_a_gap(
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 async def test_a_follower_that_keeps_positions_resumes_exactly_once(
-    make_database, amqp_url: str, tmp_path: Path
+    make_database, amqp_url: str, tmp_path: Path, followers: Followers
 ) -> None:
     """A consumer that keeps each session's position with its output (``--positions``) and is SIGKILLed
     mid-stream resumes ``--from`` the last position it kept: every session once, none twice."""
@@ -290,11 +315,11 @@ async def test_a_follower_that_keeps_positions_resumes_exactly_once(
             await publish(amqp_url, settings.topology(), bodies(gen.in_order()))
             await wait_drained(settings, gen)
             await asyncio.sleep(0.5)
-            first = _follower(settings, tmp_path, "--positions", consumer=False)
+            first = _follower(followers, settings, tmp_path, "--positions", consumer=False)
             kept = await _kill_mid_stream(first, len(gen.exported()) // 3)
             last = kept[-1].split(b"\t", 1)[0].decode()
             second = _follower(
-                settings, tmp_path, "--positions", "--idle-exit-s", "3", start=last, consumer=False
+                followers, settings, tmp_path, "--positions", "--idle-exit-s", "3", start=last, consumer=False
             )
             out, _ = await asyncio.to_thread(second.communicate, None, 60)
             assert second.returncode == 0
