@@ -49,9 +49,9 @@ class TelemetryPublisher:
 
     Opened and step records go from the reports' plain fields straight to bytes (``storable_fields``: orjson
     and a few byte scans, no model, no re-validation): the reports are typed dataclasses that the Student
-    filled within the wire limits (clipped strings, aware UTC times, normalised usage and events), so
-    validating them again would only cost CPU on the hottest path. The test ``test_worker_records_validate``
-    keeps this honest by decoding what a real run emits.
+    filled with wire values (aware UTC times, normalised usage and events; text past its limit is cut by
+    the storable rule, with its note), so validating them again would only cost CPU on the hottest path.
+    The test ``test_worker_records_validate`` keeps this honest by decoding what a real run emits.
 
     Every record goes through :func:`schemas.storable` before it is sent, so nothing published is refused
     downstream (too large, NUL, numbers or nesting storage cannot hold); ``close_body`` is the close's

@@ -21,12 +21,11 @@ if TYPE_CHECKING:
     from worker.sessions._context import SessionContext
     from worker.sessions._session import AgentSession
 
-# Text is cut to the wire contract's limits here, where it is made (schemas.limits; the storable rule
-# applies the same cut, with a marker, to whatever reaches a record some other way).
-_MAX_DESCRIPTION: Final = limits.MAX_TASK_CHARS
-_MAX_TRACE: Final = limits.MAX_TRACE_CHARS
+# A description, a trace or a final answer past the wire contract's limits (schemas.limits) is reported
+# whole: the storable rule cuts it when the record is made, with a marker and a note in the record's
+# ``limits``, so a trainer can tell a cut value from a short one. A failure reason is cut here, where it is
+# made: it also goes to the ledger and to dead-letter headers.
 _MAX_REASON: Final = limits.MAX_REASON_CHARS
-_MAX_ANSWER: Final = limits.MAX_TRACE_CHARS
 _ONE_CALL: Final = Usage(calls=1)
 
 
@@ -112,7 +111,7 @@ class Run:
         final_id = max(int(step["id"]) for step in steps) + 1
         payload = synthesize_prompt(self.task, outputs)
         outcome = await self._step("synthesize", final_id, "Synthesize the final answer", payload)
-        self.final_answer = cut_chars(to_text(outcome.output), _MAX_ANSWER)
+        self.final_answer = to_text(outcome.output)
 
     async def _step(self, phase: Phase, step_id: int, description: str, payload: str) -> StepOutcome:
         call_metadata = {
@@ -151,9 +150,9 @@ class Run:
             seq=len(self.reports) + 1,
             step_id=call.step_id,
             phase=call.phase,
-            description=cut_chars(call.description, _MAX_DESCRIPTION),
+            description=call.description,
             output=output,
-            trace=cut_chars(call.payload, _MAX_TRACE),
+            trace=call.payload,
             usage=usage,
             events=events,
             started_at=call.started_at,
