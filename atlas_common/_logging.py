@@ -1,10 +1,11 @@
 """structlog set-up shared by every process: JSON in production, readable in a terminal.
 
-structlog's own loggers render straight to stderr. Everything that logs through stdlib ``logging``
-(aiormq, aio-pika, asyncpg, asyncio, and the ``logging.getLogger(__name__)`` modules of ``worker``) goes
-through one root handler whose :class:`structlog.stdlib.ProcessorFormatter` renders with the same
-renderer, so with JSON every stderr line is one object: ``event``, ``level``, ``logger``, ``timestamp``,
-the bound contextvars (``task_id``, ``adapter_session_id``), and a traceback in ``exception``.
+structlog's own loggers render straight to stderr; this project's modules all log that way
+(``structlog.get_logger``). Everything that logs through stdlib ``logging`` (aiormq, aio-pika, asyncpg,
+asyncio and the other libraries) goes through one root handler whose
+:class:`structlog.stdlib.ProcessorFormatter` renders with the same renderer, so with JSON every stderr
+line is one object: ``event``, ``level``, ``logger``, ``timestamp``, the bound contextvars (``task_id``,
+``adapter_session_id``), and a traceback in ``exception``.
 """
 
 from __future__ import annotations
