@@ -66,6 +66,14 @@ class GiantUsage:
         return {"output": "ok", "usage": {"prompt_tokens": 10**30, "completion_tokens": 1}}
 
 
+def echo_spec(task: str) -> dict[str, Any]:
+    """The spec at the head of an :class:`Echo` task: the JSON object the text starts with (parsed with the
+    stdlib, so any depth); whatever text follows it is free text (NUL, lone surrogates, any size) that only
+    reaches the prompts, hence the traces."""
+    spec, _ = json.JSONDecoder().raw_decode(task)
+    return dict(spec)
+
+
 def echo_output(spec: dict[str, Any]) -> Any:
     """The output :class:`Echo` returns for ``spec`` (``pad_bytes`` wraps it beside that much padding)."""
     output = spec.get("output")
@@ -73,15 +81,25 @@ def echo_output(spec: dict[str, Any]) -> Any:
     return {"pad": "b" * pad, "v": output} if pad else output
 
 
+def echo_answer(spec: dict[str, Any]) -> str:
+    """The final answer :class:`Echo` returns for ``spec``: ``answer``, repeated to ``answer_chars``
+    characters when that is given (answers past the task's own size limit)."""
+    answer = str(spec.get("answer", ""))
+    chars = spec.get("answer_chars")
+    if chars is None or not answer:
+        return answer
+    return (answer * (int(chars) // len(answer) + 1))[: int(chars)]
+
+
 class Echo:
-    """Returns what the task asks for: the task text is JSON ``{"output": ..., "events": [...], "answer":
-    ..., "pad_bytes": n}`` (parsed with the stdlib, so any depth); the property-based pipeline test
-    drives it."""
+    """Returns what the task asks for: the task text starts with JSON ``{"output": ..., "events": [...],
+    "answer": ..., "answer_chars": n, "pad_bytes": n}`` (see :func:`echo_spec`); the property-based pipeline
+    test drives it."""
 
     def on_step(self, metadata: dict[str, Any]) -> Any:
-        spec = json.loads(str(metadata.get("task")))
+        spec = echo_spec(str(metadata.get("task")))
         if metadata.get("phase") == "plan":
             return _plan(metadata)
         if metadata.get("phase") == "execute":
             return {"output": echo_output(spec), "events": spec.get("events", [])}
-        return spec.get("answer", "")
+        return echo_answer(spec)
