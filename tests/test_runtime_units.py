@@ -14,12 +14,20 @@ import pytest
 
 from atlas_common import RETRY_HEADER, PublishNotConfirmed, Topology
 from schemas import TaskMessage, decode_telemetry, encode
-from worker.runtime import AdapterRegistry, WorkerMetrics, WorkerSettings
+from worker.runtime import (
+    AdapterRegistry,
+    LedgerUnavailable,
+    SchemaBehind,
+    WorkerMetrics,
+    WorkerRuntimeError,
+    WorkerSettings,
+)
 from worker.runtime._batcher import TelemetryBatcher
 from worker.runtime._ledger_group import Claim, GroupResult
 from worker.runtime._policy import Ack, DeadLetter, Retry, Settler
 from worker.runtime._taskrun import Services, TaskRun
-from worker.sessions import PythonAdapter
+from worker.runtime._telemetry import TelemetryError
+from worker.sessions import AdapterConfigError, AdapterError, PythonAdapter, WorkerError
 
 
 @dataclass
@@ -353,3 +361,13 @@ async def test_the_batcher_sends_one_envelope_per_kind() -> None:
         "step": ("step", [2, 4, 6]),
         "close": ("close", [3]),
     }
+
+
+def test_the_runtime_errors_have_their_own_root() -> None:
+    """The runtime's errors share WorkerRuntimeError and are still WorkerErrors (``except WorkerError`` keeps
+    catching them); the SDK's errors are not runtime errors."""
+    for runtime_error in (LedgerUnavailable, SchemaBehind, TelemetryError):
+        assert issubclass(runtime_error, WorkerRuntimeError)
+        assert issubclass(runtime_error, WorkerError)
+    for sdk_error in (AdapterError, AdapterConfigError):
+        assert not issubclass(sdk_error, WorkerRuntimeError)

@@ -5,6 +5,7 @@ Adapters never import this package; only the service (and its tests) do.
 """
 
 from atlas_common import BrokerUnavailable
+from worker.runtime._errors import WorkerRuntimeError
 from worker.runtime._ledger import LedgerUnavailable
 from worker.runtime._metrics import WorkerMetrics
 from worker.runtime._registry import AdapterRegistry
@@ -18,5 +19,6 @@ __all__ = [
     "SchemaBehind",
     "Worker",
     "WorkerMetrics",
+    "WorkerRuntimeError",
     "WorkerSettings",
 ]

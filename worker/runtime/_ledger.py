@@ -29,6 +29,7 @@ import asyncpg
 import structlog
 
 from atlas_common import DB_TRANSIENT_ERRORS, Backoff, DbPooler, Resource, pool_options, redact_url
+from worker.runtime._errors import WorkerRuntimeError
 from worker.runtime._ledger_group import (
     Claim,
     ClaimOp,
@@ -41,7 +42,6 @@ from worker.runtime._ledger_group import (
     new_token,
     transient,
 )
-from worker.sessions import WorkerError
 
 log = structlog.get_logger("worker.ledger")
 
@@ -55,7 +55,7 @@ SELECT has_table_privilege('task_ledger', 'SELECT'), has_table_privilege('task_l
 T = TypeVar("T")
 
 
-class LedgerUnavailable(WorkerError):
+class LedgerUnavailable(WorkerRuntimeError):
     """The ledger database cannot be reached now (or not within the call's deadline)."""
 
 

@@ -23,6 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from atlas_common import BROKER_ERRORS, Backoff, BrokerConnection, BrokerUnavailable, Topology, sleep_unless
 from worker.runtime._batcher import TelemetryBatcher
+from worker.runtime._errors import WorkerRuntimeError
 from worker.runtime._ledger import LedgerUnavailable, TaskLedger
 from worker.runtime._metrics import WorkerMetrics
 from worker.runtime._policy import Settler
@@ -30,7 +31,6 @@ from worker.runtime._registry import AdapterRegistry
 from worker.runtime._settings import WorkerSettings
 from worker.runtime._taskrun import CLEANUP_TIMEOUT_S, Services, TaskRun
 from worker.runtime._telemetry import TelemetryError
-from worker.sessions import WorkerError
 
 log = structlog.get_logger("worker")
 
@@ -44,7 +44,7 @@ SCHEMA_VERSION_NEEDED: Final = 7
 """The worker needs migrations up to 007 (the ledger's claim tokens)."""
 
 
-class SchemaBehind(WorkerError):
+class SchemaBehind(WorkerRuntimeError):
     """The database is not migrated far enough, or this role lacks privileges on the ledger."""
 
 

@@ -28,10 +28,11 @@ from schemas import (
     utcnow,
 )
 from worker.runtime._batcher import TelemetryBatcher
-from worker.sessions import CloseReport, OpenedInfo, StepReport, WorkerError
+from worker.runtime._errors import WorkerRuntimeError
+from worker.sessions import CloseReport, OpenedInfo, StepReport
 
 
-class TelemetryError(WorkerError):
+class TelemetryError(WorkerRuntimeError):
     """The broker did not confirm a telemetry message: the task must not be acked."""
 
 
