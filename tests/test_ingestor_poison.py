@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,8 @@ import orjson
 import pytest
 
 from atlas_common import REASON_HEADER, SOURCE_HEADER, Topology
-from ingestor import Ingestor, IngestorSettings, _files, read_lines
+from ingestor import Ingestor, IngestorSettings, _batches, _files, read_lines
+from ingestor._batch import MergedBatch, key_of, merge_batch
 from schemas import TelemetryMessage, encode, encode_telemetry_batch
 from schemas.limits import MAX_JSON_DEPTH
 from tests._ingest_env import (
@@ -458,4 +459,115 @@ async def test_culprits_in_a_big_envelope_fall_alone(
     assert orjson.loads(stored[0]["output"]) == {"n": float(10**30)}
     counts = exported_counts(settings.jsonl_dir)
     assert counts == dict.fromkeys(gen.exported() - {nul.adapter_session_id}, 1)
+    assert await ready_count(amqp_url, settings.topology()) == 0
+
+
+async def test_a_record_postgres_refuses_is_bisected_out_alone(
+    make_database: MakeDatabase, amqp_url: str, tmp_path: Path, cleanup: list[Topology]
+) -> None:
+    """A step PostgreSQL refuses (a check constraint) that the ingestor's own checks pass, in one envelope
+    with 50+ others: the batch is split until that step is alone, it is dead-lettered with PostgreSQL's
+    reason, and every other record is stored and exported."""
+    gen = generate(16, seed=47, retry_share=0)
+    culprit_session = gen.sessions[0]
+    culprit = culprit_session.steps[0] = culprit_session.steps[0].model_copy(update={"trace": "REFUSE-ME"})
+    messages = gen.in_order()
+    steps = [m for m in messages if m.kind == "step"]
+    assert len(steps) - 1 >= 50
+    settings = await fresh_settings(make_database, amqp_url, tmp_path / "jsonl", batch_max_messages=20)
+    cleanup.append(settings.topology())
+    url = settings.database_url
+    conn = await asyncpg.connect(url)
+    try:  # storage refuses what the contract allows: found only when PostgreSQL says no
+        await conn.execute(
+            "ALTER TABLE step_results ADD CONSTRAINT no_marked_traces"
+            " CHECK (position('REFUSE-ME' in trace) = 0)"
+        )
+    finally:
+        await conn.close()
+    items = _envelopes(messages, per=len(steps))
+    assert sum(kind == "step" for kind, _, _ in items) == 1  # one envelope holds every step
+    await publish(amqp_url, settings.topology(), items)
+    key = (culprit.adapter_session_id, culprit.seq, "rejected")
+    async with _serving(settings) as (ingestor, task):
+
+        async def handled() -> bool:
+            counts = await db_counts(url)
+            return _handled(ingestor) == len(messages) and counts[:2] == (len(gen.sessions), len(steps) - 1)
+
+        await _until(task, handled, "every record handled")
+    assert ingestor.stats["dead_lettered"] == 1
+    problems = await _problems(url)
+    assert set(problems) == {key}
+    reason = problems[key]["reason"]
+    assert reason.startswith("postgres 23514: "), reason
+    assert "no_marked_traces" in reason
+    dead = await dead_letters(amqp_url, settings.topology())
+    assert [str(m.headers[REASON_HEADER]) for m in dead] == [f"rejected: {reason}"]
+    alone = orjson.loads(dead[0].body)  # the record's own JSON, not the envelope
+    assert "records" not in alone
+    assert (alone["adapter_session_id"], alone["seq"], alone["trace"]) == (
+        culprit.adapter_session_id,
+        culprit.seq,
+        "REFUSE-ME",
+    )
+    counts = exported_counts(settings.jsonl_dir)
+    assert counts == dict.fromkeys(gen.exported() - {culprit.adapter_session_id}, 1)
+    assert await ready_count(amqp_url, settings.topology()) == 0
+
+
+async def test_an_unexpected_error_dead_letters_only_its_delivery(
+    make_database: MakeDatabase,
+    amqp_url: str,
+    tmp_path: Path,
+    cleanup: list[Topology],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug set off by one delivery (an error the ingestor does not expect, injected into its merge step)
+    fails its batch; the batch is retried delivery by delivery, that one is dead-lettered as it came with
+    the error as its reason and noted, the others are stored and exported, and the ingestor keeps going."""
+    gen = generate(12, seed=48, retry_share=0)
+    culprit = gen.sessions[0].steps[-1]
+    messages = gen.in_order()
+
+    def merge_or_fail(records: Iterable[TelemetryMessage], *args: Any, **kwargs: Any) -> MergedBatch:
+        records = list(records)
+        if any(key_of(r) == key_of(culprit) for r in records):
+            raise RuntimeError("a bug, set off by one record")
+        return merge_batch(records, *args, **kwargs)
+
+    monkeypatch.setattr(_batches, "merge_batch", merge_or_fail)
+    settings = await fresh_settings(make_database, amqp_url, tmp_path / "jsonl", batch_max_messages=50)
+    cleanup.append(settings.topology())
+    url = settings.database_url
+    items = [(m.kind, encode(m), f"{m.adapter_session_id}:{m.seq}") for m in messages]  # one record each
+    await publish(amqp_url, settings.topology(), items)
+    key = (culprit.adapter_session_id, culprit.seq, "rejected")
+    async with _serving(settings) as (ingestor, task):
+
+        async def handled() -> bool:
+            return _handled(ingestor) == len(messages) and await _has(url, key)
+
+        await _until(task, handled, "every delivery handled")
+        assert ingestor.stats["dead_lettered"] == 1
+        survivor = generate(1, seed=49, retry_share=0)  # the ingestor still serves what comes next
+        await publish(amqp_url, settings.topology(), bodies(survivor.in_order()))
+
+        async def served() -> bool:
+            row = await _session(url, survivor.sessions[0].adapter_session_id)
+            return row is not None and row["steps_expected"] is not None
+
+        await _until(task, served, "a session published after the failure stored")
+    expected_reason = "the ingestor could not store it: RuntimeError('a bug, set off by one record')"
+    problems = await _problems(url)
+    assert set(problems) - {(culprit.adapter_session_id, -1, "missing_steps")} == {key}  # flagged by a sweep
+    assert (problems[key]["reason"], problems[key]["kind"]) == (expected_reason, "step")
+    dead = await dead_letters(amqp_url, settings.topology())
+    assert [str(m.headers[REASON_HEADER]) for m in dead] == [f"rejected: {expected_reason}"]
+    assert dead[0].body == encode(culprit)  # the delivery as it came
+    assert (await db_counts(url))[1] == sum(len(s.steps) for s in gen.sessions) - 1 + len(
+        survivor.sessions[0].steps
+    )
+    exported = gen.exported() - {culprit.adapter_session_id}
+    assert exported_counts(settings.jsonl_dir) == dict.fromkeys(exported | survivor.exported(), 1)
     assert await ready_count(amqp_url, settings.topology()) == 0
