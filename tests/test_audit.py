@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,14 @@ import asyncpg
 import orjson
 import pytest
 
+from atlas_common import Topology
+from tests._ingest_env import fresh_settings, running, wait_for
 from tests._pipeline import ROOT
 
 pytestmark = pytest.mark.integration
 
 _OLD = datetime.now(UTC) - timedelta(hours=1)
+MakeDatabase = Callable[[], Awaitable[str]]
 
 
 async def _succeeded(conn: asyncpg.Connection, task_id: str, asid: str, at: datetime = _OLD) -> None:
@@ -132,3 +136,38 @@ async def test_a_clean_ledger_passes_and_status_counts_zero(migrated_database: s
     assert (
         "succeeded but not stored and exported after 10 min: 1 (python -m producer audit lists them)" in out
     )
+
+
+async def test_the_ingestor_gauge_counts_lost_tasks(
+    make_database: MakeDatabase, amqp_url: str, tmp_path: Path, cleanup: list[Topology]
+) -> None:
+    """The ingestor's atlas_tasks_unaccounted is 1 for a task that succeeded an hour ago with no stored
+    session (not for one exported, one younger than the grace, one older than the lookback), and 0 once it is
+    stored and exported."""
+    settings = await fresh_settings(
+        make_database, amqp_url, tmp_path / "jsonl", sweep_interval_s=0.2, accounting_grace_s=60
+    )
+    cleanup.append(settings.topology())
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(_FILE)
+        await _succeeded(conn, "ok", "s-ok")
+        await _session(conn, "ok", "s-ok", "f1")
+        await _succeeded(conn, "fresh", "s-fresh", datetime.now(UTC))
+        await _succeeded(conn, "ancient", "s-ancient", datetime.now(UTC) - timedelta(days=2))
+        await _succeeded(conn, "lost", "s-lost")
+        async with running(settings) as ingestor:
+
+            def gauge() -> float | None:
+                return ingestor.metrics.registry.get_sample_value("atlas_tasks_unaccounted")
+
+            async def reports(value: float) -> bool:
+                return gauge() == value
+
+            await wait_for(lambda: reports(1), within=30, what="the lost task counted")
+            await asyncio.sleep(1.2)  # more sweeps (one per idle wait of 0.5 s): still that one task alone
+            assert gauge() == 1
+            await _session(conn, "lost", "s-lost", "f1")  # stored and exported after all
+            await wait_for(lambda: reports(0), within=30, what="the gauge back to 0")
+    finally:
+        await conn.close()
