@@ -1,7 +1,9 @@
-"""The worker refuses to start on a database it cannot use, with one clear line saying what to do."""
+"""The worker and the ingestor refuse to start on a database they cannot use, with one clear line saying
+what to do."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -31,11 +33,22 @@ def _run_worker(stack: PipelineStack, database_url: str) -> subprocess.Completed
     )
 
 
-async def test_a_schema_that_is_behind_is_refused(
-    pipeline: PipelineStack, make_database, tmp_path: Path
-) -> None:
-    """On a database migrated only up to 006 the worker exits 2 with one line naming the pending migration
-    and the command to run (it used to fail every task with UndefinedTableError)."""
+def _run_ingestor(
+    stack: PipelineStack, database_url: str, jsonl_dir: Path
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ingestor", "run"],
+        env=stack.env(DATABASE_URL=database_url, INGESTOR_JSONL_DIR=str(jsonl_dir)),  # LOG_FORMAT=json
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+async def _migrated_up_to_006(make_database, tmp_path: Path) -> str:
+    """A new database with the migrations before 007 applied: 007_accountability is pending."""
     old = tmp_path / "sql"
     old.mkdir()
     for path in sorted(_SQL.glob("*.sql")):
@@ -43,6 +56,15 @@ async def test_a_schema_that_is_behind_is_refused(
             shutil.copy(path, old / path.name)
     url = await make_database()
     await apply_migrations(url, directory=old)
+    return str(url)
+
+
+async def test_a_schema_that_is_behind_is_refused(
+    pipeline: PipelineStack, make_database, tmp_path: Path
+) -> None:
+    """On a database migrated only up to 006 the worker exits 2 with one line naming the pending migration
+    and the command to run (it used to fail every task with UndefinedTableError)."""
+    url = await _migrated_up_to_006(make_database, tmp_path)
     result = _run_worker(pipeline, url)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -50,6 +72,23 @@ async def test_a_schema_that_is_behind_is_refused(
     assert len(errors) == 1, result.stderr
     assert "007_accountability.sql" in errors[0]
     assert "python -m migrations" in errors[0]
+
+
+async def test_the_ingestor_refuses_a_schema_that_is_behind(
+    pipeline: PipelineStack, make_database, tmp_path: Path
+) -> None:
+    """The ingestor's twin of the test above: on a database migrated only up to 006 it exits 2, without a
+    traceback, with one error line naming the pending migration and the command to run."""
+    url = await _migrated_up_to_006(make_database, tmp_path)
+    result = _run_ingestor(pipeline, url, tmp_path / "jsonl")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = [json.loads(line) for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    errors = [line for line in lines if line["level"] == "error"]
+    assert len(errors) == 1, lines
+    assert errors[0]["event"] == "ingestor.config_error"
+    assert "007_accountability.sql" in errors[0]["error"]
+    assert "run atlas-migrate" in errors[0]["error"]
 
 
 async def test_missing_ledger_privileges_are_refused(pipeline: PipelineStack) -> None:
