@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         AmqpUrl,
         BrokerSettings,
         DatabaseUrl,
+        load_settings,
         settings_problems,
     )
     from atlas_common._topology import (
@@ -68,7 +69,14 @@ _LAZY_MODULES: Final = {
     ),
     "_metrics": ("DEFAULT_METRICS_HOST", "MetricsServerError", "serve_metrics"),
     "_publish": ("persistent_copy", "publish_confirmed"),
-    "_settings": ("DEFAULT_DATABASE_URL", "AmqpUrl", "BrokerSettings", "DatabaseUrl", "settings_problems"),
+    "_settings": (
+        "DEFAULT_DATABASE_URL",
+        "AmqpUrl",
+        "BrokerSettings",
+        "DatabaseUrl",
+        "load_settings",
+        "settings_problems",
+    ),
     "_topology": (
         "DEAD_TASK_ROUTING_KEY",
         "DEAD_TELEMETRY_ROUTING_KEY",
@@ -134,6 +142,7 @@ __all__ = [
     "connect_any",
     "connect_options",
     "dead_letter_headers",
+    "load_settings",
     "persistent_copy",
     "pool_options",
     "publish_confirmed",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
-from typing import Annotated, Any, ClassVar, Final, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 
 from pydantic import AfterValidator, AliasChoices, Field, ValidationError
 from pydantic.fields import FieldInfo
@@ -14,6 +16,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from atlas_common._logging import LogFormat
 from atlas_common._topology import Topology
 from atlas_common._urls import check_amqp_url, check_database_url
+
+S = TypeVar("S", bound=BaseSettings)
 
 AmqpUrl = Annotated[str, AfterValidator(check_amqp_url)]
 """An ``amqp://`` / ``amqps://`` URL aio-pika can connect with (checked when settings are built)."""
@@ -110,6 +114,17 @@ class BrokerSettings(BaseSettings):
             retry_backoff_max_s=self.retry_backoff_max_s,
             delivery_limit=self.delivery_limit,
         )
+
+
+def load_settings(build: Callable[[], S]) -> S | None:
+    """``build()`` (a settings object from the environment and flags), or None after one ``error:`` line
+    per problem on stderr: what every command prints for bad settings before exiting with status 2.
+    pydantic's own text would quote the values, a URL's password included (:func:`settings_problems`)."""
+    try:
+        return build()
+    except ValidationError as err:
+        sys.stderr.write("".join(f"error: {problem}\n" for problem in settings_problems(err)))
+        return None
 
 
 def settings_problems(err: ValidationError) -> list[str]:

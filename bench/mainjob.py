@@ -288,11 +288,18 @@ async def _summary(run: Run, conn: asyncpg.Connection, outcome: Outcome) -> str:
 
 
 def _stop(run: Run, timeout_s: float = 60.0) -> list[int]:
-    for proc in run.procs:
+    return stop_processes(run.procs, timeout_s)
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout_s: float) -> list[int]:
+    """SIGTERM to each (they shut down cleanly, together), then their exit codes; SIGKILL past the
+    deadline."""
+    procs = list(procs)
+    for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
     codes = []
-    for proc in run.procs:
+    for proc in procs:
         try:
             codes.append(proc.wait(timeout=timeout_s))
         except subprocess.TimeoutExpired:
@@ -341,13 +348,7 @@ def console_process(run: Run, *, timeout_s: float = 30.0) -> Iterator[tuple[subp
                 time.sleep(0.1)
         yield proc, url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes([proc], timeout_s=10)
 
 
 def run_url(console_url: str, outcome: Outcome) -> str:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pydantic import ValidationError
-
-from atlas_common import configure_logging, run, settings_problems
+from atlas_common import configure_logging, load_settings, run
 from console._serve import serve
 from console._settings import ConsoleSettings
 
@@ -30,11 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {"host": args.host, "port": args.port, "requeue_enabled": args.requeue_enabled}
-    try:
-        settings = ConsoleSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as err:
-        for problem in settings_problems(err):
-            print(f"error: {problem}", file=sys.stderr)
+    settings = load_settings(lambda: ConsoleSettings(**{k: v for k, v in overrides.items() if v is not None}))
+    if settings is None:
         return 2
     configure_logging(level=settings.log_level, log_format=settings.log_format)
     try:

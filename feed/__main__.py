@@ -22,9 +22,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from atlas_common import configure_logging, settings_problems
+from atlas_common import configure_logging, load_settings
 from feed._files import follow_files
 from feed._follow import Position, Start, follow_sessions
 from feed._settings import FeedSettings
@@ -109,10 +107,8 @@ async def _run(args: argparse.Namespace, settings: FeedSettings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        settings = FeedSettings()
-    except ValidationError as err:
-        sys.stderr.write("".join(f"error: {problem}\n" for problem in settings_problems(err)))
+    settings = load_settings(FeedSettings)
+    if settings is None:
         return 2
     configure_logging(level=settings.log_level, log_format=settings.log_format)
     try:

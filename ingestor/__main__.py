@@ -1,4 +1,4 @@
-"""``python -m ingestor`` / ``atlas-ingestor``: ``run`` (default), ``export``, or ``follow`` (the feed).
+"""``python -m ingestor`` / ``atlas-ingestor``: ``run`` (default), ``export``, ``prune``, or ``follow`` (the feed).
 
 The ingestor applies no migration itself: at start it checks that the migrations it needs (up to
 ``006_stored_at``) are applied and exits with status 2 telling you to run ``atlas-migrate`` otherwise, so
@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import structlog
-from pydantic import ValidationError
 
-from atlas_common import configure_logging, run, settings_problems
+from atlas_common import configure_logging, load_settings, run
 from ingestor._errors import ConfigError, IngestorError
 from ingestor._export import export_sessions, parse_time
 from ingestor._metrics import IngestorMetrics
+from ingestor._prune import prune_sessions
 from ingestor._service import Ingestor
 from ingestor._settings import IngestorSettings
 
@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="output file (.jsonl, .jsonl.gz, .jsonl.zst)")
     export.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     export.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    prune = sub.add_parser(
+        "prune", help="delete exported sessions (and their steps) that completed before a time, in batches"
+    )
+    prune.add_argument("--before", required=True, type=parse_time, help="ISO 8601; completed_at < before")
+    prune.add_argument("--batch", type=int, default=10_000, help="sessions per transaction (10,000)")
+    prune.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
+    prune.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     sub.add_parser("follow", help="follow complete sessions from the sessions stream (see atlas-feed)")
     return parser
 
@@ -59,11 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return feed_main(argv)
     args = _parser().parse_args(argv)
-    try:
-        settings = IngestorSettings()
-    except ValidationError as err:
-        # pydantic's own text quotes the values, a URL's password included: one line per problem instead.
-        sys.stderr.write("".join(f"error: {problem}\n" for problem in settings_problems(err)))
+    settings = load_settings(IngestorSettings)
+    if settings is None:
         return 2
     configure_logging(level=settings.log_level, log_format=settings.log_format)
     try:
@@ -78,6 +82,17 @@ def main(argv: list[str] | None = None) -> int:
                     progress=not args.no_progress,
                 )
             )
+        elif args.command == "prune":
+            pruned = asyncio.run(
+                prune_sessions(
+                    settings,
+                    before=args.before,
+                    batch=args.batch,
+                    dry_run=args.dry_run,
+                    progress=not args.no_progress,
+                )
+            )
+            print(pruned.summary(args.before, dry_run=args.dry_run))
         else:
             run(_serve(settings))
     except ConfigError as err:

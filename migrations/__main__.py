@@ -12,9 +12,8 @@ import logging
 import sys
 
 import structlog
-from pydantic import ValidationError
 
-from atlas_common import settings_problems
+from atlas_common import load_settings
 from migrations._errors import DatabaseUnreachable, MigrationError
 from migrations._runner import apply_migrations, migration_status
 from migrations._settings import DEFAULT_DATABASE_URL, MigrateSettings
@@ -22,15 +21,9 @@ from migrations._settings import DEFAULT_DATABASE_URL, MigrateSettings
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        settings = (
-            MigrateSettings()
-            if args.database_url is None
-            else MigrateSettings(database_url=args.database_url)
-        )
-    except ValidationError as err:
-        # pydantic's own text quotes the values, a URL's password included: one line per problem instead.
-        sys.stderr.write("".join(f"error: {problem}\n" for problem in settings_problems(err)))
+    given = {} if args.database_url is None else {"database_url": args.database_url}
+    settings = load_settings(lambda: MigrateSettings(**given))
+    if settings is None:
         return 2
     if not structlog.is_configured():
         # A service embedding the runner configures its own logging; the command keeps stdout for results.

@@ -15,7 +15,7 @@ import structlog
 from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
-from atlas_common import BrokerUnavailable, configure_logging, settings_problems
+from atlas_common import BrokerUnavailable, configure_logging, load_settings
 from producer._amqp import quiet_broker_logs
 from producer._audit import audit_text, run_audit
 from producer._deadletters import Selection, list_dead_letters, requeue_dead_letters
@@ -357,13 +357,7 @@ def _settings(args: argparse.Namespace) -> ProducerSettings | None:
         "prefix": args.prefix,
         "database_url": getattr(args, "database_url", None),
     }
-    try:
-        return ProducerSettings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as err:
-        # pydantic's own text quotes the values, a URL's password included: one line per problem instead.
-        for problem in settings_problems(err):
-            print(f"error: {problem}", file=sys.stderr)
-        return None
+    return load_settings(lambda: ProducerSettings(**{k: v for k, v in given.items() if v is not None}))
 
 
 _COMMANDS: dict[str, Callable[[ProducerSettings, argparse.Namespace], int]] = {

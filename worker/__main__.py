@@ -7,9 +7,7 @@ import asyncio
 import signal
 import sys
 
-from pydantic import ValidationError
-
-from atlas_common import configure_logging, run, settings_problems
+from atlas_common import configure_logging, load_settings, run
 from worker.runtime import (
     AdapterRegistry,
     BrokerUnavailable,
@@ -73,12 +71,8 @@ async def _serve(settings: WorkerSettings, registry: AdapterRegistry) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from(args)
-    except ValidationError as err:
-        # pydantic's own text quotes the values, a URL's password included: one line per problem instead.
-        for problem in settings_problems(err):
-            print(f"error: {problem}", file=sys.stderr)
+    settings = load_settings(lambda: settings_from(args))
+    if settings is None:
         return 2
     configure_logging(level=settings.log_level, log_format=settings.log_format)
     try:
