@@ -30,6 +30,7 @@ from atlas_common import (
     dead_letter_headers,
     persistent_copy,
     publish_confirmed,
+    scrub_secrets,
 )
 from ingestor._settings import IngestorSettings
 from schemas import MAX_MESSAGE_BYTES, DecodeError, RejectedRecord, TelemetryMessage, decode_telemetry_batch
@@ -149,6 +150,10 @@ class Broker(Resource):
     def lost(self) -> asyncio.Event:
         return self._connection.lost
 
+    def _text(self, err: BaseException) -> str:
+        """``repr(err)`` without any secret of the broker URL (a client's message may quote its URL)."""
+        return scrub_secrets(repr(err), self._settings.amqp_url)
+
     async def open(self) -> None:
         """Connect, declare the topology, set the prefetch; BrokerUnavailable if RabbitMQ does not answer.
         A no-op when already open."""
@@ -164,7 +169,9 @@ class Broker(Resource):
             self._dead = await topology.declare_dead_letters(self._channel)
         except BROKER_ERRORS as err:
             await self.close()
-            raise BrokerUnavailable(f"cannot reach RabbitMQ at {self._connection.safe_url}: {err!r}") from err
+            raise BrokerUnavailable(
+                f"cannot reach RabbitMQ at {self._connection.safe_url}: {self._text(err)}"
+            ) from err
         _log.info(
             "broker.connected",
             url=self._connection.safe_url,
@@ -219,7 +226,7 @@ class Broker(Resource):
                 return
             self._consumer_tag = new_tag
         except BROKER_ERRORS as err:
-            _log.warning("broker.prefetch_change_failed", error=repr(err))
+            _log.warning("broker.prefetch_change_failed", error=self._text(err))
             return
         _log.info("broker.prefetch_adapted", prefetch=want, avg_message_bytes=round(self._avg_bytes))
         self._prefetch = want
@@ -234,7 +241,7 @@ class Broker(Resource):
         try:
             self._consumer_tag = await self._queue.consume(self._on_message)
         except BROKER_ERRORS as err:
-            raise BrokerUnavailable(f"cannot consume: {err!r}") from err
+            raise BrokerUnavailable(f"cannot consume: {self._text(err)}") from err
         self._adapter = asyncio.create_task(self._adapt_loop(), name="ingestor-prefetch")
 
     async def stop(self) -> None:
@@ -246,7 +253,7 @@ class Broker(Resource):
         try:
             await self._queue.cancel(tag)
         except BROKER_ERRORS as err:
-            _log.warning("broker.cancel_failed", error=str(err))
+            _log.warning("broker.cancel_failed", error=self._text(err))
 
     async def dead_letter(self, delivery: Delivery, reason: str, body: bytes | None = None) -> None:
         """Publish the original body (or ``body``: one record's own JSON out of an envelope) to the dead
@@ -263,7 +270,7 @@ class Broker(Resource):
         try:
             await delivery.ack(multiple=True)
         except BROKER_ERRORS as err:
-            raise BrokerUnavailable(f"ack failed: {err!r}") from err
+            raise BrokerUnavailable(f"ack failed: {self._text(err)}") from err
 
     async def close(self) -> None:
         await self.stop()

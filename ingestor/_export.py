@@ -51,7 +51,7 @@ async def export_sessions(
     try:
         conn = await connect(settings)
     except DB_ERRORS as err:
-        raise classify(err) from err
+        raise classify(err, settings.database_url) from err
     bar = tqdm(desc=f"export {out.name}", unit=" sessions", file=sys.stderr, disable=not progress)
     try:
         with _files.open_writer(tmp, compression) as writer:
@@ -67,7 +67,7 @@ async def export_sessions(
                 after = (page[-1]["completed_at"], page[-1]["id"])
         await asyncio.to_thread(_files.publish, tmp, out)
     except DB_ERRORS as err:
-        raise classify(err) from err
+        raise classify(err, settings.database_url) from err
     except OSError as err:
         raise JsonlWriteError(f"cannot write {out}: {err}") from err
     finally:

@@ -62,12 +62,12 @@ class Liveness(Resource):
         try:
             conn = await connect(self._settings, self._settings.liveness_url)
         except DB_ERRORS as err:
-            raise classify(err) from err
+            raise classify(err, self._settings.liveness_url) from err
         try:
             got = await conn.fetchval(_sql.TRY_LOCK, lock_key(token))
         except DB_ERRORS as err:
             conn.terminate()
-            raise classify(err) from err
+            raise classify(err, self._settings.liveness_url) from err
         if not got:  # a fresh token's key is free unless a 64-bit hash collides
             conn.terminate()
             raise DatabaseUnavailable(f"liveness lock for {token} is taken")

@@ -13,7 +13,7 @@ import asyncpg
 import orjson
 import structlog
 
-from atlas_common import Resource, connect_options, pool_options, redact_url
+from atlas_common import Resource, connect_options, pool_options, redact_url, scrub_secrets
 from ingestor import _sql
 from ingestor._batch import MergedBatch, Problem, RecordKey, key_of, task_lock_key
 from ingestor._errors import (
@@ -76,13 +76,15 @@ def _missing(rec: Record) -> str:
     return f"its close announced {expected} step(s); {len(stored)} stored; missing seq {shown or '-'}"
 
 
-def classify(err: BaseException) -> IngestorError:
-    """A data error becomes MessageRejected (bisect); everything else DatabaseUnavailable (hold, retry)."""
+def classify(err: BaseException, url: str = "") -> IngestorError:
+    """A data error becomes MessageRejected (bisect); everything else DatabaseUnavailable (hold, retry). The
+    text never holds a secret of ``url`` (the URL connected to): it goes to logs, dead letters and
+    ``telemetry_problems``, and a driver's message may quote its URL."""
     if isinstance(err, asyncpg.PostgresError):
         sqlstate = str(getattr(err, "sqlstate", "") or "")
         if sqlstate[:2] not in _HOLD_CLASSES:
-            return MessageRejected(f"postgres {sqlstate}: {err}", sqlstate)
-    return DatabaseUnavailable(f"{type(err).__name__}: {err}")
+            return MessageRejected(scrub_secrets(f"postgres {sqlstate}: {err}", url), sqlstate)
+    return DatabaseUnavailable(scrub_secrets(f"{type(err).__name__}: {err}", url))
 
 
 def _dumps(value: object) -> str:
@@ -171,7 +173,7 @@ class Store(Resource):
             async with self._pool.acquire(timeout=self._settings.db_connect_timeout_s) as conn:
                 yield conn
         except DB_ERRORS as err:
-            raise classify(err) from err
+            raise classify(err, self._settings.database_url) from err
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:

@@ -35,6 +35,7 @@ from atlas_common import (
     PublishNotConfirmed,
     Resource,
     publish_confirmed,
+    scrub_secrets,
 )
 from ingestor._errors import TransientError
 from ingestor._settings import IngestorSettings
@@ -128,7 +129,8 @@ class SessionStream(Resource):
                 await asyncio.gather(*(publish_confirmed(exchange, m, name) for m in messages))
             except (PublishNotConfirmed, *BROKER_ERRORS) as err:
                 await self._drop()
-                raise StreamUnavailable(f"sessions stream: {err}") from err
+                detail = scrub_secrets(str(err), self._settings.amqp_url)  # a client may quote its URL
+                raise StreamUnavailable(f"sessions stream: {detail}") from err
             self.published += len(lines)
 
     async def _ensure(self) -> AbstractChannel:
