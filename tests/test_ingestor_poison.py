@@ -19,7 +19,7 @@ import pytest
 from atlas_common import REASON_HEADER, SOURCE_HEADER, Topology
 from ingestor import Ingestor, IngestorSettings, _batches, _files, read_lines
 from ingestor._batch import MergedBatch, key_of, merge_batch
-from schemas import TelemetryMessage, encode, encode_telemetry_batch
+from schemas import SessionClosed, TelemetryMessage, encode, encode_telemetry_batch
 from schemas.limits import MAX_JSON_DEPTH
 from tests._ingest_env import (
     db_counts,
@@ -571,3 +571,75 @@ async def test_an_unexpected_error_dead_letters_only_its_delivery(
     exported = gen.exported() - {culprit.adapter_session_id}
     assert exported_counts(settings.jsonl_dir) == dict.fromkeys(exported | survivor.exported(), 1)
     assert await ready_count(amqp_url, settings.topology()) == 0
+
+
+async def test_a_second_close_is_refused_and_a_repeated_one_absorbed(
+    make_database: MakeDatabase, amqp_url: str, tmp_path: Path, cleanup: list[Topology]
+) -> None:
+    """A second session.closed of a session (another seq: its task_id is right, the session already
+    closed) is dead-lettered alone as inconsistent and noted, whether the first close was stored before or
+    travels in the same envelope; the stored session keeps its first close and is exported once. The same
+    close again (what a worker republishes for a task that already succeeded) is absorbed: no dead letter."""
+    stored_first, same_envelope = [
+        s for s in generate(8, seed=50, retry_share=0).sessions if s.closed and s.closed.status == "succeeded"
+    ][:2]
+    settings = await fresh_settings(make_database, amqp_url, tmp_path / "jsonl", jsonl_max_age_s=0.5)
+    cleanup.append(settings.topology())
+    url, topology = settings.database_url, settings.topology()
+
+    def second_close(s: GenSession) -> SessionClosed:
+        assert s.closed is not None
+        seq = s.closed.seq + 1  # a close announcing one more step than the first: another seq
+        return s.closed.model_copy(
+            update={"seq": seq, "steps": seq - 1, "status": "failed", "final_answer": "SECOND", "reason": "x"}
+        )
+
+    late, inline = second_close(stored_first), second_close(same_envelope)
+    assert stored_first.closed is not None
+    assert same_envelope.closed is not None
+    async with _serving(settings) as (ingestor, task):
+        await publish(amqp_url, topology, bodies(stored_first.messages))
+
+        async def first_exported() -> bool:
+            row = await _session(url, stored_first.adapter_session_id)
+            return row is not None and row["export_file"] is not None
+
+        await _until(task, first_exported, "the first session stored and exported")
+        await publish(
+            amqp_url,
+            topology,
+            [
+                ("session.closed", encode(stored_first.closed), "republished-close"),
+                ("session.closed", encode(late), "late-second-close"),
+                *bodies([same_envelope.opened, *same_envelope.steps]),
+                ("session.closed", encode_telemetry_batch([same_envelope.closed, inline]), "two-closes"),
+            ],
+        )
+        keys = {(c.adapter_session_id, c.seq, "inconsistent") for c in (late, inline)}
+        await _until(task, lambda: _has(url, *keys), "both second closes noted")
+
+        async def handled() -> bool:
+            return _handled(ingestor) == len(stored_first.messages) + 2 + len(same_envelope.messages) + 1
+
+        await _until(task, handled, "every record handled")
+    problems = await _problems(url)
+    assert set(problems) == keys
+    for s, second in ((stored_first, late), (same_envelope, inline)):
+        assert s.closed is not None
+        reason = f"a second close (seq {second.seq}) for a session closed at seq {s.closed.seq}"
+        assert problems[(s.adapter_session_id, second.seq, "inconsistent")]["reason"] == reason
+        row = await _session(url, s.adapter_session_id)
+        assert (row["status"], row["final_answer"], row["steps_expected"]) == (
+            "succeeded",
+            s.closed.final_answer,
+            s.closed.steps,
+        )
+    dead = await dead_letters(amqp_url, topology)
+    assert sorted(orjson.loads(m.body)["adapter_session_id"] for m in dead) == sorted(
+        [stored_first.adapter_session_id, same_envelope.adapter_session_id]
+    )
+    assert all(orjson.loads(m.body)["final_answer"] == "SECOND" for m in dead)
+    assert all(str(m.headers[REASON_HEADER]).startswith("inconsistent: a second close (seq ") for m in dead)
+    counts = exported_counts(settings.jsonl_dir)
+    assert counts == {stored_first.adapter_session_id: 1, same_envelope.adapter_session_id: 1}
+    assert await ready_count(amqp_url, topology) == 0
