@@ -1,19 +1,34 @@
 """Service URLs in output and errors: no password, whether it sits in the user part or a query parameter.
 
 The redaction is atlas_common's (one copy for every package); the CLI tests run ``python -m producer``
-against a real RabbitMQ and PostgreSQL.
+against a real RabbitMQ and PostgreSQL. The worker's and the ingestor's connection errors are checked with
+clients whose errors quote the URL they were given (no driver does today; the services scrub anyway).
 """
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
+import aio_pika
+import asyncpg
+import asyncpg.connection
 import orjson
 import pytest
 
 from atlas_common import SECRET_QUERY_KEYS, redact_url, scrub_secrets, scrub_text, strip_url
+from ingestor import IngestorSettings
+from ingestor._consumer import Broker
+from ingestor._errors import DatabaseUnavailable
+from ingestor._liveness import Liveness
+from ingestor._store import Store
+from tests._ingest_env import wait_for
+from tests._logs import captured
 from tests._pipeline import ROOT, PipelineStack
+from worker.runtime import AdapterRegistry, BrokerUnavailable, LedgerUnavailable, Worker, WorkerSettings
 
 NEEDLE = "s3cret"
 
@@ -115,3 +130,108 @@ def test_connection_errors_never_show_a_query_password(pipeline: PipelineStack) 
     assert "cannot reach PostgreSQL" in database["error"]
     assert database["url"] == "postgresql://postgres@127.0.0.1:1/atlas?password=***"
     assert NEEDLE not in result.stdout + result.stderr
+
+
+_CONNECT = aio_pika.connect
+
+
+class _EchoingBroker:
+    """``aio_pika.connect`` as a client whose errors quote the URL it was given (password and all): the
+    first ``real`` calls connect for real, every later one fails that way."""
+
+    def __init__(self, real: int = 0) -> None:
+        self._connect = _CONNECT
+        self._real = real
+        self.connections: list[Any] = []
+
+    async def __call__(self, url: str, **options: Any) -> Any:
+        if len(self.connections) < self._real:
+            self.connections.append(await self._connect(url, **options))
+            return self.connections[-1]
+        raise ConnectionError(f"cannot open a connection to {url}")
+
+
+async def _refusing_database(dsn: str, *args: Any, **options: Any) -> Any:
+    """``asyncpg.connect`` / ``create_pool`` as a driver whose errors quote the URL it was given."""
+    raise OSError(f"could not connect to {dsn}")
+
+
+def _masked(text: str) -> bool:
+    return NEEDLE not in text and "password=***" in text
+
+
+@pytest.mark.integration
+async def test_worker_broker_errors_never_show_a_query_password(
+    pipeline: PipelineStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker client whose errors quote its URL: the worker's fatal first-connection error (the line the
+    CLI prints) and its log when a reconnect is refused show the URL's ?password= masked, never its value."""
+    settings = WorkerSettings(
+        amqp_url=f"{pipeline.amqp_url}?password={NEEDLE}",
+        database_url=pipeline.database_url,
+        prefix=pipeline.prefix,
+    )
+    registry = AdapterRegistry.from_specs([])
+    monkeypatch.setattr(aio_pika, "connect", _EchoingBroker())
+    with pytest.raises(BrokerUnavailable) as refused:
+        await Worker(settings, registry).run(asyncio.Event())
+    assert _masked(str(refused.value)), refused.value
+
+    broker = _EchoingBroker(real=1)
+    monkeypatch.setattr(aio_pika, "connect", broker)
+    stop = asyncio.Event()
+    with captured("worker.runtime._runtime") as entries:
+        running = asyncio.create_task(Worker(settings, registry).run(stop))
+
+        async def logged(event: str) -> bool:
+            if running.done():
+                running.result()
+            return any(e["event"] == event for e in entries)
+
+        await wait_for(lambda: logged("worker.started"), within=30, what="the worker consuming")
+        await broker.connections[0].close()  # its node goes away: the worker reconnects, and is refused
+        await wait_for(lambda: logged("broker.unreachable_retrying"), within=30, what="a refused reconnect")
+        stop.set()
+        await asyncio.wait_for(running, timeout=30)
+    retries = [e for e in entries if e["event"] == "broker.unreachable_retrying"]
+    assert _masked(str(retries[0]["error"])), retries[0]
+    assert all(NEEDLE not in str(e) for e in entries)
+
+
+async def test_worker_database_errors_never_show_a_query_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database driver whose errors quote its URL: the worker's ledger error (the line the CLI prints)
+    shows the URL's ?password= masked."""
+    monkeypatch.setattr(asyncpg, "create_pool", _refusing_database)
+    settings = WorkerSettings(database_url=f"postgresql://atlas@127.0.0.1:5432/atlas?password={NEEDLE}")
+    with pytest.raises(LedgerUnavailable) as refused:
+        await Worker(settings, AdapterRegistry.from_specs([])).run(asyncio.Event())
+    assert _masked(str(refused.value)), refused.value
+
+
+async def test_ingestor_connection_errors_never_show_a_query_password(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Clients whose errors quote their URLs: the ingestor's broker error, and its database errors (the
+    pool's and the liveness connection's), which it logs while it holds and retries, show ?password=
+    masked."""
+    monkeypatch.setattr(aio_pika, "connect", _EchoingBroker())
+    monkeypatch.setattr(asyncpg, "connect", _refusing_database)
+    monkeypatch.setattr(asyncpg.connection, "connect", _refusing_database)
+    settings = IngestorSettings(
+        amqp_url=f"amqp://guest:guest@127.0.0.1:5672/?password={NEEDLE}",
+        database_url=f"postgresql://atlas@127.0.0.1:5432/atlas?password={NEEDLE}",
+        jsonl_dir=tmp_path,
+    )
+    errors: list[str] = []
+    with pytest.raises(BrokerUnavailable) as broker_error:
+        await Broker(settings).open()
+    errors.append(str(broker_error.value))
+    async with Store(settings) as store:
+        with pytest.raises(DatabaseUnavailable) as pool_error:
+            await store.check_schema()
+    errors.append(str(pool_error.value))
+    async with Liveness(settings) as liveness:
+        with pytest.raises(DatabaseUnavailable) as liveness_error:
+            await liveness.ensure()
+    errors.append(str(liveness_error.value))
+    assert [_masked(error) for error in errors] == [True, True, True], errors

@@ -28,7 +28,15 @@ from typing import Any, Final, TypeVar
 import asyncpg
 import structlog
 
-from atlas_common import DB_TRANSIENT_ERRORS, Backoff, DbPooler, Resource, pool_options, redact_url
+from atlas_common import (
+    DB_TRANSIENT_ERRORS,
+    Backoff,
+    DbPooler,
+    Resource,
+    pool_options,
+    redact_url,
+    scrub_secrets,
+)
 from worker.runtime._errors import WorkerRuntimeError
 from worker.runtime._ledger_group import (
     Claim,
@@ -108,9 +116,15 @@ class TaskLedger(Resource):
                 **pool_options(self._pooler),
             )
         except (*DB_TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
-            raise LedgerUnavailable(f"cannot reach PostgreSQL at {redact_url(self._url)}: {exc!r}") from exc
+            raise LedgerUnavailable(
+                f"cannot reach PostgreSQL at {redact_url(self._url)}: {self._text(exc)}"
+            ) from exc
         self._loop_task = asyncio.create_task(self._run(), name="task-ledger")
         self._loop_task.add_done_callback(self._loop_ended)
+
+    def _text(self, exc: BaseException | None) -> str:
+        """``repr(exc)`` without any secret of the database URL (a driver's error may quote its URL)."""
+        return scrub_secrets(repr(exc), self._url)
 
     async def check_privileges(self) -> list[str]:
         """The privileges on ``task_ledger`` this role lacks (empty when it has all it needs)."""
@@ -165,10 +179,21 @@ class TaskLedger(Resource):
 
     async def release(self, task_id: str, token: str, why: str) -> None:
         """Give a claim up without a verdict (shutdown, lost broker): the next delivery may run the task at
-        once instead of waiting for the claim to go stale. Best effort: staleness covers a failure."""
+        once instead of waiting for the claim to go stale. Best effort: staleness covers a failure.
+
+        Once queued, the release is committed even if its caller stops waiting (cancelled, or past its
+        deadline): a run cut off by a lost broker connection is cancelled twice (aio-pika cancels the
+        consumers of the dead channel, then the worker cancels what is in flight), and a release dropped
+        with its caller would leave the row running, no longer heartbeated, until it went stale."""
         self._forget(task_id, token)
+        try:
+            future: asyncio.Future[bool] = self._future()
+        except LedgerUnavailable:
+            return
+        future.add_done_callback(_retrieve)
+        self._pending.settled.append(SettleOp(task_id, token, "retrying", f"released: {why}", future))
         with contextlib.suppress(LedgerUnavailable):
-            await self.settle(task_id, token, "retrying", f"released: {why}")
+            await self._deadline(asyncio.shield(future), "release")
 
     def _forget(self, task_id: str, token: str) -> None:
         if self._active.get(task_id) == token:
@@ -176,7 +201,7 @@ class TaskLedger(Resource):
 
     def _future(self) -> asyncio.Future[Any]:
         if self._dead is not None or self._loop_task is None:
-            raise LedgerUnavailable(f"the task ledger is not running ({self._dead!r})")
+            raise LedgerUnavailable(f"the task ledger is not running ({self._text(self._dead)})")
         self._wake.set()
         return asyncio.get_running_loop().create_future()
 
@@ -192,8 +217,8 @@ class TaskLedger(Resource):
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """The loop never ends by itself; if it does, every caller must hear about it, not wait forever."""
         self._dead = (task.exception() if not task.cancelled() else None) or RuntimeError("ledger loop ended")
-        log.error("ledger.loop_died", error=repr(self._dead))
-        self._fail_waiting(LedgerUnavailable(f"the task ledger loop died: {self._dead!r}"))
+        log.error("ledger.loop_died", error=self._text(self._dead))
+        self._fail_waiting(LedgerUnavailable(f"the task ledger loop died: {self._text(self._dead)}"))
 
     def _fail_waiting(self, error: LedgerUnavailable) -> None:
         """Fail every call still waiting: those queued and those of the group the loop was committing."""
@@ -221,7 +246,7 @@ class TaskLedger(Resource):
                 await self._commit(group, dict(self._active) if beat else {})
             except Exception as exc:  # a bug or an unforeseen driver error: fail this group, keep serving
                 log.exception("ledger.group_failed", items=len(group))
-                group.fail(LedgerUnavailable(f"ledger group failed: {exc!r}"))
+                group.fail(LedgerUnavailable(f"ledger group failed: {self._text(exc)}"))
             self._committing = Group()
 
     def _take(self) -> tuple[Group, Group]:
@@ -252,14 +277,14 @@ class TaskLedger(Resource):
                         conn, group, beat, worker_id=self._worker_id, stale_after=self._stale_after
                     )
             except DB_TRANSIENT_ERRORS as exc:
-                log.warning("ledger.unreachable_retrying", error=repr(exc), items=len(group))
+                log.warning("ledger.unreachable_retrying", error=self._text(exc), items=len(group))
                 await pool.expire_connections()  # after a restart every pooled connection is dead
             except asyncpg.PostgresError as exc:
                 if transient(exc):
-                    log.warning("ledger.unavailable_retrying", error=repr(exc), items=len(group))
+                    log.warning("ledger.unavailable_retrying", error=self._text(exc), items=len(group))
                 else:  # the statement itself is refused: retrying will not help; the tasks requeue
-                    log.exception("ledger.statement_failed", error=repr(exc), items=len(group))
-                    group.fail(LedgerUnavailable(f"ledger statement failed: {exc!r}"))
+                    log.exception("ledger.statement_failed", error=self._text(exc), items=len(group))
+                    group.fail(LedgerUnavailable(f"ledger statement failed: {self._text(exc)}"))
                     return
             else:
                 self._resolve(group, result)
@@ -294,5 +319,12 @@ class TaskLedger(Resource):
 def _orphan() -> asyncio.Future[bool]:
     """A future nobody awaits (a release the ledger issues on its own); its outcome is only logged."""
     future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    future.add_done_callback(_retrieve)
     return future
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Read the outcome of a future its caller may no longer await (so asyncio does not report an
+    exception that was never retrieved)."""
+    if not future.cancelled():
+        future.exception()

@@ -21,7 +21,17 @@ from typing import Final
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from atlas_common import BROKER_ERRORS, Backoff, BrokerConnection, BrokerUnavailable, Topology, sleep_unless
+from atlas_common import (
+    BROKER_ERRORS,
+    Backoff,
+    BrokerConnection,
+    BrokerUnavailable,
+    Topology,
+    scrub_secrets,
+    scrub_text,
+    sleep_unless,
+    url_secrets,
+)
 from worker.runtime._batcher import TelemetryBatcher
 from worker.runtime._errors import WorkerRuntimeError
 from worker.runtime._ledger import LedgerUnavailable, TaskLedger
@@ -55,7 +65,8 @@ async def check_database(settings: WorkerSettings, ledger: TaskLedger) -> None:
     try:
         status = await migration_status(settings.database_url)
     except MigrationError as exc:
-        raise SchemaBehind(f"cannot check the database schema: {exc}") from exc
+        detail = scrub_secrets(str(exc), settings.database_url)
+        raise SchemaBehind(f"cannot check the database schema: {detail}") from exc
     missing = [m.filename for m in status.pending if m.version <= SCHEMA_VERSION_NEEDED]
     if missing:
         raise SchemaBehind(
@@ -83,6 +94,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._services: Services | None = None
         self._settler: Settler | None = None
+        self._secrets = url_secrets(settings.amqp_url) | url_secrets(settings.database_url)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set. A lost broker connection ends an epoch: in-flight tasks are
@@ -109,10 +121,12 @@ class Worker:
                 except BROKER_ERRORS as exc:
                     if epoch == 0:
                         raise BrokerUnavailable(
-                            f"cannot reach RabbitMQ at {broker.safe_url}: {exc!r}"
+                            f"cannot reach RabbitMQ at {broker.safe_url}: {self._text(exc)}"
                         ) from exc
                     delay = backoff.next()
-                    log.warning("broker.unreachable_retrying", error=repr(exc), retry_in_s=round(delay, 2))
+                    log.warning(
+                        "broker.unreachable_retrying", error=self._text(exc), retry_in_s=round(delay, 2)
+                    )
                     await sleep_unless(stop, delay)
                     continue
                 epoch += 1
@@ -125,11 +139,16 @@ class Worker:
                         await self._serve_epoch(broker, ledger, stop, consuming=backoff.reset)
                     except BROKER_ERRORS as exc:
                         delay = backoff.next()
-                        log.warning("broker.epoch_failed", error=repr(exc), retry_in_s=round(delay, 2))
+                        log.warning("broker.epoch_failed", error=self._text(exc), retry_in_s=round(delay, 2))
                         await self._cancel_inflight("broker connection lost")
                 if delay:
                     await sleep_unless(stop, delay)
         log.info("worker.stopped", worker_id=settings.worker_id)
+
+    def _text(self, exc: BaseException) -> str:
+        """``repr(exc)`` without any secret of the broker or database URL: a client's error may quote the
+        URL it was given, and this text goes to logs and to the one line the CLI prints."""
+        return scrub_text(repr(exc), self._secrets)
 
     async def _serve_epoch(
         self,
@@ -225,7 +244,9 @@ class Worker:
         except _INFRA_ERRORS as exc:
             # The broker or the ledger failed us: leave the task unacked (requeue if the channel lives);
             # the ledger makes the re-run safe.
-            log.warning("task.infrastructure_error_requeued", error=repr(exc), message_id=message.message_id)
+            log.warning(
+                "task.infrastructure_error_requeued", error=self._text(exc), message_id=message.message_id
+            )
             await self._requeue_after_pause(message)
             return
         except asyncio.CancelledError:
