@@ -104,6 +104,32 @@ async def test_release_lets_the_next_delivery_run_at_once(two_ledgers: tuple[Tas
     assert (again.outcome, again.attempt) == ("run", 2)
 
 
+async def test_a_release_whose_caller_is_cancelled_again_still_reaches_the_ledger(ledger_url: str) -> None:
+    """A run cut off by a lost broker connection is cancelled twice (aio-pika cancels the consumers of the
+    dead channel, then the worker cancels what is in flight): the second cancellation, landing while the
+    run releases its claim, must not drop the release, or the row stays running, no longer heartbeated,
+    and the redelivery waits for it to go stale (60 s here)."""
+    a = await _ledger(ledger_url, "worker-a", stale_after_s=60.0)
+    b = await _ledger(ledger_url, "worker-b", stale_after_s=60.0)
+    try:
+        mine = await a.claim("t1")
+        releasing = asyncio.create_task(a.release("t1", mine.token, "broker connection lost"))
+        await asyncio.sleep(0)  # the release is queued...
+        releasing.cancel()  # ...and its caller is cancelled before the ledger sent it
+        with pytest.raises(asyncio.CancelledError):
+            await releasing
+        deadline = time.monotonic() + 5
+        while (row := await _row(ledger_url, "t1"))["state"] == "running":
+            assert time.monotonic() < deadline, "the release was dropped with its caller"
+            await asyncio.sleep(0.05)
+        assert (row["state"], row["last_error"]) == ("retrying", "released: broker connection lost")
+        again = await b.claim("t1")
+        assert (again.outcome, again.attempt) == ("run", 2)
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_settle_by_a_taken_over_claim_is_refused(two_ledgers: tuple[TaskLedger, TaskLedger]) -> None:
     """A failure reported by a run that no longer holds the task does not change the task's state."""
     a, b = two_ledgers

@@ -195,3 +195,41 @@ async def test_worker_survives_a_broker_connection_drop(pipeline: PipelineStack)
     assert set(succeeded) == set(ids)
     assert set(succeeded.values()) == {1}
     assert time.monotonic() - started < 170
+
+
+async def test_a_lost_broker_connection_hands_the_claims_back_at_once(pipeline: PipelineStack) -> None:
+    """The worker's broker connection is cut while every task is running: each cut-off run releases its
+    ledger claim, so the redeliveries run at once instead of waiting for the claims to go stale (60 s).
+    (Whether the second cancellation of a cut-off run lands during its release is a matter of timing
+    here; tests/test_ledger.py pins that case down.)"""
+    broker = urlsplit(pipeline.amqp_url)
+    ids = await pipeline.submit(_tasks(8, "lost"))
+    async with TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672) as proxy:
+        pipeline.start_worker(
+            "w1",
+            "--concurrency",
+            "8",
+            "--demo-latency-s",
+            "0.5",  # ~3 s a task
+            AMQP_URL=proxy.proxied_url(pipeline.amqp_url),
+            WORKER_LEDGER_HEARTBEAT_S="1",
+            WORKER_LEDGER_STALE_AFTER_S="60",
+        )
+        deadline = time.monotonic() + 60
+        while (counts := ledger_counts(await pipeline.ledger())).get("running", 0) < len(ids):
+            assert "succeeded" not in counts, counts  # the cut must come while every task runs
+            assert time.monotonic() < deadline, counts
+            await asyncio.sleep(0.05)
+        proxy.cut()
+        cut = time.monotonic()
+        await asyncio.sleep(0.5)
+        proxy.restore()
+        while ledger_counts(rows := await pipeline.ledger()) != {"succeeded": len(ids)}:
+            assert time.monotonic() - cut < 40, [dict(r) for r in rows]
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - cut
+        # In a thread: this event loop runs the proxy, and the worker needs it to shut down.
+        await asyncio.to_thread(pipeline.stop_all, signal.SIGTERM, 30)
+    assert "broker.connection_lost_reconnecting" in pipeline.log_of("w1")
+    assert {r["attempts"] for r in rows} == {2}, [dict(r) for r in rows]  # each ran again, once
+    assert took < 20, f"the redeliveries took {took:.1f}s after the cut"

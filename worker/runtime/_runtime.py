@@ -215,6 +215,9 @@ class Worker:
                 await self._cancel_inflight("shutdown grace expired")
 
     async def _cancel_inflight(self, why: str) -> None:
+        # After a lost connection aio-pika has usually cancelled these already (closing a channel cancels
+        # its consumers' tasks), so this second cancellation can cut a run's cleanup short: the ledger
+        # commits a release whatever happens to its caller (TaskLedger.release).
         tasks = set(self._inflight)
         for task in tasks:
             task.cancel(why)

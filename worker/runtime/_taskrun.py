@@ -207,8 +207,9 @@ class TaskRun:
         publisher.cancel()
 
     async def _release(self, task: TaskMessage, claim: Claim) -> None:
-        """Hand the claim back: its heartbeat stops at once; the ledger row is marked released if the
-        database answers within the deadline (else the row goes stale, which has the same effect later)."""
+        """Hand the claim back: its heartbeat stops at once; the ledger row is marked released as soon as
+        the database answers, even if this run stops waiting first (its deadline, or a second cancellation:
+        a lost connection cancels a run twice). If it never answers, the row goes stale: the same, later."""
         with contextlib.suppress(*_CLEANUP_ERRORS):
             async with asyncio.timeout(CLEANUP_TIMEOUT_S):
                 await self._services.ledger.release(
