@@ -179,10 +179,21 @@ class TaskLedger(Resource):
 
     async def release(self, task_id: str, token: str, why: str) -> None:
         """Give a claim up without a verdict (shutdown, lost broker): the next delivery may run the task at
-        once instead of waiting for the claim to go stale. Best effort: staleness covers a failure."""
+        once instead of waiting for the claim to go stale. Best effort: staleness covers a failure.
+
+        Once queued, the release is committed even if its caller stops waiting (cancelled, or past its
+        deadline): a run cut off by a lost broker connection is cancelled twice (aio-pika cancels the
+        consumers of the dead channel, then the worker cancels what is in flight), and a release dropped
+        with its caller would leave the row running, no longer heartbeated, until it went stale."""
         self._forget(task_id, token)
+        try:
+            future: asyncio.Future[bool] = self._future()
+        except LedgerUnavailable:
+            return
+        future.add_done_callback(_retrieve)
+        self._pending.settled.append(SettleOp(task_id, token, "retrying", f"released: {why}", future))
         with contextlib.suppress(LedgerUnavailable):
-            await self.settle(task_id, token, "retrying", f"released: {why}")
+            await self._deadline(asyncio.shield(future), "release")
 
     def _forget(self, task_id: str, token: str) -> None:
         if self._active.get(task_id) == token:
@@ -308,5 +319,12 @@ class TaskLedger(Resource):
 def _orphan() -> asyncio.Future[bool]:
     """A future nobody awaits (a release the ledger issues on its own); its outcome is only logged."""
     future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    future.add_done_callback(_retrieve)
     return future
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Read the outcome of a future its caller may no longer await (so asyncio does not report an
+    exception that was never retrieved)."""
+    if not future.cancelled():
+        future.exception()
