@@ -36,6 +36,7 @@ from atlas_common import (
     STREAM_PUBLISHED_MS_HEADER,
     Backoff,
     BrokerConnection,
+    scrub_secrets,
     sleep_unless,
 )
 from feed._cursor import StreamCursor, cursor_path
@@ -218,7 +219,8 @@ class SessionFollow(Handout[FeedSession]):
             except aiormq.exceptions.ChannelNotFoundEntity:
                 _log.info("feed.waiting_for_stream", stream=stream, hint="no ingestor has declared it yet")
             except BROKER_ERRORS as err:
-                _log.warning("feed.broker_unavailable", error=str(err))
+                # A connection error may quote its URL: the password never reaches the log.
+                _log.warning("feed.broker_unavailable", error=scrub_secrets(str(err), settings.amqp_url))
             if not stop.is_set():
                 await sleep_unless(stop, backoff.next())
 

@@ -6,7 +6,7 @@ Run ``atlas-ingestor`` (``python -m ingestor [run]``), or ``atlas-ingestor expor
 
 What it does, in short (details in the module docstrings):
 
-- It applies no migration: at start it checks that migrations up to ``006_stored_at`` are applied and
+- It applies no migration: at start it checks that migrations up to ``007_accountability`` are applied and
   exits with status 2 ("run atlas-migrate") otherwise, so schema changes stay one deliberate step.
 - It binds its durable queue (``Topology.declare_ingestor``) and consumes with ``prefetch`` (default twice
   ``batch_max_messages``); a batch is written when it has ``batch_max_messages`` messages or is

@@ -1,7 +1,7 @@
-"""``python -m ingestor`` / ``atlas-ingestor``: ``run`` (default), ``export``, ``prune``, or ``follow`` (the feed).
+"""``python -m ingestor`` / ``atlas-ingestor``: ``run`` (default), ``export``, ``prune``, ``follow`` (feed).
 
 The ingestor applies no migration itself: at start it checks that the migrations it needs (up to
-``006_stored_at``) are applied and exits with status 2 telling you to run ``atlas-migrate`` otherwise, so
+``007_accountability``) are applied and exits with status 2 telling you to run ``atlas-migrate`` otherwise, so
 one deliberate step owns schema changes. Exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 2 on a
 configuration problem, 1 on a runtime failure.
 """
