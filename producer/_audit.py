@@ -6,6 +6,8 @@ final; with ``--jsonl-dir`` the finalised files are read too, and the session mu
 The audit reconciles the four and sorts every succeeded task into one of:
 
 - **exported**: the promise holds;
+- **pruned**: exported, then deleted by ``ingestor prune`` (no session left, and the ledger row is older
+  than the newest ``--before`` a prune recorded in ``retention``): its line is in the JSONL archive;
 - **in flight**: younger than the grace period (``--grace-s``; JSONL files become final within
   ``JSONL_MAX_AGE_S``), so not a finding yet;
 - **explained**: not (yet) exported, and the pipeline recorded why: rows in ``telemetry_problems`` (records
@@ -41,7 +43,8 @@ SELECT l.task_id, l.adapter_session_id, l.updated_at AS succeeded_at,
        s.id AS session_id, s.status, s.steps_expected, s.export_file, s.attempt,
        f.state AS file_state,
        CASE WHEN s.export_file IS NULL AND s.id IS NOT NULL
-            THEN (SELECT count(*) FROM step_results AS r WHERE r.session_id = s.id) END AS stored_steps
+            THEN (SELECT count(*) FROM step_results AS r WHERE r.session_id = s.id) END AS stored_steps,
+       (s.id IS NULL AND l.updated_at < $2::timestamptz) IS TRUE AS pruned
 FROM task_ledger AS l
 LEFT JOIN sessions AS s ON s.adapter_session_id = l.adapter_session_id
 LEFT JOIN jsonl_files AS f ON f.name = s.export_file
@@ -60,13 +63,26 @@ LEFT JOIN sessions AS s ON s.adapter_session_id = l.adapter_session_id
 LEFT JOIN jsonl_files AS f ON f.name = s.export_file
 WHERE l.state = 'succeeded' AND l.updated_at < now() - $1::interval
   AND (s.id IS NULL OR s.status <> 'succeeded' OR f.state IS DISTINCT FROM 'final')
+  AND (s.id IS NULL AND l.updated_at < $2::timestamptz) IS NOT TRUE
 """
+_HAS_RETENTION: Final = "SELECT to_regclass('retention') IS NOT NULL"
+_PRUNED_BEFORE: Final = "SELECT max(pruned_before) FROM retention"
+
+
+async def pruned_before(conn: asyncpg.Connection) -> datetime | None:
+    """The newest ``--before`` of ``ingestor prune`` (``retention``, migration 009): a succeeded task whose
+    ledger row is older and whose session is gone was pruned after export. None: never pruned (or 009 is
+    not applied yet)."""
+    if not await conn.fetchval(_HAS_RETENTION):
+        return None
+    found: datetime | None = await conn.fetchval(_PRUNED_BEFORE)
+    return found
 
 
 async def count_unaccounted(conn: asyncpg.Connection, grace_s: float) -> int:
     """Succeeded tasks not stored and in a final JSONL file ``grace_s`` after they succeeded (the figure
-    ``status`` shows; ``run_audit`` lists and explains them)."""
-    return int(await conn.fetchval(_UNACCOUNTED, timedelta(seconds=grace_s)))
+    ``status`` shows; ``run_audit`` lists and explains them); pruned ones are not counted."""
+    return int(await conn.fetchval(_UNACCOUNTED, timedelta(seconds=grace_s), await pruned_before(conn)))
 
 
 class AuditError(ProducerError):
@@ -101,6 +117,8 @@ class Finding:
 class AuditReport:
     checked: int = 0
     exported: int = 0
+    pruned: int = 0
+    """Exported, then deleted by ``ingestor prune`` (no session left, ledger row older than its horizon)."""
     findings: list[Finding] = field(default_factory=list)
     jsonl_checked: bool = False
     dead_letters_read: int = 0
@@ -118,6 +136,7 @@ class AuditReport:
         return {
             "checked": self.checked,
             "exported": self.exported,
+            "pruned": self.pruned,
             "in_flight": self.count("in_flight"),
             "explained": self.count("explained"),
             "unexplained": self.unexplained,
@@ -139,6 +158,7 @@ class _Row:
     file_state: str | None
     attempt: int | None
     session_id: int | None
+    pruned: bool
 
 
 def _state(row: _Row, lines: Counter[str] | None) -> str | None:  # noqa: PLR0911 -- one return per finding
@@ -227,16 +247,7 @@ async def run_audit(
             names = [r["name"] for r in await conn.fetch(_FINAL_FILES)]
             lines = count_lines(jsonl_dir, names)
             report.jsonl_checked = True
-        pending: list[tuple[_Row, str]] = []
-        async with conn.transaction(readonly=True):
-            async for record in conn.cursor(_SUCCEEDED, since, prefetch=2000):
-                row = next(_rows([record]))
-                report.checked += 1
-                state = _state(row, lines)
-                if state is None:
-                    report.exported += 1
-                else:
-                    pending.append((row, state))
+        pending = await _walk_succeeded(conn, since, lines, report)
         problems = await _problems(conn, pending)
     except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
         raise AuditError(f"the database is not migrated ({exc}): run `python -m migrations`") from exc
@@ -264,6 +275,27 @@ async def run_audit(
     return report
 
 
+async def _walk_succeeded(
+    conn: asyncpg.Connection, since: datetime | None, lines: Counter[str] | None, report: AuditReport
+) -> list[tuple[_Row, str]]:
+    """Count every succeeded task into ``report``; returns the ones not (yet) exported, with their state."""
+    pending: list[tuple[_Row, str]] = []
+    horizon = await pruned_before(conn)
+    async with conn.transaction(readonly=True):
+        async for record in conn.cursor(_SUCCEEDED, since, horizon, prefetch=2000):
+            row = next(_rows([record]))
+            report.checked += 1
+            if row.pruned:
+                report.pruned += 1
+                continue
+            state = _state(row, lines)
+            if state is None:
+                report.exported += 1
+            else:
+                pending.append((row, state))
+    return pending
+
+
 async def _problems(conn: asyncpg.Connection, pending: list[tuple[_Row, str]]) -> dict[str, list[str]]:
     if not pending:
         return {}
@@ -284,6 +316,7 @@ def audit_text(report: AuditReport, *, limit: int = 50) -> str:
         f"succeeded tasks checked: {report.checked}",
         f"  stored and exported:   {report.exported}"
         + (" (each in exactly one finalised JSONL line)" if report.jsonl_checked else ""),
+        f"  pruned after export:   {report.pruned} (sessions deleted by `ingestor prune`)",
         f"  in flight (in grace):  {report.count('in_flight')}",
         f"  explained:             {report.count('explained')}",
         f"  unexplained:           {report.unexplained}",
