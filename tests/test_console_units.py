@@ -54,6 +54,23 @@ def test_pages_are_keyset_not_offset(direction, keyset, order):
     assert keyset in sql
 
 
+@pytest.mark.parametrize(
+    ("direction", "keyset", "order"),
+    [
+        (None, "", "DESC"),
+        ("older", "(s.created_at, s.id) < ((SELECT created_at FROM sessions WHERE id = $4), $4)", "DESC"),
+        ("newer", "(s.created_at, s.id) > ((SELECT created_at FROM sessions WHERE id = $4), $4)", "ASC"),
+    ],
+)
+def test_time_range_pages_are_keyset_on_created_at(direction, keyset, order):
+    """Narrowed to a time range, a list is ordered (and paged) by (created_at, id), so PostgreSQL walks
+    the range in the created_at index instead of the primary key from the newest session."""
+    sql = _queries.list_sql("created_at >= $2 AND created_at < $3", 2, direction, by_time=True)
+    assert "OFFSET" not in sql.upper()
+    assert sql.endswith(f"ORDER BY s.created_at {order}, s.id {order} LIMIT $1")
+    assert keyset in sql
+
+
 def test_parse_id_takes_digits_only():
     """Keyset ids are bounded digits; anything else is no id."""
     assert _queries.parse_id("123") == 123
