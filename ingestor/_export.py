@@ -60,8 +60,9 @@ async def export_sessions(
                 page = await conn.fetch(_sql.EXPORT_PAGE, since, until, after[0], after[1], _PAGE)
                 if not page:
                     break
-                lines = await fetch_lines(conn, [r["id"] for r in page])
-                await asyncio.to_thread(writer.write, b"".join(lines))
+                lines = await fetch_lines(conn, [r["id"] for r in page if r["complete"]])
+                if lines:
+                    await asyncio.to_thread(writer.write, b"".join(lines))
                 count += len(lines)
                 bar.update(len(lines))
                 after = (page[-1]["completed_at"], page[-1]["id"])
