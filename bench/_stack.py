@@ -7,9 +7,7 @@ import gzip
 import math
 from pathlib import Path
 
-import aio_pika
-
-from atlas_common import BROKER_ERRORS, Topology
+from atlas_common import BROKER_ERRORS, Topology, connect_any
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:
@@ -44,8 +42,9 @@ def jsonl_stats(directory: Path) -> tuple[int, int]:
 
 
 async def delete_topology(amqp_url: str, topology: Topology) -> None:
-    """Remove a run's queues and exchanges (runs use a prefix of their own)."""
+    """Remove a run's queues and exchanges (runs use a prefix of their own); ``amqp_url`` may list a
+    cluster's nodes."""
     with contextlib.suppress(*BROKER_ERRORS):
-        connection = await aio_pika.connect(amqp_url, timeout=5)
+        connection = await connect_any(amqp_url, timeout_s=5, name="atlas-bench")
         async with connection:
             await topology.delete(connection)

@@ -17,6 +17,7 @@ from typing import Final
 
 from bench._baselines import CELERY_NAME, DRAMATIQ_NAME, celery_task_leg, dramatiq_task_leg
 from bench._ceilings import QueueType, broker_ceilings, consume_name, copy_ceilings
+from bench._cluster import cluster_rows
 from bench._e2e import e2e_name, end_to_end
 from bench._inflight import llm_bound_sessions
 from bench._ingest import SESSIONS_NAME, ingestor_alone
@@ -65,6 +66,13 @@ class Sizes:
     """The LLM-bound row's simulated latency per demo adapter call."""
     inflight_seconds: float = 60.0
     """The LLM-bound row's window (after its warm-up)."""
+    cluster_tasks: int = 0
+    """The cluster rows' burst (8 workers, 2 ingestors, a 3-node RabbitMQ cluster of their own); 0 skips
+    them (smoke sizes: the nodes alone take ~30 s to start; tests/test_cluster.py runs them small)."""
+    cluster_seconds: float = 20.0
+    """The cluster rows' open loop (at half their burst's tasks/s): its CPU window ends with it."""
+    cluster_warmup_s: float = 4.0
+    """The cluster rows' open-loop warm-up, left out of the window."""
 
     def e2e_n(self, latency_s: float) -> int:
         return self.e2e_latency_tasks if latency_s > 0 else self.e2e_tasks
@@ -112,6 +120,7 @@ FULL: Final = Sizes(
     inflight_concurrency=1000,
     inflight_latency_s=2.0,
     inflight_seconds=60.0,
+    cluster_tasks=3000,
 )
 
 
@@ -235,6 +244,19 @@ async def memory(ctx: Context) -> list[Result]:
     ]
 
 
+async def cluster(ctx: Context) -> list[Result]:
+    sizes = ctx.sizes
+    if not sizes.cluster_tasks:
+        return []  # smoke sizes (see Sizes.cluster_tasks)
+    return await cluster_rows(
+        ctx.database_url,
+        ctx.logdir,
+        tasks=sizes.cluster_tasks,
+        seconds=sizes.cluster_seconds,
+        warmup_s=sizes.cluster_warmup_s,
+    )
+
+
 Group = Callable[[Context], Awaitable[list[Result]]]
 GROUPS: Final[dict[str, Group]] = {
     "ceilings": ceilings,
@@ -245,6 +267,7 @@ GROUPS: Final[dict[str, Group]] = {
     "inflight": inflight,
     "ingestor": ingestor,
     "memory": memory,
+    "cluster": cluster,
 }
 
 EXTRA_RATIOS: Final = (
@@ -308,6 +331,20 @@ of the schedule, divided by its length. CPU per task, in the same window: utime 
 (every process named `postgres`, plus its reaped children's time, so backends that exit count), divided
 by the sessions stored in the window. RabbitMQ and PostgreSQL are read server-wide, so any other client of
 the same servers counts too.
+
+The cluster rows (`bench._cluster`) start a three-node RabbitMQ cluster of their own each round
+(`bench._rabbit_cluster`: loopback ports, node names, data directories and Erlang cookie of its own, no
+plugins) and run 2 ingestors and 8 workers x 64 (demo 0 ms) on a fresh scratch database, every process
+and the producer given the three nodes in `AMQP_URL`, on quorum queues (checked: a member on every node).
+Once all consume: 3 s idle, then a burst of N tasks (tasks/s = N / (last stored - first submit)), then, on
+the same processes, an open loop at half the burst's rate; after its warm-up, a window to the end of the
+schedule gives the rate achieved, p99 and CPU per task: utime + stime from `/proc` at the window's ends
+of the workers and of the ingestors (summed), of the three nodes (the processes whose environment names
+the node: its `beam.smp` and helpers) and of PostgreSQL's share of the run (the scratch database's
+backends, the server's background processes and the postmaster, from `pg_stat_activity`; the whole
+server, read as above, is in the notes), divided by the sessions stored in the window. CPU ms per task is
+also the cores a part needs per 1,000 tasks/s. The notes give each part's idle CPU and its CPU per task
+over the whole burst.
 
 The LLM-bound row runs the same stack with 1 worker at `--concurrency {inflight_c}` and demo calls of
 {inflight_lat:g}s (4-6 calls a task): the worker's idle VmRSS is read, then more tasks are queued in one burst

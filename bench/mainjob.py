@@ -28,11 +28,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
-import aio_pika
 import asyncpg
 from tqdm import tqdm
 
-from atlas_common import BROKER_ERRORS, Topology, configure_logging, redact_url
+from atlas_common import BROKER_ERRORS, Topology, configure_logging, connect_any, redact_url
 from bench._services import HOW_TO_GET_SERVICES, ROOT, ensure_services
 from bench._stack import delete_topology, jsonl_stats, percentile
 from migrations import apply_migrations
@@ -48,6 +47,8 @@ class Run:
     workers: int
     concurrency: int
     demo_latency_s: float
+    ingestors: int = 1
+    """Ingestor processes (``ingestor``, then ``ingestor-2``, ...)."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)
@@ -160,11 +161,11 @@ async def wait_stored(run: Run, conn: asyncpg.Connection, *, progress: bool) -> 
 
 
 async def _wait_consumers(run: Run, *, timeout_s: float = 60.0) -> None:
-    """Until every worker consumes the tasks queue and the ingestor its queue (start-up is not timed)."""
+    """Until every worker consumes the tasks queue and every ingestor its queue (start-up is not timed)."""
     topology = run.topology
-    want = {topology.tasks_queue: run.workers, topology.ingestor_queue: 1}
+    want = {topology.tasks_queue: run.workers, topology.ingestor_queue: run.ingestors}
     deadline = time.monotonic() + timeout_s
-    connection = await aio_pika.connect(run.amqp_url, timeout=10)
+    connection = await connect_any(run.amqp_url, timeout_s=10, name="atlas-bench")  # a node of a cluster
     async with connection:
         while True:
             seen = {}
@@ -190,13 +191,14 @@ async def _wait_consumers(run: Run, *, timeout_s: float = 60.0) -> None:
 
 @contextlib.asynccontextmanager
 async def running_stack(run: Run, *, wait_ready: bool = False) -> AsyncIterator[Run]:
-    """The processes of a run: an ingestor and ``run.workers`` workers, started on entry. On a clean exit
-    they get SIGTERM (the ingestor finalises its JSONL file) and their exit codes go to ``run.exit_codes``;
-    on an error they are stopped (killed if need be) too. With ``wait_ready`` the body starts only once
-    every process consumes its queue, so process start-up is not part of what it times."""
+    """The processes of a run: ``run.ingestors`` ingestors and ``run.workers`` workers, started on entry. On
+    a clean exit they get SIGTERM (an ingestor finalises its JSONL file) and their exit codes go to
+    ``run.exit_codes``; on an error they are stopped (killed if need be) too. With ``wait_ready`` the body
+    starts only once every process consumes its queue, so process start-up is not part of what it times."""
     run.workdir.mkdir(parents=True, exist_ok=True)
     try:
-        run.spawn("ingestor", "ingestor", "run")
+        for n in range(run.ingestors):
+            run.spawn("ingestor" if n == 0 else f"ingestor-{n + 1}", "ingestor", "run")
         for n in range(run.workers):
             run.spawn(
                 f"worker-{n + 1}",

@@ -26,6 +26,8 @@ import orjson
 import pytest
 
 from atlas_common import Topology
+from bench._cluster import TOTAL, cluster_cpu_name, cluster_name, cluster_rows, row_names
+from bench._cpu import PARTS
 from bench._stack import delete_topology
 from ingestor import read_lines
 from producer import demo_tasks
@@ -262,6 +264,27 @@ async def test_retry_tiers_survive_their_home_node(rabbit_cluster: RabbitCluster
         await asyncio.to_thread(cluster.ctl, home, "start_app")
         await asyncio.to_thread(cluster.wait_running, len(cluster.nodes))
         await delete_topology(home.url, topology)
+
+
+async def test_cluster_benchmark_measures_every_row(
+    rabbit_cluster: RabbitCluster,  # noqa: F811 - the fixture imported above
+    admin_database_url: str,
+    tmp_path: Path,
+) -> None:
+    """``python -m bench --only cluster`` at tiny sizes, on this session's cluster: 8 workers and 2
+    ingestors on all three nodes, every row positive, every node's processes and PostgreSQL's seen."""
+    rows = await cluster_rows(
+        admin_database_url, tmp_path, tasks=300, seconds=4.0, warmup_s=1.0, cluster=rabbit_cluster
+    )
+    assert [r.name for r in rows] == row_names()
+    assert all(r.value > 0 for r in rows), rows
+    by_name = {r.name: r for r in rows}
+    assert "quorum queues, members on all 3 nodes" in by_name[cluster_name("throughput")].notes
+    assert "(8 process(es))" in by_name[cluster_cpu_name("worker")].notes
+    assert "(2 process(es))" in by_name[cluster_cpu_name("ingestor")].notes
+    assert by_name[cluster_cpu_name(TOTAL)].value == pytest.approx(
+        sum(by_name[cluster_cpu_name(part)].value for part in PARTS)
+    )
 
 
 async def _check_exactly_once(stack: PipelineStack, conn: asyncpg.Connection, ids: list[str]) -> None:
