@@ -18,6 +18,9 @@ from typing import Final
 from bench._baselines import CELERY_NAME, DRAMATIQ_NAME, celery_task_leg, dramatiq_task_leg
 from bench._ceilings import QueueType, broker_ceilings, consume_name, copy_ceilings
 from bench._cluster import cluster_rows
+from bench._console import TARGET_MS as CONSOLE_TARGET_MS
+from bench._console import WARMUP as CONSOLE_WARMUP
+from bench._console import console_pages, overview_readings
 from bench._e2e import e2e_name, end_to_end
 from bench._inflight import llm_bound_sessions
 from bench._ingest import SESSIONS_NAME, ingestor_alone
@@ -73,6 +76,10 @@ class Sizes:
     """The cluster rows' open loop (at half their burst's tasks/s): its CPU window ends with it."""
     cluster_warmup_s: float = 4.0
     """The cluster rows' open-loop warm-up, left out of the window."""
+    console_sessions: int = 0
+    """Sessions generated for the web console's page timings."""
+    console_requests: int = 200
+    """Timed requests per console page (after a warm-up)."""
 
     def e2e_n(self, latency_s: float) -> int:
         return self.e2e_latency_tasks if latency_s > 0 else self.e2e_tasks
@@ -100,6 +107,8 @@ SMOKE: Final = Sizes(
     inflight_concurrency=100,
     inflight_latency_s=0.2,
     inflight_seconds=3.0,
+    console_sessions=20_000,
+    console_requests=30,
 )
 FULL: Final = Sizes(
     messages=20_000,
@@ -121,6 +130,8 @@ FULL: Final = Sizes(
     inflight_latency_s=2.0,
     inflight_seconds=60.0,
     cluster_tasks=3000,
+    console_sessions=1_000_000,
+    console_requests=200,
 )
 
 
@@ -244,6 +255,13 @@ async def memory(ctx: Context) -> list[Result]:
     ]
 
 
+async def console(ctx: Context) -> list[Result]:
+    sizes = ctx.sizes
+    return await console_pages(
+        ctx.amqp_url, ctx.database_url, sessions=sizes.console_sessions, requests=sizes.console_requests
+    )
+
+
 async def cluster(ctx: Context) -> list[Result]:
     sizes = ctx.sizes
     if not sizes.cluster_tasks:
@@ -267,6 +285,7 @@ GROUPS: Final[dict[str, Group]] = {
     "inflight": inflight,
     "ingestor": ingestor,
     "memory": memory,
+    "console": console,
     "cluster": cluster,
 }
 
@@ -353,8 +372,22 @@ warm-up of 1.5 estimated session times, a {inflight_s:g}s window: tasks/s = ledg
 (`updated_at`) in it / its length, against the target 0.8 x concurrency / session time (session = median
 ledger claim -> success of those tasks); the ledger's running count (in flight) is sampled every 0.5 s.
 Its peak-RSS row is that worker's VmHWM after the window (target <= 300 MB), with (peak - idle) /
-concurrency per in-flight session in the notes. The machine is shared: the load average before and after
-says how busy it was."""
+concurrency per in-flight session in the notes.
+
+The console rows (`bench._console`) time the web console over a scratch database of
+{console_n:,} generated sessions (INSERT ... SELECT FROM generate_series, server-side: ~97.5% succeeded,
+2% failed, 0.3% abandoned, the newest 25 running; adapters demo 70%, openai-agents 29%, langgraph 1%;
+attempt 1 for 96.5%; unique task ids; created_at spread over 30 days; 5 step rows each, a plan for every
+other one, a ledger row per task, a JSONL file per 5,000; UNLOGGED tables, VACUUM ANALYZE after; the
+generation time is a row of its own). The console runs in the bench process (`console.create_app`, aiohttp
+AppRunner on 127.0.0.1) and one aiohttp client sends each page's requests one at a time: {warmup} warm-up
+requests, then {console_r} timed (wall time to the last byte, status 200 checked), random ids, task ids
+and days drawn anew per request. Each row is a page's p95 against the issue's target "pages stay fast
+at a million sessions", taken as p95 <= {target:g} ms; p50 and max are in the notes. The overview's
+reading is cached for `refresh_s` whatever the number of viewers: its cached row is the page, its uncached
+row calls the function the cache wraps ({overview_n} times after one warm-up), which is what a lone viewer
+waits for at every refresh (its page asks again `refresh_s` after the last answer, when the reading has
+just expired). The machine is shared: the load average before and after says how busy it was."""
 
 
 async def run_suite(ctx: Context, only: Sequence[str] | None = None) -> tuple[list[Result], Machine]:
@@ -395,8 +428,9 @@ def report(results: Sequence[Result], machine: Machine, *, sizes: Sizes) -> str:
         f"of an ingestor on a {sizes.backlog_records:,}-record backlog for {sizes.backlog_seconds:g}s, "
         f"steady state open loop for {sizes.steady_seconds:g}s ({sizes.steady_warmup_s:g}s warm-up), "
         f"{sizes.inflight_concurrency:,} LLM-bound sessions of {sizes.inflight_latency_s:g}s calls for a "
-        f"{sizes.inflight_seconds:g}s window; {sizes.repeats} round(s), rows are medians. Higher is better "
-        "everywhere except msgs/task, ms, MiB and CPU ms/task."
+        f"{sizes.inflight_seconds:g}s window, the web console's pages over {sizes.console_sessions:,} "
+        f"generated sessions ({sizes.console_requests} requests per page); {sizes.repeats} round(s), rows "
+        "are medians. Higher is better everywhere except msgs/task, ms, MiB, s and CPU ms/task."
     )
     method = METHOD.format(
         poll_ms=round(sizes.poll_s * 1000),
@@ -405,5 +439,10 @@ def report(results: Sequence[Result], machine: Machine, *, sizes: Sizes) -> str:
         inflight_c=sizes.inflight_concurrency,
         inflight_lat=sizes.inflight_latency_s,
         inflight_s=sizes.inflight_seconds,
+        console_n=sizes.console_sessions,
+        console_r=sizes.console_requests,
+        warmup=CONSOLE_WARMUP,
+        overview_n=overview_readings(sizes.console_requests),
+        target=CONSOLE_TARGET_MS,
     )
     return render(results, machine, method=f"{sizes_line}\n\n{method}", extra_ratios=EXTRA_RATIOS)

@@ -8,6 +8,7 @@ import pytest
 
 from bench._baselines import CELERY_NAME, DRAMATIQ_NAME
 from bench._ceilings import consume_name, copy_name, publish_name
+from bench._console import row_names as console_row_names
 from bench._cpu import PARTS, cpu_name
 from bench._e2e import e2e_name
 from bench._inflight import inflight_name
@@ -48,6 +49,7 @@ EXPECTED_ROWS = [
     SESSIONS_NAME,
     worker_rss_name(SMOKE.rss_concurrency, RSS_LATENCY_S),
     ingestor_rss_name(SMOKE.backlog_records),
+    *console_row_names(SMOKE.console_sessions),
 ]
 
 
@@ -103,7 +105,7 @@ def test_generated_telemetry_is_valid_and_in_session_order() -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 async def test_smoke_benchmark_measures_every_row(
     amqp_url: str, admin_database_url: str, tmp_path: Path
 ) -> None:
