@@ -327,11 +327,10 @@ def overview_readings(requests: int) -> int:
 
 
 def _notes(times_ms: list[float], what: str, n_requests: int, *, warmup: int = WARMUP) -> str:
-    p50, p95 = percentile(times_ms, 50), percentile(times_ms, 95)
-    verdict = "met" if p95 <= TARGET_MS else "NOT met"
+    p50 = percentile(times_ms, 50)
     return (
-        f"target p95 <= {TARGET_MS:g} ms: {verdict}; p50 {p50:.1f} ms, max {times_ms[-1]:.0f} ms; "
-        f"{what}; {n_requests} requests one at a time after {warmup} warm-up"
+        f"p50 {p50:.1f} ms, max {times_ms[-1]:.0f} ms; {what}; {n_requests} requests one at a time after "
+        f"{warmup} warm-up"
     )
 
 
@@ -432,6 +431,7 @@ async def console_pages(
                 "ms",
                 percentile(page_times, 95),
                 notes=_notes(page_times, page.what, requests),
+                at_most=TARGET_MS,
             )
         )
     rows.append(
@@ -439,6 +439,7 @@ async def console_pages(
             console_name(sessions, UNCACHED),
             "ms",
             percentile(overview, 95),
+            at_most=TARGET_MS,
             notes=_notes(
                 overview,
                 "console._overview.read_overview called directly (what /overview/body costs once per "

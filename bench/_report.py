@@ -39,6 +39,16 @@ class Result:
     baseline: str | None = None
     """The ``name`` of the row this one is divided by in the ratio column; None for no ratio."""
     notes: str = ""
+    at_most: float | None = None
+    """A target the row meets when ``value <= at_most``: its notes open with the verdict on the value
+    shown (the median when runs are combined, not run 1's)."""
+
+    def verdict(self) -> str:
+        """``target <= 100 ms: met`` (empty without a target)."""
+        if self.at_most is None:
+            return ""
+        met = "met" if self.value <= self.at_most else "NOT met"
+        return f"target <= {self.at_most:g} {self.unit}: {met}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +220,10 @@ def render_table(results: Sequence[Result]) -> str:
             versus = (
                 f"{value:.2f}x {result.baseline}" if value is not None else f"({result.baseline} missing)"
             )
+        notes = "; ".join(part for part in (result.verdict(), result.notes) if part)
         rows.append(
             f"| {_cell(result.name)} | {_number(result.value)} | {result.unit} | {_cell(versus)} "
-            f"| {_cell(result.notes)} |"
+            f"| {_cell(notes)} |"
         )
     return "\n".join(rows)
 

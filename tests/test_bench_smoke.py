@@ -85,6 +85,24 @@ def test_render_rows_ratios_and_medians() -> None:
     assert "- RabbitMQ: 3.13.0" in text
 
 
+def test_a_target_is_judged_on_the_value_shown() -> None:
+    """A row with a target opens its notes with the verdict on its value: the median of the runs, not
+    run 1's."""
+    runs = [
+        [Result("page p95", "ms", v, notes=f"run {i}", at_most=100.0)] for i, v in enumerate((150, 20, 30))
+    ]
+    (row,) = combine_runs(runs)
+    assert row.value == 30
+    line = (
+        "| page p95 | 30.0 | ms |  | target <= 100 ms: met; median of 3 runs (150, 20.0, 30.0); "
+        "run 1: run 0 |"
+    )
+    assert line in render([row], _machine())
+    slow = Result("page p95", "ms", 101.0, at_most=100.0)
+    assert "| target <= 100 ms: NOT met |" in render([slow], _machine())
+    assert Result("rate", "tasks/s", 1.0).verdict() == ""
+
+
 def test_generated_telemetry_is_valid_and_in_session_order() -> None:
     """The ingestor rows' envelopes are encode_telemetry_batch's bytes, one kind each, within the worker's
     limits, and every session's records arrive opened -> steps -> closed."""
