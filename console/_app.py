@@ -88,8 +88,10 @@ async def _pool_ctx(app: web.Application) -> Any:
         init=_queries.init_connection,
     )
     app[_POOL] = pool
-    app[_CACHE] = OverviewCache(lambda: read_overview(settings, pool), settings.refresh_s)
+    cache = OverviewCache(lambda: read_overview(settings, pool), settings.refresh_s)
+    app[_CACHE] = cache
     yield
+    await cache.close()
     await pool.close()
 
 

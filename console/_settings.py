@@ -30,8 +30,9 @@ class ConsoleSettings(BrokerSettings):
     page_size: int = Field(default=50, ge=1, le=500)
     """Sessions per page of the list."""
     refresh_s: float = Field(default=5.0, ge=1.0, le=3600.0)
-    """How often the overview refreshes itself, and how long one overview reading is reused: many open
-    browsers cost the database one reading per interval, not one each."""
+    """How often the overview refreshes itself, and the least time one overview reading is reused (longer
+    when a reading is slow: ten times its duration); many open browsers cost the database one reading per
+    interval, not one each, and no page waits for a renewal."""
     db_timeout_s: float = Field(default=10.0, gt=0)
     """Connect and statement timeout of the console's queries: a slow page fails, it never hangs."""
     dead_letter_limit: int = Field(default=100, ge=1, le=10_000)

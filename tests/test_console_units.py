@@ -208,3 +208,39 @@ def test_clip_says_how_much_the_database_left_out():
     assert cut.startswith("a" * 10)
     assert "1,000,000 more characters" in cut
     assert "more characters" in _render.clip("b" * 30, None, limit=10)
+
+
+async def test_overview_readings_are_shared_and_renewed_in_the_background(monkeypatch):
+    """Only the first request waits for a reading; a stale one is served at once while one renewal runs,
+    and a slow reading stretches the interval to ten times its duration."""
+    import asyncio
+
+    from console import _overview
+
+    clock = [1000.0]
+    monkeypatch.setattr(_overview.time, "time", lambda: clock[0])
+    reads: list[float] = []
+    release = asyncio.Event()
+
+    async def read() -> _overview.Overview:
+        reads.append(clock[0])
+        if len(reads) > 1:
+            await release.wait()
+        return _overview.Overview(clock[0], None, None, None, [], None)
+
+    cache = _overview.OverviewCache(read, min_age_s=5.0)
+    first = await cache.get()
+    assert first.read_at == 1000.0
+    assert (await cache.get()) is first
+    clock[0] += 6.0  # stale: served at once, one renewal starts
+    assert (await cache.get()) is first
+    assert (await cache.get()) is first
+    await asyncio.sleep(0)
+    assert len(reads) == 2
+    release.set()
+    await asyncio.sleep(0.01)
+    assert (await cache.get()).read_at == 1006.0
+    monkeypatch.setattr(cache, "_last_duration_s", 3.0)
+    assert cache.interval_s == 30.0
+    await cache.close()
+    await cache.close()
