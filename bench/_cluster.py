@@ -22,7 +22,8 @@ processes:
    backends were busy (a shared server, e.g. a big fill running beside it, shows there, not in the row).
 
 CPU ms per task is also the cores a part needs per 1,000 tasks/s (1,000 tasks/s x N ms = N cores). The
-burst's own CPU per task (whole burst, every part saturated) is in the notes too. Afterwards every task
+same rows for the whole burst (first sample before the first submit, last once every task is stored: every
+part saturated, so batches are full) follow them. Afterwards every task
 of both phases must be stored, the finalised JSONL must hold one line per task, and every process must
 exit 0; the database, the queues and the cluster are removed.
 """
@@ -66,6 +67,8 @@ _LABELS: Final = {
     TOTAL: "whole stack (the four parts)",
 }
 Metric = Literal["throughput", "achieved", "p99"]
+Phase = Literal["open loop", "burst"]
+PHASES: Final[tuple[Phase, ...]] = ("open loop", "burst")
 
 # Server processes every database's work goes through; autovacuum workers count only on this database.
 _SERVER_PROCESSES: Final = (
@@ -88,9 +91,9 @@ def cluster_name(metric: Metric) -> str:
     return f"atlas on a {_SETUP}: {what}"
 
 
-def cluster_cpu_name(part: str) -> str:
-    """The CPU-per-task row of one part (:data:`bench._cpu.PARTS`) or of :data:`TOTAL`."""
-    return f"CPU per task, {_SETUP}, open loop: {_LABELS[part]}"
+def cluster_cpu_name(part: str, phase: Phase) -> str:
+    """The CPU-per-task row of one part (:data:`bench._cpu.PARTS`) or of :data:`TOTAL` in one phase."""
+    return f"CPU per task, {_SETUP}, {phase}: {_LABELS[part]}"
 
 
 def row_names() -> list[str]:
@@ -99,7 +102,7 @@ def row_names() -> list[str]:
         cluster_name("throughput"),
         cluster_name("achieved"),
         cluster_name("p99"),
-        *(cluster_cpu_name(part) for part in (*PARTS, TOTAL)),
+        *(cluster_cpu_name(part, phase) for phase in PHASES for part in (*PARTS, TOTAL)),
     ]
 
 
@@ -329,10 +332,6 @@ async def cluster_rows(
     return _rows(measured, tasks=tasks, seconds=seconds, warmup_s=warmup_s, files=files, boot=boot)
 
 
-def _per_task(first: Sample, last: Sample, tasks: int) -> dict[str, float]:
-    return {part: first.used(last, part) * 1000 / tasks for part in (*PARTS, TOTAL)}
-
-
 def _rows(
     m: _Measured, *, tasks: int, seconds: float, warmup_s: float, files: int, boot: str
 ) -> list[Result]:
@@ -342,14 +341,12 @@ def _rows(
         f"{m.queues}; {boot}"
     )
     burst_s = max(m.burst_stored.values()) - min(m.burst_submitted.values())
-    burst_cpu = _per_task(*m.burst_cpu, tasks)
     first, last = m.cpu
     idle_first, idle_last = m.idle
     window_s = last.at - first.at
     in_window = sum(1 for at in m.stored.values() if first.at <= at <= last.at)
     if in_window <= 0:
         raise RuntimeError("cluster: no task stored in the open-loop window")
-    cpu = _per_task(first, last, in_window)
     latencies = sorted(m.stored[t] - at for t, at in m.sends.submitted.items() if at >= first.at)
     schedule = (
         f"{len(m.sends.submitted):,} demo tasks published open loop at {m.rate:,.0f} tasks/s (half the "
@@ -383,21 +380,40 @@ def _rows(
             ),
         ),
     ]
+    idle = {p: idle_first.used(idle_last, p) / (idle_last.at - idle_first.at) for p in (*PARTS, TOTAL)}
+    rows += _cpu_rows(first, last, in_window, "open loop", window, idle=idle)
+    rows += _cpu_rows(*m.burst_cpu, tasks, "burst", f"the whole burst ({tasks:,} tasks, {burst_s:.1f}s)")
+    return rows
+
+
+def _cpu_rows(
+    first: Sample,
+    last: Sample,
+    tasks: int,
+    phase: Phase,
+    window: str,
+    *,
+    idle: Mapping[str, float] | None = None,
+) -> list[Result]:
+    """A CPU-per-task row per part and the total: CPU time from ``first`` to ``last`` / ``tasks``."""
+    rows = []
+    window_s = last.at - first.at
     for part in (*PARTS, TOTAL):
         used = first.used(last, part)
-        idle = idle_first.used(idle_last, part) / (idle_last.at - idle_first.at)
+        per_task = used * 1000 / tasks
         notes = (
             f"{used:.2f} CPU s ({last.processes(part)} process(es)) over {window} = "
-            f"{100 * used / window_s:.0f}% of one core; {in_window:,} tasks stored in it; = {cpu[part]:.2f} "
-            f"cores per 1,000 tasks/s; idle before the burst: {100 * idle:.1f}% of one core; in the burst "
-            f"(every part saturated, whole burst): {burst_cpu[part]:.2f} ms/task"
+            f"{100 * used / window_s:.0f}% of one core; {tasks:,} tasks stored in it; = {per_task:.2f} cores "
+            "per 1,000 tasks/s"
         )
+        if idle is not None:
+            notes += f"; idle before the burst: {100 * idle[part]:.1f}% of one core"
         if part == "postgres":
-            whole = (last.server_postgres - first.server_postgres) * 1000 / in_window
+            whole = (last.server_postgres - first.server_postgres) * 1000 / tasks
             notes += (
                 f"; the whole server (every postgres process, reaped children too, as the single-node rows "
                 f"read it): {whole:.2f} ms/task, with {max(first.busy_elsewhere, last.busy_elsewhere)} "
                 "other databases' backend(s) busy at the window's ends"
             )
-        rows.append(Result(cluster_cpu_name(part), "CPU ms/task", cpu[part], notes=notes))
+        rows.append(Result(cluster_cpu_name(part, phase), "CPU ms/task", per_task, notes=notes))
     return rows

@@ -129,7 +129,7 @@ FULL: Final = Sizes(
     inflight_concurrency=1000,
     inflight_latency_s=2.0,
     inflight_seconds=60.0,
-    cluster_tasks=3000,
+    cluster_tasks=2000,
     console_sessions=1_000_000,
     console_requests=200,
 )
@@ -362,8 +362,8 @@ of the workers and of the ingestors (summed), of the three nodes (the processes 
 the node: its `beam.smp` and helpers) and of PostgreSQL's share of the run (the scratch database's
 backends, the server's background processes and the postmaster, from `pg_stat_activity`; the whole
 server, read as above, is in the notes), divided by the sessions stored in the window. CPU ms per task is
-also the cores a part needs per 1,000 tasks/s. The notes give each part's idle CPU and its CPU per task
-over the whole burst.
+also the cores a part needs per 1,000 tasks/s. The same rows over the whole burst (every part
+saturated, batches full) follow, and the open-loop rows' notes give each part's idle CPU.
 
 The LLM-bound row runs the same stack with 1 worker at `--concurrency {inflight_c}` and demo calls of
 {inflight_lat:g}s (4-6 calls a task): the worker's idle VmRSS is read, then more tasks are queued in one burst

@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from atlas_common import Topology
-from bench._cluster import TOTAL, cluster_cpu_name, cluster_name, cluster_rows, row_names
+from bench._cluster import PHASES, TOTAL, cluster_cpu_name, cluster_name, cluster_rows, row_names
 from bench._cpu import PARTS
 from bench._stack import delete_topology
 from ingestor import read_lines
@@ -280,11 +280,12 @@ async def test_cluster_benchmark_measures_every_row(
     assert all(r.value > 0 for r in rows), rows
     by_name = {r.name: r for r in rows}
     assert "quorum queues, members on all 3 nodes" in by_name[cluster_name("throughput")].notes
-    assert "(8 process(es))" in by_name[cluster_cpu_name("worker")].notes
-    assert "(2 process(es))" in by_name[cluster_cpu_name("ingestor")].notes
-    assert by_name[cluster_cpu_name(TOTAL)].value == pytest.approx(
-        sum(by_name[cluster_cpu_name(part)].value for part in PARTS)
-    )
+    for phase in PHASES:
+        assert "(8 process(es))" in by_name[cluster_cpu_name("worker", phase)].notes
+        assert "(2 process(es))" in by_name[cluster_cpu_name("ingestor", phase)].notes
+        assert by_name[cluster_cpu_name(TOTAL, phase)].value == pytest.approx(
+            sum(by_name[cluster_cpu_name(part, phase)].value for part in PARTS)
+        )
 
 
 async def _check_exactly_once(stack: PipelineStack, conn: asyncpg.Connection, ids: list[str]) -> None:
