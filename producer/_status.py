@@ -199,7 +199,18 @@ async def collect_status(
 async def peek_ingestion_lag(
     connection: AbstractConnection, queue_name: str, *, now: datetime | None = None
 ) -> IngestionLag:
-    """Age of the head message of ``queue_name``, read without consuming it (see the module doc)."""
+    """Age of the head message of ``queue_name``, read without consuming it (see the module doc).
+
+    Not on RabbitMQ 4 or newer: there every quorum queue has a delivery limit (20 by default) and a peek
+    handed back counts as a delivery, so peeking at a queue nobody drains (an ingestor down for a while,
+    with a console refreshing) would end by dropping its head message. The lag is then reported as
+    ``unreadable`` with the reason."""
+    major = broker_major_version(connection)
+    if major is None or major >= _COUNTS_PEEKS_FROM_MAJOR:
+        return IngestionLag(
+            "unreadable",
+            detail="not peeked: RabbitMQ 4+ counts a peek as a delivery (quorum delivery limit)",
+        )
     async with throwaway_channel(connection) as channel:
         try:
             queue = await channel.declare_queue(queue_name, passive=True)
@@ -214,6 +225,22 @@ async def peek_ingestion_lag(
         return IngestionLag("unreadable", detail="the head message carries no emitted_at")
     age = ((now or datetime.now(UTC)) - oldest).total_seconds()
     return IngestionLag("ok", seconds=max(0.0, age), oldest_emitted_at=oldest)
+
+
+_COUNTS_PEEKS_FROM_MAJOR: Final = 4
+
+
+def broker_major_version(connection: AbstractConnection) -> int | None:
+    """The broker's major version from its connection properties; None when it does not say."""
+    try:
+        props = connection.transport.connection.server_properties  # type: ignore[union-attr]
+    except AttributeError:
+        return None
+    version = props.get("version") if isinstance(props, dict) else None
+    if isinstance(version, bytes):
+        version = version.decode(errors="replace")
+    head = str(version or "").split(".", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
 _DB_ERRORS = (*DB_ERRORS, ValueError)  # ValueError: a URL asyncpg refuses
