@@ -218,7 +218,7 @@ async def test_overview_readings_are_shared_and_renewed_in_the_background(monkey
     from console import _overview
 
     clock = [1000.0]
-    monkeypatch.setattr(_overview.time, "time", lambda: clock[0])
+    monkeypatch.setattr("console._overview.time.time", lambda: clock[0])
     reads: list[float] = []
     release = asyncio.Event()
 
