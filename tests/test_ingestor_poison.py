@@ -413,6 +413,25 @@ async def test_seq_gap_is_flagged_and_late_step_refused(
     assert orjson.loads(dead[0].body)["seq"] == 5
 
 
+async def _one_envelope_of_steps(
+    settings: IngestorSettings, amqp_url: str, messages: list[TelemetryMessage], *, sessions: int
+) -> Ingestor:
+    """Publish ``messages`` with every step in one envelope and serve until each record is handled and all
+    the sessions and all steps but one (the culprit) are stored; returns the stopped ingestor."""
+    steps = sum(m.kind == "step" for m in messages)
+    items = _envelopes(messages, per=steps)
+    assert sum(kind == "step" for kind, _, _ in items) == 1  # one envelope holds every step
+    await publish(amqp_url, settings.topology(), items)
+    async with _serving(settings) as (ingestor, task):
+
+        async def handled() -> bool:
+            counts = await db_counts(settings.database_url)
+            return _handled(ingestor) == len(messages) and counts[:2] == (sessions, steps - 1)
+
+        await _until(task, handled, "every record handled")
+    return ingestor
+
+
 async def test_culprits_in_a_big_envelope_fall_alone(
     make_database: MakeDatabase, amqp_url: str, tmp_path: Path, cleanup: list[Topology]
 ) -> None:
@@ -426,18 +445,9 @@ async def test_culprits_in_a_big_envelope_fall_alone(
     assert len(steps) - 2 >= 50
     settings = await fresh_settings(make_database, amqp_url, tmp_path / "jsonl", batch_max_messages=20)
     cleanup.append(settings.topology())
-    items = _envelopes(messages, per=len(steps))
-    assert sum(kind == "step" for kind, _, _ in items) == 1  # one envelope holds every step
-    await publish(amqp_url, settings.topology(), items)
     url = settings.database_url
     nul_key = (nul.adapter_session_id, nul.seq, "rejected")
-    async with _serving(settings) as (ingestor, task):
-
-        async def handled() -> bool:
-            counts = await db_counts(url)
-            return _handled(ingestor) == len(messages) and counts[:2] == (len(gen.sessions), len(steps) - 1)
-
-        await _until(task, handled, "every record handled")
+    ingestor = await _one_envelope_of_steps(settings, amqp_url, messages, sessions=len(gen.sessions))
     assert ingestor.stats["dead_lettered"] == 1
     problems = await _problems(url)
     assert problems[nul_key]["reason"] == "trace holds a NUL character, which PostgreSQL text cannot hold"
@@ -485,17 +495,8 @@ async def test_a_record_postgres_refuses_is_bisected_out_alone(
         )
     finally:
         await conn.close()
-    items = _envelopes(messages, per=len(steps))
-    assert sum(kind == "step" for kind, _, _ in items) == 1  # one envelope holds every step
-    await publish(amqp_url, settings.topology(), items)
     key = (culprit.adapter_session_id, culprit.seq, "rejected")
-    async with _serving(settings) as (ingestor, task):
-
-        async def handled() -> bool:
-            counts = await db_counts(url)
-            return _handled(ingestor) == len(messages) and counts[:2] == (len(gen.sessions), len(steps) - 1)
-
-        await _until(task, handled, "every record handled")
+    ingestor = await _one_envelope_of_steps(settings, amqp_url, messages, sessions=len(gen.sessions))
     assert ingestor.stats["dead_lettered"] == 1
     problems = await _problems(url)
     assert set(problems) == {key}
