@@ -36,7 +36,8 @@ everything committed before it) or blocks and then finds ``state = 'final'`` and
 *The final file holds exactly that set, once each:* the owner renames its tmp only while the row is open
 and under its lock, and the tmp holds one line per committed assignment (appends follow every commit and
 precede both the ack and the roll; a failed append is cut back and redone; an owner that cannot trust its
-tmp regenerates instead). Otherwise the file is regenerated from Postgres, which is that set by
+tmp regenerates instead, and so does one whose file row counts more assignments than it appended: a
+commit whose reply was lost). Otherwise the file is regenerated from Postgres, which is that set by
 definition. A rename is atomic and happens at most once per row transition (open -> final, under the row
 lock); crashes leave only open rows (recovered) and hidden tmp files (deleted once their row is final or
 absent, or, for a regeneration's tmp, once nobody holds the owner lock; a regeneration that fails deletes
@@ -234,8 +235,21 @@ class RollingJsonl:
         async with self._store.transaction() as conn:
             row = await conn.fetchrow(_sql.FILE_LOCK, current.name)
             if row is not None and row["state"] == "open":
+                trusted = current.trusted
+                if row["sessions"] != current.assigned:
+                    # A batch whose COMMIT went through but whose reply was lost (a pooler or proxy
+                    # cutting the connection) assigned sessions this writer never appended: the row
+                    # counts every committed assignment, the tmp only those it knew of. Postgres holds
+                    # the whole set: regenerate from it.
+                    _log.warning(
+                        "jsonl.tmp_behind_postgres",
+                        file=current.name,
+                        committed=row["sessions"],
+                        appended=current.assigned,
+                    )
+                    trusted = False
                 how = await finalize_locked(
-                    conn, self._dir, current.name, current.tmp if current.trusted else None, self._stream
+                    conn, self._dir, current.name, current.tmp if trusted else None, self._stream
                 )
                 _log.info("jsonl.finalized", file=current.name, sessions=row["sessions"], how=how)
             else:
