@@ -644,3 +644,58 @@ async def test_a_second_close_is_refused_and_a_repeated_one_absorbed(
     counts = exported_counts(settings.jsonl_dir)
     assert counts == {stored_first.adapter_session_id: 1, same_envelope.adapter_session_id: 1}
     assert await ready_count(amqp_url, topology) == 0
+
+
+async def test_a_commit_whose_reply_was_lost_still_reaches_the_file(
+    make_database: MakeDatabase, amqp_url: str, tmp_path: Path, cleanup: list[Topology]
+) -> None:
+    """A batch whose COMMIT went through but whose reply was lost assigned a session to the open file that
+    its writer never appended (seen in CI: PgBouncer's KILL, 25 sessions missing from a final file). The
+    roll sees the file row count more than the tmp holds and regenerates the file: the session is in it."""
+    gen = generate(6, seed=48, retry_share=0)
+    settings = await fresh_settings(make_database, amqp_url, tmp_path / "jsonl", jsonl_max_age_s=300.0)
+    cleanup.append(settings.topology())
+    url = settings.database_url
+    await publish(amqp_url, settings.topology(), bodies(gen.in_order()))
+    async with _serving(settings) as (_, task):
+        await _until(task, lambda: _exported_in_db(url, len(gen.sessions)), "every session assigned")
+        (open_name,) = await open_files(url)
+        conn = await asyncpg.connect(url)
+        try:  # what the lost-reply commit did: one more complete session assigned to the open file
+            async with conn.transaction():
+                copy_id = await conn.fetchval(
+                    "INSERT INTO sessions (task, status, metadata, final_answer, created_at, completed_at,"
+                    " adapter_session_id, adapter_usage, adapter_events, task_id, attempt, steps_expected,"
+                    " export_file, stored_at)"
+                    " SELECT task, status, metadata, final_answer, created_at, completed_at, 'lost-reply',"
+                    " adapter_usage, adapter_events, 'task-lost-reply', attempt, steps_expected, $1, now()"
+                    " FROM sessions WHERE export_file = $1 ORDER BY id LIMIT 1 RETURNING id",
+                    open_name,
+                )
+                await conn.execute(
+                    "INSERT INTO step_results (session_id, step_id, trace, output, evaluation, attempts,"
+                    " metadata, adapter_session_id, adapter_usage, adapter_events)"
+                    " SELECT $1, step_id, trace, output, evaluation, attempts, metadata, 'lost-reply',"
+                    " adapter_usage, adapter_events FROM step_results"
+                    " WHERE session_id = (SELECT min(id) FROM sessions WHERE export_file = $2 AND id <> $1)",
+                    copy_id,
+                    open_name,
+                )
+                await conn.execute(
+                    "UPDATE jsonl_files SET sessions = sessions + 1 WHERE name = $1", open_name
+                )
+        finally:
+            await conn.close()
+    counts = exported_counts(settings.jsonl_dir)
+    assert counts["lost-reply"] == 1
+    assert sum(counts.values()) == len(gen.sessions) + 1
+    assert all(n == 1 for n in counts.values())
+
+
+async def _exported_in_db(url: str, expected: int) -> bool:
+    conn = await asyncpg.connect(url)
+    try:
+        done: int = await conn.fetchval("SELECT count(*) FROM sessions WHERE export_file IS NOT NULL")
+    finally:
+        await conn.close()
+    return done >= expected
