@@ -20,7 +20,6 @@ from ingestor._store import DB_ERRORS, classify, connect, fetch_lines
 
 _log = structlog.get_logger("ingestor.export")
 _PAGE: Final = 500
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def parse_time(text: str) -> datetime:
@@ -55,7 +54,10 @@ async def export_sessions(
     bar = tqdm(desc=f"export {out.name}", unit=" sessions", file=sys.stderr, disable=not progress)
     try:
         with _files.open_writer(tmp, compression) as writer:
-            after: tuple[datetime, int] = (_EPOCH, 0)
+            # The keyset starts at since, not at the epoch: given both lower bounds on completed_at, the
+            # index scan started from the row comparison's, walking the index from its first entry up to
+            # since on the first page (1.3 s at 50 M step rows in bench/bigtable.py).
+            after: tuple[datetime, int] = (since, 0)
             while True:
                 page = await conn.fetch(_sql.EXPORT_PAGE, since, until, after[0], after[1], _PAGE)
                 if not page:

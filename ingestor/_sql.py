@@ -26,6 +26,12 @@ BEGIN_BATCH: Final = """
 SELECT set_config('jit', 'off', true), count(pg_advisory_xact_lock(4281420, k)) FROM unnest($1::int4[]) AS k
 """
 
+# The first statement of the sweeps' and the metric's transactions (SET LOCAL, like BEGIN_BATCH): they are
+# short, but their cost estimates grow with the tables (a partial index's row estimate, steps counted per
+# session) and crossed jit_above_cost at 10 M step rows, where compiling took 200-500 ms a statement for a
+# query that ran in under 1 ms (bench/bigtable.py).
+JIT_OFF: Final = "SELECT set_config('jit', 'off', true)"
+
 # A new session gets its full row, with its JSONL assignment when the batch holds all of it (``export_file``
 # is NULL otherwise). An existing one is only locked: ON CONFLICT locks the row even where its WHERE is false,
 # and only a stub's created_at moving to an earlier record writes a new row version (RETURNING leaves out

@@ -180,6 +180,13 @@ class Store(Resource):
         async with self.connection() as conn, conn.transaction():
             yield conn
 
+    @asynccontextmanager
+    async def sweeping(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction with JIT off, for the periodic sweeps and the metric (see ``_sql.JIT_OFF``)."""
+        async with self.transaction() as conn:
+            await conn.execute(_sql.JIT_OFF)
+            yield conn
+
     async def check_schema(self) -> bool:
         async with self.connection() as conn:
             found = await conn.fetchval(_sql.SCHEMA_CHECK)
@@ -231,9 +238,9 @@ class Store(Resource):
         """Flag stubs that never opened and closed sessions still missing steps after ``grace_s``."""
         grace = timedelta(seconds=grace_s)
         never = f"no session.opened arrived within {grace_s:g}s of the session's first record"
-        async with self.transaction() as conn:
+        async with self.sweeping() as conn:
             stubs = await conn.fetch(_sql.FLAG_NEVER_OPENED, grace, limit, never)
-        async with self.connection() as conn:
+        async with self.sweeping() as conn:
             incomplete = await conn.fetch(_sql.INCOMPLETE_SESSIONS, grace, limit)
         rows = [
             ProblemRow(r["adapter_session_id"], r["task_id"], -1, None, Problem("missing_steps", _missing(r)))
@@ -247,7 +254,7 @@ class Store(Resource):
     async def unaccounted(self, grace_s: float, lookback_s: float) -> int:
         """Tasks the worker's ledger calls succeeded (within ``lookback_s``) whose session is not stored and
         in a final JSONL file ``grace_s`` after they succeeded."""
-        async with self.connection() as conn:
+        async with self.sweeping() as conn:
             found = await conn.fetchval(
                 _sql.UNACCOUNTED_COUNT, timedelta(seconds=grace_s), timedelta(seconds=lookback_s)
             )
@@ -260,11 +267,11 @@ class Store(Resource):
 
     async def sweep_abandoned(self, limit: int = 1000) -> int:
         """Apply the abandonment rule to every task that needs it (normally already done per batch)."""
-        async with self.connection() as conn:
+        async with self.sweeping() as conn:
             tasks = [r["task_id"] for r in await conn.fetch(_sql.SUPERSEDED_TASKS, limit)]
         if not tasks:
             return 0
-        async with self.transaction() as conn:
+        async with self.sweeping() as conn:
             await conn.execute(_sql.LOCK_TASKS, sorted({task_lock_key(t) for t in tasks}))
             rows = await conn.fetch(_sql.ABANDON, sorted(tasks))
         for rec in rows:
@@ -277,11 +284,11 @@ class Store(Resource):
 
     async def sweep_unassigned(self, target: FileTarget, limit: int = 1000) -> list[Assigned]:
         """Assign complete sessions no file holds (there should be none: the batch assigns them)."""
-        async with self.connection() as conn:
+        async with self.sweeping() as conn:
             found = await conn.fetch(_sql.UNASSIGNED_COMPLETE, limit)
         if not found:
             return []
-        async with self.transaction() as conn:
+        async with self.sweeping() as conn:
             await conn.execute(_sql.LOCK_TASKS, sorted({task_lock_key(r["task_id"]) for r in found}))
             ids = await assign(conn, [r["id"] for r in found], target, self._settings.ingestor_id)
         if ids:

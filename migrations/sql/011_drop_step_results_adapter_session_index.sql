@@ -1,0 +1,11 @@
+-- step_results_adapter_session_id_idx (003) goes. Nothing in the pipeline reads steps by adapter session
+-- (they are read by session_id, the primary key's first column; sessions.adapter_session_id has its own
+-- unique index for the way from an adapter session to its steps), and it was the dearest index to keep:
+-- adapter session ids are random, so every batch's steps landed on ~1 random leaf page per session of a
+-- 1 GB index at 50 M rows, each first touch after a checkpoint written to the WAL whole. Inserting a
+-- batch's 710 steps took 90-190 ms at 50 M rows with it, 15-17 ms without (1.4 MB of WAL, 145 full-page
+-- images, against 0.3 MB and none; bench/bigtable.py). Steps of an adapter session:
+--   SELECT r.* FROM sessions AS s JOIN step_results AS r ON r.session_id = s.id WHERE s.adapter_session_id = $1
+-- DROP INDEX takes an exclusive lock on step_results for a moment (no scan); to avoid even that on a busy
+-- table, run DROP INDEX CONCURRENTLY step_results_adapter_session_id_idx by hand first.
+DROP INDEX IF EXISTS step_results_adapter_session_id_idx;
