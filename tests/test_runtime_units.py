@@ -23,7 +23,7 @@ from worker.runtime import (
     WorkerSettings,
 )
 from worker.runtime._batcher import TelemetryBatcher
-from worker.runtime._ledger_group import Claim, GroupResult
+from worker.runtime._ledger_group import Claim, ClaimOp, Group, SettleOp, SucceedOp
 from worker.runtime._policy import Ack, DeadLetter, Retry, Settler
 from worker.runtime._taskrun import Services, TaskRun
 from worker.runtime._telemetry import TelemetryError
@@ -296,12 +296,30 @@ async def test_a_succeeded_close_is_the_final_attempt() -> None:
     assert (close.status, close.close_metadata["final_attempt"]) == ("succeeded", True)
 
 
-def test_a_task_that_ended_in_the_heartbeats_own_commit_was_not_taken_over() -> None:
-    """The heartbeat runs last in a group commit: a task the same group succeeded or settled is no longer
-    running, and only the ones that no statement ended count as taken over (no false warning)."""
-    beat = {"a": "tok-a", "b": "tok-b", "c": "tok-c", "d": "tok-d"}
-    result = GroupResult(claims={}, succeeded={"b"}, settled={"c"}, alive={"a"})
-    assert result.taken_over(beat) == {"d"}
+def _future() -> asyncio.Future[Any]:
+    return asyncio.get_running_loop().create_future()
+
+
+async def test_a_group_names_each_task_once_successes_first() -> None:
+    """One group is one statement, which must not change a row twice: a task named twice (a release
+    queued behind its run's success, a duplicate claim) waits for the next group; successes go before
+    settlements, settlements before claims; claims past the cap wait too."""
+    pending = Group(
+        claims=[ClaimOp(t, "tok", _future()) for t in ("t1", "t2", "t2", "t3", "t4")],
+        succeeded=[SucceedOp("t1", "tok", "s1", b"{}", _future())],
+        settled=[SettleOp("t1", "tok", "retrying", "released", _future())],
+    )
+    group, rest = pending.take(max_claims=2)
+    assert [op.task_id for op in group.succeeded] == ["t1"]
+    assert (group.settled, [op.task_id for op in group.claims]) == ([], ["t2", "t3"])
+    assert [op.task_id for op in rest.settled] == ["t1"]
+    assert [op.task_id for op in rest.claims] == ["t1", "t2", "t4"]
+    again, left = rest.take(max_claims=2)
+    assert ([op.task_id for op in again.settled], [op.task_id for op in again.claims]) == (
+        ["t1"],
+        ["t2", "t4"],
+    )
+    assert [op.task_id for op in left.claims] == ["t1"]
 
 
 def _records(body: bytes) -> tuple[str, list[Any]]:

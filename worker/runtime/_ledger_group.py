@@ -12,46 +12,64 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import asyncpg
 
-# A claim takes the row unless it succeeded, or it is running under another live token. The WHERE keeps a
-# repeated claim (same token: its first reply was lost) from counting as a new attempt.
-_CLAIM: Final = """
-INSERT INTO task_ledger AS l (task_id, state, attempts, worker_id, claim_token)
-SELECT u.task_id, 'running', 1, $3, u.token FROM unnest($1::text[], $2::text[]) AS u(task_id, token)
-ON CONFLICT (task_id) DO UPDATE
-    SET state = 'running', attempts = l.attempts + 1, worker_id = EXCLUDED.worker_id,
-        claim_token = EXCLUDED.claim_token, last_error = NULL, updated_at = now()
-    WHERE l.state <> 'succeeded'
-      AND l.claim_token IS DISTINCT FROM EXCLUDED.claim_token
-      AND (l.state <> 'running' OR l.updated_at < now() - $4::interval)
-RETURNING task_id, attempts
+# One group is ONE statement (data-modifying CTEs; autocommit, so one round trip and one WAL flush instead
+# of BEGIN, three statements and COMMIT). Its parts share one snapshot and must not touch a row twice
+# (PostgreSQL would apply only one of the changes): the ledger's loop puts each task_id in at most one
+# operation of a group (``Group.take``); the heartbeat, after it, leaves out every task the group named.
+#
+# claimed: a claim takes the row unless it succeeded, or it is running under another live token; the WHERE
+# keeps a repeated claim (same token: its first reply was lost) from counting as a new attempt.
+# refused: the rows of the claims not taken, as this statement's snapshot sees them (a row another
+# transaction inserted after it began is not there: the caller asks again for those, ``_REFUSED``).
+_GROUP: Final = """
+WITH claimed AS (
+    INSERT INTO task_ledger AS l (task_id, state, attempts, worker_id, claim_token)
+    SELECT u.task_id, 'running', 1, $3, u.token FROM unnest($1::text[], $2::text[]) AS u(task_id, token)
+    ON CONFLICT (task_id) DO UPDATE
+        SET state = 'running', attempts = l.attempts + 1, worker_id = EXCLUDED.worker_id,
+            claim_token = EXCLUDED.claim_token, last_error = NULL, updated_at = now()
+        WHERE l.state <> 'succeeded'
+          AND l.claim_token IS DISTINCT FROM EXCLUDED.claim_token
+          AND (l.state <> 'running' OR l.updated_at < now() - $4::interval)
+    RETURNING l.task_id, l.attempts
+), succeeded AS (
+    UPDATE task_ledger AS l
+    SET state = 'succeeded', adapter_session_id = u.asid, close_message = u.close, last_error = NULL,
+        updated_at = now()
+    FROM unnest($5::text[], $6::text[], $7::text[], $8::bytea[]) AS u(task_id, token, asid, close)
+    WHERE l.task_id = u.task_id AND l.claim_token = u.token AND l.state IN ('running', 'succeeded')
+    RETURNING l.task_id
+), settled AS (
+    UPDATE task_ledger AS l SET state = u.state, last_error = u.error, updated_at = now()
+    FROM unnest($9::text[], $10::text[], $11::text[], $12::text[]) AS u(task_id, token, state, error)
+    WHERE l.task_id = u.task_id AND l.claim_token = u.token AND l.state <> 'succeeded'
+    RETURNING l.task_id
+)
+SELECT 'claimed' AS part, task_id, attempts, NULL AS state, NULL AS claim_token, NULL AS worker_id,
+       NULL::bytea AS close_message, NULL::timestamptz AS updated_at
+FROM claimed
+UNION ALL
+SELECT 'refused', t.task_id, t.attempts, t.state, t.claim_token, t.worker_id, t.close_message, t.updated_at
+FROM task_ledger AS t
+WHERE t.task_id = ANY($1::text[]) AND NOT EXISTS (SELECT FROM claimed AS c WHERE c.task_id = t.task_id)
+UNION ALL SELECT 'succeeded', task_id, NULL, NULL, NULL, NULL, NULL, NULL FROM succeeded
+UNION ALL SELECT 'settled', task_id, NULL, NULL, NULL, NULL, NULL, NULL FROM settled
 """
-_REFUSED: Final = """
-SELECT task_id, state, attempts, claim_token, worker_id, close_message, updated_at
-FROM task_ledger WHERE task_id = ANY($1::text[])
-"""
-_SUCCEED: Final = """
-UPDATE task_ledger AS l
-SET state = 'succeeded', adapter_session_id = u.asid, close_message = u.close, last_error = NULL,
-    updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[]) AS u(task_id, token, asid, close)
-WHERE l.task_id = u.task_id AND l.claim_token = u.token AND l.state IN ('running', 'succeeded')
-RETURNING l.task_id
-"""
-_SETTLE: Final = """
-UPDATE task_ledger AS l SET state = u.state, last_error = u.error, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(task_id, token, state, error)
-WHERE l.task_id = u.task_id AND l.claim_token = u.token AND l.state <> 'succeeded'
-RETURNING l.task_id
-"""
+# The heartbeat is a statement of its own, sent only every heartbeat_s: inside the group, with no tasks to
+# beat, PostgreSQL still walked every 'running' entry of the state index (dead ones too) on each group.
 _HEARTBEAT: Final = """
 UPDATE task_ledger AS l SET updated_at = now()
 FROM unnest($1::text[], $2::text[]) AS u(task_id, token)
 WHERE l.task_id = u.task_id AND l.claim_token = u.token AND l.state = 'running'
 RETURNING l.task_id
+"""
+_REFUSED: Final = """
+SELECT task_id, state, attempts, claim_token, worker_id, close_message, updated_at
+FROM task_ledger WHERE task_id = ANY($1::text[])
 """
 SettleState = Literal["retrying", "dead"]
 
@@ -98,6 +116,9 @@ class SettleOp:
     future: asyncio.Future[bool]
 
 
+_Op = TypeVar("_Op", ClaimOp, SucceedOp, SettleOp)
+
+
 @dataclass(slots=True)
 class Group:
     """The operations one round trip commits together."""
@@ -125,6 +146,31 @@ class Group:
             if not future.done():
                 future.set_exception(error)
 
+    def take(self, max_claims: int) -> tuple[Group, Group]:
+        """``(group, rest)``: the operations of one statement, each task_id in at most one of them (one
+        statement cannot change a row twice), and at most ``max_claims`` claims; the rest wait for the next
+        round trip. Successes go first, then settlements (a release queued behind its run's success finds
+        the task succeeded, as before), then claims, in the order they came."""
+        group, rest, seen = Group(), Group(), set[str]()
+        for op in self.succeeded:
+            _place(op, seen, group.succeeded, rest.succeeded)
+        for settle in self.settled:
+            _place(settle, seen, group.settled, rest.settled)
+        for claim in self.claims:
+            if len(group.claims) >= max_claims:
+                rest.claims.append(claim)
+            else:
+                _place(claim, seen, group.claims, rest.claims)
+        return group, rest
+
+
+def _place(op: _Op, seen: set[str], group: list[_Op], rest: list[_Op]) -> None:
+    if op.task_id in seen:
+        rest.append(op)
+    else:
+        seen.add(op.task_id)
+        group.append(op)
+
 
 def new_token() -> str:
     return secrets.token_hex(12)
@@ -133,46 +179,69 @@ def new_token() -> str:
 @dataclass(frozen=True, slots=True)
 class GroupResult:
     """What one group commit found: each claim's outcome, the task ids whose success or settlement this
-    claim recorded, and the heartbeated task ids still held (a missing one was taken over)."""
+    claim recorded, the task ids heartbeated and those of them still held (a missing one was taken over)."""
 
     claims: dict[str, Claim]
     succeeded: set[str]
     settled: set[str]
+    beat: set[str]
     alive: set[str]
 
-    def taken_over(self, beat: dict[str, str]) -> set[str]:
-        """Heartbeated tasks that another worker holds now. A task this same group succeeded or settled is
-        no longer ``running`` by the time the heartbeat statement runs (it comes last): it ended, it was
-        not taken over."""
-        return set(beat) - self.alive - self.succeeded - self.settled
+    def taken_over(self) -> set[str]:
+        """Heartbeated tasks that another worker holds now."""
+        return self.beat - self.alive
 
 
 async def apply_group(
-    conn: asyncpg.Connection, group: Group, beat: dict[str, str], *, worker_id: str, stale_after: timedelta
+    conn: asyncpg.Connection | asyncpg.Pool,
+    group: Group,
+    beat: dict[str, str],
+    *,
+    worker_id: str,
+    stale_after: timedelta,
 ) -> GroupResult:
-    """Run ``group`` and the heartbeat of ``beat`` (task_id -> token) on ``conn``, inside the caller's
-    transaction: one statement per kind of operation, whatever the number of tasks."""
-    return GroupResult(
-        claims=await _claims(conn, group.claims, worker_id, stale_after),
-        succeeded=await _succeeded(conn, group.succeeded),
-        settled=await _settled(conn, group.settled),
-        alive=await _heartbeat(conn, beat),
+    """Run ``group`` in one statement (its own transaction), whatever the number of tasks, then the
+    heartbeat of ``beat`` (task_id -> token) if any. A task the group names is not heartbeated: the group
+    already wrote its row (or read it, for a claim refused), and it does not need to look alive."""
+    claims = group.claims
+    named = {op.task_id for op in claims}
+    named.update(op.task_id for op in group.succeeded)
+    named.update(op.task_id for op in group.settled)
+    beat = {task_id: token for task_id, token in beat.items() if task_id not in named}
+    rows = await conn.fetch(
+        _GROUP,
+        [op.task_id for op in claims],
+        [op.token for op in claims],
+        worker_id,
+        stale_after,
+        [op.task_id for op in group.succeeded],
+        [op.token for op in group.succeeded],
+        [op.adapter_session_id for op in group.succeeded],
+        [op.close_message for op in group.succeeded],
+        [op.task_id for op in group.settled],
+        [op.token for op in group.settled],
+        [op.state for op in group.settled],
+        [op.error for op in group.settled],
     )
-
-
-async def _claims(
-    conn: asyncpg.Connection, ops: list[ClaimOp], worker_id: str, stale_after: timedelta
-) -> dict[str, Claim]:
-    if not ops:
-        return {}
-    tokens = {op.task_id: op.token for op in ops}
-    rows = await conn.fetch(_CLAIM, list(tokens), list(tokens.values()), worker_id, stale_after)
-    claims = {r["task_id"]: Claim("run", tokens[r["task_id"]], attempt=r["attempts"]) for r in rows}
-    missing = [t for t in tokens if t not in claims]
-    if missing:
-        for row in await conn.fetch(_REFUSED, missing):
-            claims[row["task_id"]] = _refused(row, tokens[row["task_id"]])
-    return claims
+    tokens = {op.task_id: op.token for op in claims}
+    result = GroupResult(claims={}, succeeded=set(), settled=set(), beat=set(beat), alive=set())
+    parts = {"succeeded": result.succeeded, "settled": result.settled}
+    for row in rows:
+        part, task_id = row["part"], row["task_id"]
+        if part == "claimed":
+            result.claims[task_id] = Claim("run", tokens[task_id], attempt=row["attempts"])
+        elif part == "refused":
+            result.claims[task_id] = _refused(row, tokens[task_id])
+        else:
+            parts[part].add(task_id)
+    unseen = [task_id for task_id in tokens if task_id not in result.claims]
+    if unseen:  # rows committed by others after the statement's snapshot was taken: read them now
+        for row in await conn.fetch(_REFUSED, unseen):
+            result.claims[row["task_id"]] = _refused(row, tokens[row["task_id"]])
+    if beat:
+        rows = await conn.fetch(_HEARTBEAT, list(beat), list(beat.values()))
+        result.alive.update(row["task_id"] for row in rows)
+    return result
 
 
 def _refused(row: Any, token: str) -> Claim:
@@ -182,39 +251,6 @@ def _refused(row: Any, token: str) -> Claim:
     if row["state"] == "succeeded":
         return Claim("done", token, close_message=row["close_message"])
     return Claim("busy", token, holder=row["worker_id"], heartbeat_at=row["updated_at"])
-
-
-async def _succeeded(conn: asyncpg.Connection, ops: list[SucceedOp]) -> set[str]:
-    if not ops:
-        return set()
-    rows = await conn.fetch(
-        _SUCCEED,
-        [op.task_id for op in ops],
-        [op.token for op in ops],
-        [op.adapter_session_id for op in ops],
-        [op.close_message for op in ops],
-    )
-    return {r["task_id"] for r in rows}
-
-
-async def _settled(conn: asyncpg.Connection, ops: list[SettleOp]) -> set[str]:
-    if not ops:
-        return set()
-    rows = await conn.fetch(
-        _SETTLE,
-        [op.task_id for op in ops],
-        [op.token for op in ops],
-        [op.state for op in ops],
-        [op.error for op in ops],
-    )
-    return {r["task_id"] for r in rows}
-
-
-async def _heartbeat(conn: asyncpg.Connection, beat: dict[str, str]) -> set[str]:
-    if not beat:
-        return set()
-    rows = await conn.fetch(_HEARTBEAT, list(beat), list(beat.values()))
-    return {r["task_id"] for r in rows}
 
 
 def transient(exc: asyncpg.PostgresError) -> bool:
