@@ -144,7 +144,8 @@ def storable_fields(fields: dict[str, Any]) -> bytes:
 
 def storable(record: Record) -> tuple[Record, bytes]:
     """``record`` made storable by the rule above, and its encoding (``len <= MAX_RECORD_BYTES``)."""
-    body = _plainly({name: getattr(record, name) for name in type(record).model_fields})
+    # A wire model's __dict__ holds exactly its fields (extra="forbid"), in order; it is only read here.
+    body = _plainly(record.__dict__)
     if body is not None:
         return record, body
     return _apply_rule(record)

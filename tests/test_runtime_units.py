@@ -26,7 +26,7 @@ from worker.runtime._batcher import TelemetryBatcher
 from worker.runtime._ledger_group import Claim, ClaimOp, Group, SettleOp, SucceedOp
 from worker.runtime._policy import Ack, DeadLetter, Retry, Settler
 from worker.runtime._taskrun import Services, TaskRun
-from worker.runtime._telemetry import TelemetryError
+from worker.runtime._telemetry import TelemetryError, TelemetryPublisher
 from worker.sessions import AdapterConfigError, AdapterError, PythonAdapter, WorkerError
 
 
@@ -379,6 +379,34 @@ async def test_the_batcher_sends_one_envelope_per_kind() -> None:
         "step": ("step", [2, 4, 6]),
         "close": ("close", [3]),
     }
+
+
+class _SilentExchange:
+    """Stands in for a broker that takes a publish and never confirms it."""
+
+    name = "silent"
+
+    async def publish(self, message: Any, routing_key: str, **options: Any) -> Any:
+        await asyncio.Event().wait()
+
+
+async def test_a_confirm_that_never_comes_fails_the_tasks_waiting_on_it() -> None:
+    """An envelope the broker never confirms fails its records' future at the batcher's deadline (a timer
+    on the envelope, no timeout scope in the task), and the task's flush reports it as TelemetryError: the
+    task is not acked, and nothing waits for ever."""
+    batcher = TelemetryBatcher(_SilentExchange(), linger_s=0.001, confirm_timeout_s=0.2)  # type: ignore[arg-type]
+    async with batcher:
+        future = batcher.send("step", orjson.dumps({"n": 1}))
+        with pytest.raises(PublishNotConfirmed, match=r"within 0\.2s"):
+            await asyncio.wait_for(future, 5)
+        publisher = TelemetryPublisher(
+            batcher, TaskMessage(task_id="t1", task="x"), adapter="demo", attempt=1
+        )
+        publisher._pending.append(batcher.send("step", orjson.dumps({"n": 2})))
+        with pytest.raises(TelemetryError, match=r"within 0\.2s"):
+            await asyncio.wait_for(publisher.flush(), 5)
+        for publishing in batcher._publishing:  # the silent publishes would hold close() for ever
+            publishing.cancel()
 
 
 def test_the_runtime_errors_have_their_own_root() -> None:

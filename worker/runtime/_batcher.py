@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Final
 
@@ -29,14 +30,32 @@ REFUSED_LIMIT: Final = 5
 """Envelopes refused in a row after which the batcher asks for a new connection."""
 
 
+CONFIRM_TIMEOUT_S: Final = 60.0
+"""How long a record may wait, from its envelope's first record, for the broker's confirm."""
+
+
 class _Buffer:
     __slots__ = ("bytes", "confirmed", "parts")
 
-    def __init__(self) -> None:
+    def __init__(self, confirm_timeout_s: float) -> None:
         self.parts: list[bytes] = []
-        # One future per envelope, shared by its records: they are confirmed (or not) together.
-        self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # One future per envelope, shared by its records: they are confirmed (or not) together. Its deadline
+        # is a timer on it, so the tasks waiting on it need no timeout scope of their own (two per task).
+        loop = asyncio.get_running_loop()
+        self.confirmed: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(confirm_timeout_s, _expire, self.confirmed, confirm_timeout_s)
+        self.confirmed.add_done_callback(functools.partial(_cancel_timer, timer))
         self.bytes = 0
+
+
+def _expire(confirmed: asyncio.Future[None], timeout_s: float) -> None:
+    if not confirmed.done():
+        confirmed.set_exception(PublishNotConfirmed(f"no telemetry confirm within {timeout_s:g}s"))
+        confirmed.exception()  # retrieved here: a caller that stopped waiting must not log it
+
+
+def _cancel_timer(timer: asyncio.TimerHandle, _confirmed: asyncio.Future[None]) -> None:
+    timer.cancel()
 
 
 class TelemetryBatcher(Resource):
@@ -51,8 +70,10 @@ class TelemetryBatcher(Resource):
         max_bytes: int = 256 * 1024,
         on_refused: Callable[[], None] | None = None,
         refused_limit: int = REFUSED_LIMIT,
+        confirm_timeout_s: float = CONFIRM_TIMEOUT_S,
     ) -> None:
         self._exchange = exchange
+        self._confirm_timeout_s = confirm_timeout_s
         self._on_refused = on_refused
         self._refused_limit = refused_limit
         self._refused_in_a_row = 0
@@ -77,7 +98,8 @@ class TelemetryBatcher(Resource):
     def send(self, kind: str, part: bytes) -> asyncio.Future[None]:
         """Queue one encoded record (``schemas.storable`` made it, so it is at most ``MAX_RECORD_BYTES``);
         the future (its envelope's, shared by the records in it) resolves once the broker confirmed the
-        envelope, or fails with why not.
+        envelope, or fails with why not (:class:`PublishNotConfirmed`: refused, lost, or no confirm within
+        ``confirm_timeout_s`` of the envelope's first record).
 
         An envelope never grows past ``MAX_MESSAGE_BYTES``: a record that would push it over goes into the
         next one, so no record is ever refused downstream for sharing a message with others."""
@@ -93,7 +115,7 @@ class TelemetryBatcher(Resource):
             self._flush(kind)
             buffer = None
         if buffer is None:
-            buffer = self._buffers[kind] = _Buffer()
+            buffer = self._buffers[kind] = _Buffer(self._confirm_timeout_s)
         buffer.parts.append(part)
         buffer.bytes += len(part) + 1
         if len(buffer.parts) >= self._max_records or buffer.bytes >= self._max_bytes:

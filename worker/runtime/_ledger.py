@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from datetime import timedelta
 from typing import Any, Final, TypeVar
@@ -152,28 +153,28 @@ class TaskLedger(Resource):
 
     async def claim(self, task_id: str, token: str | None = None) -> Claim:
         """Claim ``task_id`` under ``token`` (a fresh one if None; pass the same token to ask again)."""
-        future: asyncio.Future[Claim] = self._future()
+        future: asyncio.Future[Claim] = self._future("claim")
         self._pending.claims.append(ClaimOp(task_id, token or new_token(), future))
-        claim = await self._deadline(future, "claim")
+        claim = await future
         if claim.outcome == "run":
             self._active[task_id] = claim.token
         return claim
 
     async def succeed(self, task_id: str, token: str, adapter_session_id: str, close_message: bytes) -> bool:
         """Record success; False when this claim no longer holds the task (another run took it over)."""
-        future: asyncio.Future[bool] = self._future()
+        future: asyncio.Future[bool] = self._future("succeed")
         self._pending.succeeded.append(SucceedOp(task_id, token, adapter_session_id, close_message, future))
         try:
-            return await self._deadline(future, "succeed")
+            return await future
         finally:
             self._forget(task_id, token)
 
     async def settle(self, task_id: str, token: str, state: SettleState, error: str | None) -> bool:
         """Record ``retrying`` or ``dead`` (with the error); False when this claim no longer holds it."""
-        future: asyncio.Future[bool] = self._future()
+        future: asyncio.Future[bool] = self._future("settle")
         self._pending.settled.append(SettleOp(task_id, token, state, error, future))
         try:
-            return await self._deadline(future, "settle")
+            return await future
         finally:
             self._forget(task_id, token)
 
@@ -187,7 +188,7 @@ class TaskLedger(Resource):
         with its caller would leave the row running, no longer heartbeated, until it went stale."""
         self._forget(task_id, token)
         try:
-            future: asyncio.Future[bool] = self._future()
+            future: asyncio.Future[bool] = self._future(None)
         except LedgerUnavailable:
             return
         future.add_done_callback(_retrieve)
@@ -199,11 +200,19 @@ class TaskLedger(Resource):
         if self._active.get(task_id) == token:
             del self._active[task_id]
 
-    def _future(self) -> asyncio.Future[Any]:
+    def _future(self, what: str | None) -> asyncio.Future[Any]:
+        """The future of one call, failed with :class:`LedgerUnavailable` if it has no answer within
+        ``op_timeout_s`` (None: no deadline of its own). A timer on the future, not ``asyncio.timeout``
+        around the wait: two of these per task, and the timer costs a fraction of a timeout scope."""
         if self._dead is not None or self._loop_task is None:
             raise LedgerUnavailable(f"the task ledger is not running ({self._text(self._dead)})")
         self._wake.set()
-        return asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if what is not None:
+            timer = loop.call_later(self._op_timeout_s, _expire, future, what, self._op_timeout_s)
+            future.add_done_callback(functools.partial(_cancel_timer, timer))
+        return future
 
     async def _deadline(self, future: asyncio.Future[T], what: str) -> T:
         try:
@@ -299,6 +308,17 @@ class TaskLedger(Resource):
         for settle in group.settled:
             if not settle.future.done():
                 settle.future.set_result(settle.task_id in result.settled)
+
+
+def _expire(future: asyncio.Future[Any], what: str, timeout_s: float) -> None:
+    """A call's deadline passed without an answer: its caller hears it; the loop drops the operation if it
+    was not sent yet (``Group.drop_abandoned``), or hands back a claim answered too late."""
+    if not future.done():
+        future.set_exception(LedgerUnavailable(f"ledger {what} got no answer within {timeout_s:g}s"))
+
+
+def _cancel_timer(timer: asyncio.TimerHandle, _future: asyncio.Future[Any]) -> None:
+    timer.cancel()
 
 
 def _plan_options(pooler: DbPooler) -> dict[str, Any]:

@@ -64,7 +64,6 @@ class TaskRun:
     def __init__(self, message: AbstractIncomingMessage, services: Services) -> None:
         self._message = message
         self._services = services
-        self._topology = services.settings.topology()
 
     async def run(self) -> Outcome:
         # 1. decode and resolve
@@ -175,7 +174,7 @@ class TaskRun:
         """The session failed or timed out: its failed close is confirmed, then the ledger records it.
         The retry decision comes first, so the close says whether this was the task's last run."""
         retries = retries_so_far(self._message)
-        outcome = after_failure(self._topology, reason, retries)
+        outcome = after_failure(self._services.settings.topology(), reason, retries)
         publisher.mark_final(isinstance(outcome, DeadLetter))
         publisher.publish_close()
         await publisher.flush()

@@ -76,6 +76,13 @@ class Run:
         self.plan: dict[str, JsonValue] | None = None
         self.plan_fallback = False
         self.final_answer = ""
+        # What every step's call metadata carries besides its phase, id and description.
+        self._call_base = {
+            "task": task,
+            "task_id": context.task_id,
+            "execution_mode": context.execution_mode,
+            "adapter_session_id": self.session_id,
+        }
 
     async def execute(self) -> StudentResult:
         try:
@@ -114,15 +121,7 @@ class Run:
         self.final_answer = to_text(outcome.output)
 
     async def _step(self, phase: Phase, step_id: int, description: str, payload: str) -> StepOutcome:
-        call_metadata = {
-            "phase": phase,
-            "step_id": step_id,
-            "description": description,
-            "task": self.task,
-            "task_id": self.context.task_id,
-            "execution_mode": self.context.execution_mode,
-            "adapter_session_id": self.session_id,
-        }
+        call_metadata = {"phase": phase, "step_id": step_id, "description": description, **self._call_base}
         call = _Call(phase, step_id, description, payload, utcnow())
         try:
             outcome = normalize_outcome(await self.session.step(payload, call_metadata))
