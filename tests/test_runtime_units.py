@@ -22,6 +22,7 @@ from worker.runtime import (
     WorkerRuntimeError,
     WorkerSettings,
 )
+from worker.runtime._acks import Acks
 from worker.runtime._batcher import TelemetryBatcher
 from worker.runtime._ledger_group import Claim, ClaimOp, Group, SettleOp, SucceedOp
 from worker.runtime._policy import Ack, DeadLetter, Retry, Settler
@@ -46,9 +47,10 @@ class _Message:
     timestamp: Any = None
     type: str | None = None
     app_id: str | None = None
+    delivery_tag: int | None = 1
     acked: int = 0
 
-    async def ack(self) -> None:
+    async def ack(self, multiple: bool = False) -> None:
         self.acked += 1
 
 
@@ -407,6 +409,73 @@ async def test_a_confirm_that_never_comes_fails_the_tasks_waiting_on_it() -> Non
             await asyncio.wait_for(publisher.flush(), 5)
         for publishing in batcher._publishing:  # the silent publishes would hold close() for ever
             publishing.cancel()
+
+
+@dataclass
+class _Delivery:
+    """A delivery of one channel: its acks go to the channel's frame log, in the order they are sent."""
+
+    delivery_tag: int
+    frames: list[tuple[int, bool]]
+
+    async def ack(self, multiple: bool = False) -> None:
+        await asyncio.sleep(0)  # a real ack awaits the socket: another flush may run meanwhile
+        self.frames.append((self.delivery_tag, multiple))
+
+
+async def test_acks_settled_in_one_turn_go_out_as_one_frame() -> None:
+    """Tasks 1-5 settled in one turn of the loop: one basic.ack(multiple=True) at tag 5."""
+    frames: list[tuple[int, bool]] = []
+    acks = Acks()
+    deliveries = [_Delivery(tag, frames) for tag in range(1, 6)]
+    for delivery in deliveries:
+        acks.delivered(delivery)  # type: ignore[arg-type]
+    for delivery in reversed(deliveries):
+        acks.ack(delivery)  # type: ignore[arg-type]
+    await acks.close()
+    assert frames == [(5, True)]
+    assert acks.frames_sent == 1
+
+
+async def test_an_ack_never_covers_a_running_delivery_nor_waits_for_it() -> None:
+    """Tag 2 still running: 1, 3 and 4 are acked one by one at once (a slow task does not hold the fast
+    ones behind it, and no multiple ack covers it); a delivery handed back (nacked, then forgotten) is
+    never covered by any ack."""
+    frames: list[tuple[int, bool]] = []
+    acks = Acks()
+    d = {tag: _Delivery(tag, frames) for tag in range(1, 7)}
+    for delivery in d.values():
+        acks.delivered(delivery)  # type: ignore[arg-type]
+    for tag in (1, 3, 4):
+        acks.ack(d[tag])  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    assert frames == [(1, False), (3, False), (4, False)]
+    # 5 is still running (its nack not sent yet): 2 goes alone, 6 on its own.
+    acks.ack(d[2])  # type: ignore[arg-type]
+    acks.ack(d[6])  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    assert frames[3:] == [(2, False), (6, False)]
+    # Its nack went out: nothing of it in any ack.
+    acks.forget(d[5])  # type: ignore[arg-type]
+    await acks.close()
+    assert [tag for tag, _ in frames] == [1, 3, 4, 2, 6]
+
+
+async def test_acks_of_successive_turns_go_out_in_order() -> None:
+    """A multiple ack made by a later flush is never sent before an earlier flush's single ack of a tag
+    below it (the broker would not know that tag any more: a channel error)."""
+    frames: list[tuple[int, bool]] = []
+    acks = Acks()
+    d = {tag: _Delivery(tag, frames) for tag in range(1, 5)}
+    for delivery in d.values():
+        acks.delivered(delivery)  # type: ignore[arg-type]
+    acks.ack(d[2])  # type: ignore[arg-type]
+    acks.ack(d[3])  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # the first flush: 2 and 3 one by one (1 is running); its sends are queued
+    acks.ack(d[1])  # type: ignore[arg-type]
+    acks.ack(d[4])  # type: ignore[arg-type]
+    await acks.close()
+    assert frames == [(2, False), (3, False), (4, True)]
 
 
 def test_the_runtime_errors_have_their_own_root() -> None:

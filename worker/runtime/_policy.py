@@ -2,17 +2,20 @@
 
 A task run returns an :data:`Outcome`; :meth:`Settler.settle` publishes whatever must be published (a
 delayed retry, a dead letter), waits for the broker's confirm (``atlas_common.publish_confirmed``), and only
-then acks. If that publish fails the message is not acked: the broker redelivers it, and the ledger keeps the
-re-run honest.
+then acks (plain acks of the tasks settled in one turn of the event loop go out together: ``_acks``). If
+that publish fails the message is not acked: the broker redelivers it, and the ledger keeps the re-run
+honest.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, FieldValue
 
 from atlas_common import (
+    BROKER_ERRORS,
     DEAD_TASK_ROUTING_KEY,
     LAST_ERROR_HEADER,
     RETRY_HEADER,
@@ -21,6 +24,7 @@ from atlas_common import (
     persistent_copy,
     publish_confirmed,
 )
+from worker.runtime._acks import Acks
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,17 +67,40 @@ def after_failure(topology: Topology, reason: str, retries: int) -> Retry | Dead
 
 
 class Settler:
+    """Settles the deliveries of one consuming channel: ``started`` when a handler starts, then ``settle``
+    with its outcome or ``hand_back``; ``close()`` (the channel closes next) sends the acks still waiting.
+    Plain acks are batched (``_acks``); a retry or a dead letter is acked on its own once its copy is
+    confirmed."""
+
     def __init__(
         self, topology: Topology, *, retry_exchange: AbstractExchange, dead_exchange: AbstractExchange
     ) -> None:
         self._topology = topology
         self._retry = retry_exchange
         self._dead = dead_exchange
+        self._acks = Acks()
+
+    @property
+    def ack_frames(self) -> int:
+        """``basic.ack`` frames sent so far by the batched acks (fewer than the tasks they acked)."""
+        return self._acks.frames_sent
+
+    def started(self, message: AbstractIncomingMessage) -> None:
+        self._acks.delivered(message)
+
+    async def hand_back(self, message: AbstractIncomingMessage) -> None:
+        """Requeue the delivery (best effort: a channel already gone requeues it anyway)."""
+        with contextlib.suppress(*BROKER_ERRORS):
+            await message.nack(requeue=True)
+        self._acks.forget(message)
+
+    async def close(self) -> None:
+        await self._acks.close()
 
     async def settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
         match outcome:
             case Ack():
-                await message.ack()
+                self._acks.ack(message)
             case Retry(reason=reason, retries=retries):
                 delay_ms = self._topology.retry_delay_ms(retries + 1)
                 headers: dict[str, FieldValue] = dict(message.headers or {})
@@ -81,6 +108,7 @@ class Settler:
                 headers[LAST_ERROR_HEADER] = reason[:2000]
                 await self._publish(self._retry, message, self._topology.retry_queue(delay_ms), headers)
                 await message.ack()
+                self._acks.forget(message)
             case DeadLetter(reason=reason):
                 headers = dead_letter_headers(
                     reason,
@@ -90,6 +118,7 @@ class Settler:
                 )
                 await self._publish(self._dead, message, DEAD_TASK_ROUTING_KEY, headers)
                 await message.ack()
+                self._acks.forget(message)
 
     async def _publish(
         self,

@@ -172,34 +172,39 @@ class Worker:
         )
         async with batcher:
             self._services = Services(settings, self._registry, ledger, batcher, self._metrics)
-            self._settler = Settler(
+            self._settler = settler = Settler(
                 topology,
                 retry_exchange=await publish_channel.get_exchange(topology.retry_exchange, ensure=False),
                 dead_exchange=await publish_channel.get_exchange(topology.dead_exchange, ensure=False),
             )
-            queue = await consume_channel.get_queue(topology.tasks_queue, ensure=False)
-            consumer_tag = await queue.consume(self._on_message)
-            consuming()
-            log.info(
-                "worker.started",
-                worker_id=settings.worker_id,
-                queue=queue.name,
-                concurrency=settings.concurrency,
-                adapters=self._registry.names(),
-                default_adapter=self._registry.default,
-            )
-            stopped = asyncio.ensure_future(stop.wait())
-            lost = asyncio.ensure_future(broker.lost.wait())
             try:
-                await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
+                queue = await consume_channel.get_queue(topology.tasks_queue, ensure=False)
+                consumer_tag = await queue.consume(self._on_message)
+                consuming()
+                log.info(
+                    "worker.started",
+                    worker_id=settings.worker_id,
+                    queue=queue.name,
+                    concurrency=settings.concurrency,
+                    adapters=self._registry.names(),
+                    default_adapter=self._registry.default,
+                )
+                stopped = asyncio.ensure_future(stop.wait())
+                lost = asyncio.ensure_future(broker.lost.wait())
+                try:
+                    await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopped.cancel()
+                    lost.cancel()
+                if broker.lost.is_set():
+                    log.warning("broker.connection_lost_reconnecting", inflight=len(self._inflight))
+                    await self._cancel_inflight("broker connection lost")
+                    return
+                await self._shutdown(queue, consumer_tag)
             finally:
-                stopped.cancel()
-                lost.cancel()
-            if broker.lost.is_set():
-                log.warning("broker.connection_lost_reconnecting", inflight=len(self._inflight))
-                await self._cancel_inflight("broker connection lost")
-                return
-            await self._shutdown(queue, consumer_tag)
+                # The acks still batched go out before the channel closes (after a lost connection they
+                # cannot: the broker redelivers those tasks and the ledger acks them as duplicates).
+                await settler.close()
 
     async def _shutdown(self, queue: AbstractQueue, consumer_tag: str) -> None:
         """Stop intake, drain within the grace period, cancel the rest (they requeue themselves)."""
@@ -241,6 +246,7 @@ class Worker:
         if services is None or settler is None:  # pragma: no cover - consuming starts after both are set
             raise RuntimeError("the worker is not running")
         started = time.perf_counter()
+        settler.started(message)
         try:
             outcome = await TaskRun(message, services).run()
             await settler.settle(message, outcome)
@@ -250,29 +256,24 @@ class Worker:
             log.warning(
                 "task.infrastructure_error_requeued", error=self._text(exc), message_id=message.message_id
             )
-            await self._requeue_after_pause(message)
+            await self._requeue_after_pause(settler, message)
             return
         except asyncio.CancelledError:
-            await _requeue_quietly(message)
+            await settler.hand_back(message)
             raise
         except Exception:  # a bug must not strand the delivery (it would hold a prefetch slot forever)
             # Logged with its traceback and handed back; if it keeps failing, the quorum queue's delivery
             # limit dead-letters the task instead of looping forever.
             log.exception("task.unexpected_error_requeued", message_id=message.message_id)
-            await self._requeue_after_pause(message)
+            await self._requeue_after_pause(settler, message)
             return
         self._metrics.observe(outcome, time.perf_counter() - started)
 
-    async def _requeue_after_pause(self, message: AbstractIncomingMessage) -> None:
+    async def _requeue_after_pause(self, settler: Settler, message: AbstractIncomingMessage) -> None:
         # A pause before handing it back, so an outage (or a bug) is not a hot redelivery loop.
         await sleep_unless(self._stopping, _INFRA_BACKOFF_S)
-        await _requeue_quietly(message)
+        await settler.hand_back(message)
         self._metrics.infra_errors.inc()
-
-
-async def _requeue_quietly(message: AbstractIncomingMessage) -> None:
-    with contextlib.suppress(*BROKER_ERRORS):
-        await message.nack(requeue=True)
 
 
 __all__ = ["SchemaBehind", "Worker", "check_database"]
