@@ -14,7 +14,8 @@ same reconnect model as the worker's (``atlas_common.BrokerConnection``).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeVar
 
 import aio_pika
@@ -53,6 +54,9 @@ class Incoming:
     error: DecodeError | None = None
     bare: bool = False
     """The body was one bare record, not an envelope."""
+    received_at: float = field(default_factory=time.monotonic)
+    """When it arrived (``time.monotonic``): a batch is due ``flush_interval_s`` after its oldest delivery
+    arrived, not after the collector got to it (see :func:`collect`)."""
 
     @property
     def weight(self) -> int:
@@ -78,6 +82,9 @@ class Weighted(Protocol):
     @property
     def weight(self) -> int: ...
 
+    @property
+    def received_at(self) -> float: ...
+
 
 W = TypeVar("W", bound=Weighted)
 
@@ -95,20 +102,24 @@ async def collect(
     sink: asyncio.Queue[W], *, max_messages: int, flush_interval_s: float, wait_s: float
 ) -> list[W]:
     """The next batch: waits up to ``wait_s`` for a first delivery, then fills until it holds
-    ``max_messages`` records or is ``flush_interval_s`` old, whichever comes first. [] when nothing came."""
-    loop = asyncio.get_running_loop()
+    ``max_messages`` records or its first delivery is ``flush_interval_s`` old, whichever comes first.
+    [] when nothing came.
+
+    The age counts from when the first delivery *arrived*: deliveries that came while the previous batch
+    was being written have waited already, and made to wait a whole interval more they would be stored
+    one write plus one interval late (measured: p99 submit-to-stored 558 ms at 390 tasks/s)."""
     try:
         first = sink.get_nowait() if not sink.empty() else await asyncio.wait_for(sink.get(), wait_s)
     except TimeoutError:
         return []
     batch = [first]
     weight = first.weight
-    deadline = loop.time() + flush_interval_s
+    deadline = first.received_at + flush_interval_s
     while weight < max_messages:
         while weight < max_messages and not sink.empty():
             batch.append(sink.get_nowait())
             weight += batch[-1].weight
-        remaining = deadline - loop.time()
+        remaining = deadline - time.monotonic()
         if weight >= max_messages or remaining <= 0:
             break
         try:

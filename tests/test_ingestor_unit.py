@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypedDict, cast
@@ -338,6 +339,7 @@ def test_error_classification() -> None:
 class _Item:
     n: int
     weight: int
+    received_at: float = field(default_factory=time.monotonic)
 
 
 async def test_collect_flushes_on_size_or_age() -> None:
@@ -351,6 +353,23 @@ async def test_collect_flushes_on_size_or_age() -> None:
     assert [x.n for x in await collect(sink, max_messages=5, flush_interval_s=0.1, wait_s=1)] == [4, 5, 6]
     assert 0.09 <= loop.time() - started < 1
     assert await collect(sink, max_messages=5, flush_interval_s=0.1, wait_s=0.05) == []
+
+
+async def test_a_batch_is_due_an_interval_after_its_first_delivery_arrived() -> None:
+    """Deliveries that waited while the previous batch was written are flushed as soon as they are taken,
+    not an interval after that (they would be stored one write plus one interval late); a batch whose first
+    delivery just arrived still waits for more until it is an interval old."""
+    sink: asyncio.Queue[_Item] = asyncio.Queue()
+    waited = time.monotonic() - 0.3  # arrived 300 ms ago, during a write
+    for i in range(2):
+        sink.put_nowait(_Item(i, 1, received_at=waited))
+    started = time.monotonic()
+    assert [x.n for x in await collect(sink, max_messages=5, flush_interval_s=0.2, wait_s=1)] == [0, 1]
+    assert time.monotonic() - started < 0.05
+    sink.put_nowait(_Item(2, 1))
+    started = time.monotonic()
+    assert [x.n for x in await collect(sink, max_messages=5, flush_interval_s=0.2, wait_s=1)] == [2]
+    assert 0.15 <= time.monotonic() - started < 1
 
 
 def test_prefetch_follows_message_size() -> None:
