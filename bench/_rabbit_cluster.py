@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
@@ -47,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
+
+from bench._ports import free_port, pid_alive
 
 _DIR_PREFIX = "atlas-rabbit-cluster-"
 _OWNER_FILE = "owner.pid"
@@ -86,48 +87,6 @@ def scripts_or_error() -> Path:
     return scripts
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port() -> int:
-    """A free port on 127.0.0.1 below the ephemeral range, so that no outgoing connection takes it
-    while a node is stopped (a restarted node keeps its ports)."""
-    low, _ = _ephemeral_range()
-    rng = random.SystemRandom()
-    lo, hi = (15000, low - 1) if low > 16000 else (1024 + 1, 65535)
-    for _ in range(200):
-        port = rng.randint(lo, hi)
-        if _port_is_free(port):
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # let the kernel pick one
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _sweep_stale_dirs(base: Path) -> None:
     """Remove the directories of processes that died without cleaning up (their nodes died with
     them: parent-death signal)."""
@@ -136,7 +95,7 @@ def _sweep_stale_dirs(base: Path) -> None:
             owner = int((path / _OWNER_FILE).read_text().split()[0])
         except (OSError, ValueError, IndexError):
             continue
-        if owner != os.getpid() and not _pid_alive(owner):
+        if owner != os.getpid() and not pid_alive(owner):
             shutil.rmtree(path, ignore_errors=True)
 
 

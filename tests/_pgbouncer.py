@@ -27,7 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from tests._pgserver import _RunAs, free_port
+from bench._ports import free_port
+from tests._pgserver import _RunAs
 
 
 def pgbouncer_binary() -> str:

@@ -28,11 +28,9 @@ import contextlib
 import functools
 import os
 import pwd
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -49,6 +47,8 @@ from urllib.parse import quote
 
 import asyncpg
 import pytest
+
+from bench._ports import free_port, pid_alive
 
 StopMode = Literal["smart", "fast", "immediate"]
 _T = TypeVar("_T")
@@ -201,52 +201,6 @@ class _RunAs:
 # Ports and directories
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port() -> int:
-    """A free port on 127.0.0.1 below the ephemeral range, so that no outgoing connection takes it
-    while the server is stopped (a restart keeps its port)."""
-    low, _ = _ephemeral_range()
-    rng = random.SystemRandom()
-    lo, hi = (15000, low - 1) if low > 16000 else (1024 + 1, 65535)
-    for _ in range(200):
-        port = rng.randint(lo, hi)
-        if _port_is_free(port):
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # let the kernel pick one
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (dead, not yet reaped) still answers kill(0).
-    with contextlib.suppress(OSError, IndexError):
-        if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
-            return False
-    return True
-
-
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -258,10 +212,10 @@ def _sweep_stale_dirs(base: Path) -> None:
     """Remove the directories of test processes that died without cleaning up (nothing runs in them)."""
     for path in base.glob(f"{_DIR_PREFIX}*"):
         owner = _read_pid(path / _OWNER_FILE)
-        if owner is None or owner == os.getpid() or _pid_alive(owner):
+        if owner is None or owner == os.getpid() or pid_alive(owner):
             continue
         postmaster = _read_pid(path / "data" / "postmaster.pid")
-        if postmaster is not None and _pid_alive(postmaster):
+        if postmaster is not None and pid_alive(postmaster):
             continue
         shutil.rmtree(path, ignore_errors=True)
 
