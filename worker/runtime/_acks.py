@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -33,7 +34,7 @@ class Acks:
         # Frames go out in the order the flushes made them, one at a time: a multiple ack sent before an
         # earlier flush's single ack of a tag below it would make that one unknown to the broker (a channel
         # error).
-        self._queue: list[tuple[AbstractIncomingMessage, bool]] = []
+        self._queue: deque[tuple[AbstractIncomingMessage, bool]] = deque()
         self._sender: asyncio.Task[None] | None = None
         self.frames_sent = 0
 
@@ -73,7 +74,7 @@ class Acks:
 
     async def _send(self) -> None:
         while self._queue:
-            message, multiple = self._queue.pop(0)
+            message, multiple = self._queue.popleft()
             try:
                 await message.ack(multiple=multiple)
             except BROKER_ERRORS as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import Callable
 from typing import Final
 
@@ -21,6 +20,7 @@ from aio_pika.abc import AbstractExchange
 
 from atlas_common import PublishNotConfirmed, Resource, publish_confirmed
 from schemas import SCHEMA_VERSION, limits
+from worker.runtime._deadline import fail_after
 
 log = structlog.get_logger("worker.telemetry")
 
@@ -41,21 +41,10 @@ class _Buffer:
         self.parts: list[bytes] = []
         # One future per envelope, shared by its records: they are confirmed (or not) together. Its deadline
         # is a timer on it, so the tasks waiting on it need no timeout scope of their own (two per task).
-        loop = asyncio.get_running_loop()
-        self.confirmed: asyncio.Future[None] = loop.create_future()
-        timer = loop.call_later(confirm_timeout_s, _expire, self.confirmed, confirm_timeout_s)
-        self.confirmed.add_done_callback(functools.partial(_cancel_timer, timer))
+        self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        text = f"no telemetry confirm within {confirm_timeout_s:g}s"
+        fail_after(self.confirmed, confirm_timeout_s, PublishNotConfirmed, text)
         self.bytes = 0
-
-
-def _expire(confirmed: asyncio.Future[None], timeout_s: float) -> None:
-    if not confirmed.done():
-        confirmed.set_exception(PublishNotConfirmed(f"no telemetry confirm within {timeout_s:g}s"))
-        confirmed.exception()  # retrieved here: a caller that stopped waiting must not log it
-
-
-def _cancel_timer(timer: asyncio.TimerHandle, _confirmed: asyncio.Future[None]) -> None:
-    timer.cancel()
 
 
 class TelemetryBatcher(Resource):

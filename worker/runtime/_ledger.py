@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from datetime import timedelta
 from typing import Any, Final, TypeVar
@@ -38,6 +37,7 @@ from atlas_common import (
     redact_url,
     scrub_secrets,
 )
+from worker.runtime._deadline import fail_after
 from worker.runtime._errors import WorkerRuntimeError
 from worker.runtime._ledger_group import (
     Claim,
@@ -104,6 +104,11 @@ class TaskLedger(Resource):
         self._loop_task: asyncio.Task[None] | None = None
         self._dead: BaseException | None = None
         self.heartbeat_s = heartbeat_s
+        # What a call past its deadline hears, made once (the calls are on every task's path).
+        self._no_answer = {
+            what: f"ledger {what} got no answer within {op_timeout_s:g}s"
+            for what in ("claim", "succeed", "settle")
+        }
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -202,16 +207,15 @@ class TaskLedger(Resource):
 
     def _future(self, what: str | None) -> asyncio.Future[Any]:
         """The future of one call, failed with :class:`LedgerUnavailable` if it has no answer within
-        ``op_timeout_s`` (None: no deadline of its own). A timer on the future, not ``asyncio.timeout``
-        around the wait: two of these per task, and the timer costs a fraction of a timeout scope."""
+        ``op_timeout_s`` (``what`` None: no deadline of its own; see ``_deadline``). The loop then drops the
+        operation if it was not sent yet (``Group.drop_abandoned``), or hands back a claim answered late."""
         if self._dead is not None or self._loop_task is None:
             raise LedgerUnavailable(f"the task ledger is not running ({self._text(self._dead)})")
         self._wake.set()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if what is not None:
-            timer = loop.call_later(self._op_timeout_s, _expire, future, what, self._op_timeout_s)
-            future.add_done_callback(functools.partial(_cancel_timer, timer))
+            fail_after(future, self._op_timeout_s, LedgerUnavailable, self._no_answer[what])
         return future
 
     async def _deadline(self, future: asyncio.Future[T], what: str) -> T:
@@ -308,17 +312,6 @@ class TaskLedger(Resource):
         for settle in group.settled:
             if not settle.future.done():
                 settle.future.set_result(settle.task_id in result.settled)
-
-
-def _expire(future: asyncio.Future[Any], what: str, timeout_s: float) -> None:
-    """A call's deadline passed without an answer: its caller hears it; the loop drops the operation if it
-    was not sent yet (``Group.drop_abandoned``), or hands back a claim answered too late."""
-    if not future.done():
-        future.set_exception(LedgerUnavailable(f"ledger {what} got no answer within {timeout_s:g}s"))
-
-
-def _cancel_timer(timer: asyncio.TimerHandle, _future: asyncio.Future[Any]) -> None:
-    timer.cancel()
 
 
 def _plan_options(pooler: DbPooler) -> dict[str, Any]:

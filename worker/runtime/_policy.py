@@ -80,11 +80,6 @@ class Settler:
         self._dead = dead_exchange
         self._acks = Acks()
 
-    @property
-    def ack_frames(self) -> int:
-        """``basic.ack`` frames sent so far by the batched acks (fewer than the tasks they acked)."""
-        return self._acks.frames_sent
-
     def started(self, message: AbstractIncomingMessage) -> None:
         self._acks.delivered(message)
 
