@@ -99,19 +99,27 @@ def _session_task_ids(
     say; else what its records agree on. Records that disagree, with nothing known, make the session
     ambiguous, unless ``decide``: then the opened's task, else the task most records name, wins (the first
     seen on a tie)."""
+    first: dict[str, str] = {}
+    split: set[str] = set()
+    for msg in messages:  # the usual batch: every session's records name one task, so no votes are counted
+        if first.setdefault(msg.adapter_session_id, msg.task_id) != msg.task_id:
+            split.add(msg.adapter_session_id)
+    owners: dict[str, str] = {asid: known.get(asid, task_id) for asid, task_id in first.items()}
+    if not split:
+        return owners, set()
     opened: dict[str, Counter[str]] = {}
     claimed: dict[str, Counter[str]] = {}
     for msg in messages:
+        if msg.adapter_session_id not in split:
+            continue
         claimed.setdefault(msg.adapter_session_id, Counter())[msg.task_id] += 1
         if isinstance(msg, SessionOpened):
             opened.setdefault(msg.adapter_session_id, Counter())[msg.task_id] += 1
-    owners: dict[str, str] = {}
     ambiguous: set[str] = set()
     for asid, tasks in claimed.items():
-        votes = opened.get(asid) or tasks
         if asid in known:
-            owners[asid] = known[asid]
             continue
+        votes = opened.get(asid) or tasks
         if len(votes) > 1 and not decide:
             ambiguous.add(asid)
         owners[asid] = votes.most_common(1)[0][0]

@@ -69,6 +69,35 @@ def test_merge_batch_dedupes_and_sorts() -> None:
     assert merged.task_lock_keys == sorted({task_lock_key(s.task_id) for s in gen.sessions})
 
 
+def test_merge_batch_settles_which_task_a_session_belongs_to() -> None:
+    """Records of one session naming different tasks: the stored owner wins, else the opened's task, else
+    the batch is ambiguous until asked to decide (majority, first seen on a tie); the others are refused."""
+    session = generate(1, seed=3, retry_share=0).sessions[0]
+    steps = session.steps
+    forged = [s.model_copy(update={"task_id": "task-forged"}) for s in steps[:2]]
+
+    with_opened = merge_batch([session.opened, *forged, *steps[2:]])
+    assert not with_opened.ambiguous
+    assert [c.task_id for c in with_opened.sessions] == [session.opened.task_id]
+    assert {k[1] for k in with_opened.rejected} == {s.seq for s in forged}
+
+    without = [*forged, *steps[2:]]
+    assert merge_batch(without).ambiguous == {session.adapter_session_id}
+    majority = "task-forged" if len(forged) > len(steps[2:]) else session.task_id
+    decided = merge_batch(without, decide=True)
+    assert not decided.ambiguous
+    assert [c.task_id for c in decided.sessions] == [majority]
+    tie = merge_batch([forged[0], steps[2]], decide=True)
+    assert [c.task_id for c in tie.sessions] == ["task-forged"]
+
+    known = merge_batch(without, {session.adapter_session_id: session.task_id})
+    assert not known.ambiguous
+    assert [c.task_id for c in known.sessions] == [session.task_id]
+    assert {k[1] for k in known.rejected} == {s.seq for s in forged}
+    stored_elsewhere = merge_batch(steps, {session.adapter_session_id: "task-stored"})
+    assert {k[1] for k in stored_elsewhere.rejected} == {s.seq for s in steps}
+
+
 def test_session_row_is_order_independent() -> None:
     """Applying a session's opened and closed in any batching and order gives the same row."""
     source = generate(1, seed=3, retry_share=0).sessions[0]
