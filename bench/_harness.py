@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from atlas_common import BROKER_ERRORS
+from bench._ports import stop_processes
 from bench._services import ROOT
 
 
@@ -154,15 +154,7 @@ class Processes:
                 raise RuntimeError(f"{proc.args!r} exited early with code {code}; logs in {self.logdir}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs, timeout_s=timeout_s)
 
 
 def python_module(*args: str) -> list[str]:

@@ -1,13 +1,18 @@
-"""Loopback ports and process liveness for the servers the benchmarks and tests start themselves
-(RabbitMQ nodes here, PostgreSQL and PgBouncer in tests/)."""
+"""Loopback ports and process liveness for the servers and services the benchmarks and tests start
+themselves (RabbitMQ nodes and the pipeline's processes here, PostgreSQL and PgBouncer in tests/)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import signal
 import socket
+import subprocess
+import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -54,3 +59,24 @@ def pid_alive(pid: int) -> bool:
         if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
             return False
     return True
+
+
+def stop_processes(
+    procs: Iterable[subprocess.Popen[Any]], sig: int = signal.SIGTERM, *, timeout_s: float = 30.0
+) -> list[int]:
+    """Signal every process still running (SIGTERM: let it shut down cleanly; they stop together), wait
+    up to ``timeout_s`` in all, SIGKILL what is left; their exit codes, in order. Never leaves a process
+    behind, nor hangs on one."""
+    stopping = list(procs)
+    for proc in stopping:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    deadline = time.monotonic() + timeout_s
+    codes = []
+    for proc in stopping:
+        try:
+            codes.append(proc.wait(timeout=max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes.append(proc.wait())
+    return codes

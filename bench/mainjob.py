@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import asyncpg
 from tqdm import tqdm
 
 from atlas_common import BROKER_ERRORS, Topology, configure_logging, connect_any, redact_url
+from bench._ports import stop_processes
 from bench._services import HOW_TO_GET_SERVICES, ROOT, ensure_services
 from bench._stack import delete_topology, jsonl_stats, percentile
 from migrations import apply_migrations
@@ -290,24 +290,7 @@ async def _summary(run: Run, conn: asyncpg.Connection, outcome: Outcome) -> str:
 
 
 def _stop(run: Run, timeout_s: float = 60.0) -> list[int]:
-    return stop_processes(run.procs, timeout_s)
-
-
-def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout_s: float) -> list[int]:
-    """SIGTERM to each (they shut down cleanly, together), then their exit codes; SIGKILL past the
-    deadline."""
-    procs = list(procs)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    codes = []
-    for proc in procs:
-        try:
-            codes.append(proc.wait(timeout=timeout_s))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            codes.append(proc.wait())
-    return codes
+    return stop_processes(run.procs, timeout_s=timeout_s)
 
 
 CONSOLE_PORT = 8070

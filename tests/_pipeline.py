@@ -23,6 +23,7 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from atlas_common import Topology
+from bench._ports import stop_processes
 from bench._stack import delete_topology
 from producer import AuditReport, Producer, run_audit
 from schemas import SessionClosed, SessionOpened, StepRecorded, TaskMessage, decode_telemetry_batch
@@ -61,24 +62,6 @@ class TelemetryLog:
             return False
         steps = [seqs.get(i) for i in range(1, close.steps + 1)]
         return set(seqs) == set(range(close.steps + 2)) and all(isinstance(s, StepRecorded) for s in steps)
-
-
-def stop_processes(
-    procs: Iterable[subprocess.Popen[Any]], sig: int = signal.SIGTERM, timeout_s: float = 30.0
-) -> None:
-    """Signal every process still running (SIGTERM: let it shut down cleanly), wait up to ``timeout_s`` in
-    all, then SIGKILL what is left: a test's teardown never leaves a process behind, nor hangs on one."""
-    stopping = list(procs)
-    for proc in stopping:
-        if proc.poll() is None:
-            proc.send_signal(sig)
-    deadline = time.monotonic() + timeout_s
-    for proc in stopping:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass
@@ -235,7 +218,7 @@ class PipelineStack:
 
     def stop_all(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
         """Signal every process, wait up to ``timeout_s`` in all, then SIGKILL what is left."""
-        stop_processes(self.procs, sig, timeout_s)
+        stop_processes(self.procs, sig, timeout_s=timeout_s)
 
     async def audit(self, **options: Any) -> AuditReport:
         """``producer audit`` over this stack (its dead letters and JSONL files too), grace 0 unless given;

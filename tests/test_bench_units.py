@@ -1,14 +1,18 @@
-"""Pieces of the steady-state and cost-per-task benchmarks that need no services: the open-loop schedule
-and reading CPU time from ``/proc``."""
+"""Pieces of the benchmarks that need no services: the open-loop schedule, reading CPU time from ``/proc``,
+and stopping the processes a run started."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from bench._cpu import PARTS, CpuSample, cost_rows, cpu_name, cpu_seconds, pids_named
+from bench._ports import stop_processes
 from bench._steady import LATE_S, Sends, on_schedule
 from producer import demo_tasks
 
@@ -62,3 +66,22 @@ def test_cost_rows_divide_each_parts_cpu_by_the_tasks_of_the_window() -> None:
     assert [(r.name, r.unit) for r in rows] == [(cpu_name(p, "w"), "CPU ms/task") for p in PARTS[:3]]
     assert [r.value for r in rows] == [4.0, 2.0, 1.0]
     assert "20% of one core" in rows[0].notes
+
+
+def test_stop_processes_terminates_then_kills_past_one_shared_deadline() -> None:
+    """A process that exits on SIGTERM reports it; one that ignores SIGTERM is killed once the deadline,
+    shared by all, has passed; one already gone keeps its exit code."""
+    ignores = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); "
+        "time.sleep(60)"
+    )
+    stubborn = subprocess.Popen([sys.executable, "-c", ignores], stdout=subprocess.PIPE)
+    assert stubborn.stdout is not None
+    stubborn.stdout.readline()  # its handler is set
+    polite = subprocess.Popen(["sleep", "60"])
+    done = subprocess.Popen(["true"])
+    done.wait()
+    started = time.monotonic()
+    codes = stop_processes([polite, stubborn, done], timeout_s=0.5)
+    assert codes == [-signal.SIGTERM, -signal.SIGKILL, 0]
+    assert time.monotonic() - started < 5

@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench._ports import stop_processes
 from feed import FeedSettings, Position, follow_files, follow_sessions
 from feed.__main__ import parse_start
 from feed._cursor import StreamCursor, cursor_path
@@ -29,7 +30,6 @@ from tests._ingest_env import (
     wait_drained,
 )
 from tests._ingest_gen import Generated, bodies, generate, publish
-from tests._pipeline import stop_processes
 
 # --- without services ----------------------------------------------------------------------------------
 
