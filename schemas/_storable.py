@@ -35,6 +35,7 @@ from typing import Any, Final
 import orjson
 from pydantic_core import PydanticSerializationError
 
+from schemas._base import json_depth_exceeds
 from schemas._telemetry import SessionClosed, SessionOpened, StepRecorded
 from schemas._usage import Usage
 from schemas.limits import (
@@ -105,19 +106,22 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON: {type(value).__name__}")
 
 
-def _plainly_storable(kind: str, body: bytes, texts: Callable[[str], Any], events: int) -> bool:
+def _plainly_storable(kind: str, body: bytes, field: Callable[[str], Any], events: int) -> bool:
     """True when no rule can apply: cheap scans of the encoded bytes (each one an upper bound); integers
     past 64 bits and lone surrogates never get here (the encoder refused them)."""
-    if (
-        len(body) > MAX_RECORD_BYTES
-        or body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH
-        or _NUL_BYTES in body
-        or events > MAX_SESSION_EVENTS
+    if len(body) > MAX_RECORD_BYTES or _NUL_BYTES in body or events > MAX_SESSION_EVENTS:
+        return False
+    # Nesting past MAX_JSON_DEPTH takes more than MAX_JSON_DEPTH brackets, so a record with fewer has none.
+    # One with more (tool calls, code in an output: common) has its JSON fields walked the way the rule
+    # measures depth instead of going down the slow path for nothing (a 3.4 KB step with 20 tool events:
+    # 104 us on the slow path, 33 us walked).
+    if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH and any(
+        json_depth_exceeds(field(name)) for name in _JSON_FIELDS[kind]
     ):
         return False
     # A text has no more characters than its record has bytes: a small record is within every text limit.
     return len(body) <= _SMALLEST_TEXT_LIMIT or all(
-        len(texts(name) or "") <= _TEXT_CHARS[name] for name in _TEXT_FIELDS[kind]
+        len(field(name) or "") <= _TEXT_CHARS[name] for name in _TEXT_FIELDS[kind]
     )
 
 

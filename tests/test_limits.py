@@ -24,10 +24,12 @@ from schemas import (
     decode_task,
     decode_telemetry,
     encode,
+    json_depth_exceeds,
     limits,
     storable,
     storable_fields,
 )
+from schemas._storable import _apply_rule, _plainly
 from tests._json import json_depth, json_strings
 from worker.runtime._batcher import TelemetryBatcher
 from worker.sessions import OutcomeError, normalize_usage
@@ -288,6 +290,47 @@ def test_any_value_becomes_a_storable_record(
     orjson.dumps([[[[[[dumped]]]]]])
     for value in json_strings(dumped):
         value.encode("utf-8")  # valid Unicode throughout (no lone surrogate survives)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=_json, wrap=st.integers(min_value=0, max_value=80), limit=st.integers(min_value=0, max_value=70))
+def test_depth_check_agrees_with_the_nesting_of_any_value(value: Any, wrap: int, limit: int) -> None:
+    """json_depth_exceeds(value, limit) says exactly whether containers nest more than ``limit`` deep."""
+    nested = _deep(wrap, value)
+    assert json_depth_exceeds(nested, limit) is (json_depth(nested) > limit)
+
+
+def test_a_record_with_many_brackets_but_no_deep_value_takes_the_fast_path() -> None:
+    """A tool-calling step (many small objects, code in its output) has more brackets than MAX_JSON_DEPTH
+    but nothing nested that deep: it is not sent down the rule's slow path, and its bytes mean what the
+    slow path's would."""
+    events = [{"type": "tool_call", "name": f"t{i}", "arguments": {"q": [1, {"y": i}]}} for i in range(30)]
+    record = _step(output="return {'a': {'b': [1]}}\n" * 40, events=events)
+    fields = {name: getattr(record, name) for name in StepRecorded.model_fields}
+    body = _plainly(fields)
+    assert body is not None
+    assert body.count(b"{") + body.count(b"[") > limits.MAX_JSON_DEPTH
+    assert storable_fields(fields) == body
+    assert decode_telemetry(body) == decode_telemetry(_apply_rule(record)[1]) == record
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    output=_json,
+    events=st.lists(st.dictionaries(st.text(max_size=5), _json, max_size=3), max_size=30),
+    depth=st.integers(min_value=0, max_value=90),
+)
+def test_the_fast_path_and_the_rule_agree_on_any_record(output: Any, events: list[Any], depth: int) -> None:
+    """Whatever the fields hold, a record the fast path takes means exactly what the rule makes of it (the
+    rule then notes no change), and storable_fields gives the rule's bytes for the others."""
+    record = _step(output=_deep(depth, output), events=[{"type": "t", **e} for e in events])
+    fields = {name: getattr(record, name) for name in StepRecorded.model_fields}
+    fixed, slow = _apply_rule(record)
+    fast = _plainly(fields)
+    if fast is not None:  # (NaN and infinities are null on both paths, with no note)
+        assert decode_telemetry(fast) == decode_telemetry(slow)
+        assert fixed.limits == {}
+    assert storable_fields(fields) == (fast if fast is not None else slow)
 
 
 class _Exchange:
