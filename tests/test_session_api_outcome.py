@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import enum
+from collections.abc import Mapping
+from datetime import date, datetime
+from datetime import time as dtime
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from schemas import Usage
-from worker.sessions import OutcomeError, StepOutcome, normalize_events, normalize_outcome, normalize_usage
+from schemas import Usage, json_text
+from worker.sessions import (
+    OutcomeError,
+    StepOutcome,
+    normalize_events,
+    normalize_outcome,
+    normalize_usage,
+    to_jsonable,
+)
 
 
 class OpenAIUsage(BaseModel):
@@ -194,3 +208,80 @@ def test_text_of_values_orjson_refuses() -> None:
     for _ in range(300):
         deep = [deep]
     assert to_text(deep) == "[" * 200 + '"' + "[" * 100 + "1" + "]" * 100 + '"' + "]" * 200
+
+
+# --- to_jsonable: the plain-value fast path means what the general rules say -------------------------------
+
+
+class _Colour(enum.IntEnum):
+    RED = 1
+
+
+class _Tag(enum.Enum):
+    A = "a"
+
+
+class _Key(str):
+    pass
+
+
+def _reference_to_jsonable(value: Any, depth: int = 0) -> Any:  # noqa: PLR0911 -- the rules, written plainly
+    """The general rules of ``to_jsonable``, with no fast path (what it must equal)."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if depth >= 200:
+        return json_text(value)
+    if isinstance(value, Mapping):
+        return {str(k): _reference_to_jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_reference_to_jsonable(v, depth + 1) for v in value]
+    if isinstance(value, BaseModel):
+        return _reference_to_jsonable(value.model_dump(mode="json"), depth + 1)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _reference_to_jsonable(getattr(value, f.name), depth + 1)
+            for f in dataclasses.fields(value)
+        }
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, datetime | date | dtime):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return _reference_to_jsonable(value.value, depth + 1)
+    return str(value)
+
+
+_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+    st.binary(max_size=5),
+    st.datetimes(),
+    st.times(),
+    st.sampled_from([_Colour.RED, _Tag.A, _Key("k"), 3 + 4j]),
+)
+_keys = st.one_of(st.text(max_size=3), st.integers(), st.none(), st.sampled_from([_Colour.RED, _Key("k")]))
+
+
+def _nesting(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return (
+        st.lists(children, max_size=4)
+        | st.dictionaries(_keys, children, max_size=4)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text(max_size=3), children, max_size=3).map(collections.OrderedDict)
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.recursive(_leaves, _nesting, max_leaves=40), wrap=st.integers(min_value=0, max_value=205))
+def test_to_jsonable_means_what_its_general_rules_say(value: Any, wrap: int) -> None:
+    """Any value, plain or not, nested up to past the depth guard: the fast path for plain dicts and lists
+    gives exactly what the general rules give, and never returns a caller's container itself."""
+    for _ in range(wrap):
+        value = [value]
+    converted = to_jsonable(value)
+    assert converted == _reference_to_jsonable(value)
+    if isinstance(value, dict | list):
+        assert converted is not value
