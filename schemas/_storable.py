@@ -106,10 +106,11 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON: {type(value).__name__}")
 
 
-def _plainly_storable(kind: str, body: bytes, field: Callable[[str], Any], events: int) -> bool:
-    """True when no rule can apply: cheap scans of the encoded bytes (each one an upper bound); integers
-    past 64 bits and lone surrogates never get here (the encoder refused them)."""
-    if len(body) > MAX_RECORD_BYTES or _NUL_BYTES in body or events > MAX_SESSION_EVENTS:
+def _plainly_storable(kind: str, body: bytes, field: Callable[[str], Any]) -> bool:
+    """True when no rule but the record size (4) and a close's event count (3) can apply: cheap scans of
+    the encoded bytes (each one an upper bound); integers past 64 bits and lone surrogates never get here
+    (the encoder refused them)."""
+    if _NUL_BYTES in body:
         return False
     # Nesting past MAX_JSON_DEPTH takes more than MAX_JSON_DEPTH brackets, so a record with fewer has none.
     # One with more (tool calls, code in an output: common) has its JSON fields walked the way the rule
@@ -125,15 +126,39 @@ def _plainly_storable(kind: str, body: bytes, field: Callable[[str], Any], event
     )
 
 
-def _plainly(fields: dict[str, Any]) -> bytes | None:
-    """The record's bytes when no rule can apply, else None."""
-    kind = fields["kind"]
+def _encoded(fields: dict[str, Any]) -> bytes | None:
     try:
-        body = orjson.dumps(fields, default=_plain)
+        return orjson.dumps(fields, default=_plain)
     except TypeError:  # an integer past 64 bits, a lone surrogate, nesting past 255, a non-JSON value
         return None
-    events = len(fields.get("events") or ()) if kind == "session.closed" else 0
-    return body if _plainly_storable(kind, body, fields.get, events) else None
+
+
+def _plainly(fields: dict[str, Any]) -> bytes | None:
+    """The record's bytes when no rule can apply, else None."""
+    if fields["kind"] == "session.closed" and len(fields.get("events") or ()) > MAX_SESSION_EVENTS:
+        return None
+    body = _encoded(fields)
+    if body is None or len(body) > MAX_RECORD_BYTES:
+        return None
+    return body if _plainly_storable(fields["kind"], body, fields.get) else None
+
+
+def _newest_events(record: Record) -> tuple[Record, bytes] | None:
+    """Rule 3 alone, without the slow path: a close with more than ``MAX_SESSION_EVENTS`` events (a long
+    tool-calling session: common) and nothing else the rule changes, dropped events included, keeps the
+    newest, noted as the rule notes them; None when more applies (or the result is too large)."""
+    if not isinstance(record, SessionClosed) or len(record.events) <= MAX_SESSION_EVENTS:
+        return None
+    whole = _encoded(record.__dict__)
+    if whole is None or not _plainly_storable(record.kind, whole, record.__dict__.get):
+        return None
+    dropped = len(record.events) - MAX_SESSION_EVENTS
+    notes = {**record.limits, "events": {"kept_events": MAX_SESSION_EVENTS, "dropped_events": dropped}}
+    kept = record.model_copy(update={"events": record.events[-MAX_SESSION_EVENTS:], "limits": notes})
+    body = _encoded(kept.__dict__)
+    if body is None or len(body) > MAX_RECORD_BYTES:
+        return None
+    return kept, body
 
 
 def storable_fields(fields: dict[str, Any]) -> bytes:
@@ -152,7 +177,7 @@ def storable(record: Record) -> tuple[Record, bytes]:
     body = _plainly(record.__dict__)
     if body is not None:
         return record, body
-    return _apply_rule(record)
+    return _newest_events(record) or _apply_rule(record)
 
 
 def _apply_rule(record: Record) -> tuple[Record, bytes]:

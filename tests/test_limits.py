@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import schemas._storable as storable_module
 from atlas_common import PublishNotConfirmed
 from schemas import (
     NUL_ESCAPE,
@@ -278,7 +279,7 @@ def test_any_value_becomes_a_storable_record(
     ingestor's encoder with its downstream nesting."""
     record = _step(
         output=_deep(depth, output),
-        events=[{"type": "t", **event}],
+        events=[{**event, "type": "t"}],
         trace=trace + "y" * size,
     )
     _, body = storable(record)
@@ -323,7 +324,7 @@ def test_a_record_with_many_brackets_but_no_deep_value_takes_the_fast_path() -> 
 def test_the_fast_path_and_the_rule_agree_on_any_record(output: Any, events: list[Any], depth: int) -> None:
     """Whatever the fields hold, a record the fast path takes means exactly what the rule makes of it (the
     rule then notes no change), and storable_fields gives the rule's bytes for the others."""
-    record = _step(output=_deep(depth, output), events=[{"type": "t", **e} for e in events])
+    record = _step(output=_deep(depth, output), events=[{**e, "type": "t"} for e in events])
     fields = {name: getattr(record, name) for name in StepRecorded.model_fields}
     fixed, slow = _apply_rule(record)
     fast = _plainly(fields)
@@ -331,6 +332,54 @@ def test_the_fast_path_and_the_rule_agree_on_any_record(output: Any, events: lis
         assert decode_telemetry(fast) == decode_telemetry(slow)
         assert fixed.limits == {}
     assert storable_fields(fields) == (fast if fast is not None else slow)
+
+
+def test_a_long_sessions_close_keeps_its_newest_events_without_the_slow_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A close with 80 ordinary events (a long tool-calling session) keeps the newest 50 and notes it, as
+    the rule does, without going through the rule's slow path."""
+    events = [{"type": "tool_call", "i": i, "arguments": {"q": [i, {"k": "v"}]}} for i in range(80)]
+    close = _close(events=events, limits={"final_answer": {"truncated": True}})
+    expected, expected_body = storable_module._apply_rule(close)
+
+    def no_slow_path(record: Any) -> Any:
+        raise AssertionError("the slow path ran")
+
+    monkeypatch.setattr(storable_module, "_apply_rule", no_slow_path)
+    fixed, body = storable(close)
+    assert fixed == expected
+    assert fixed.limits == {
+        "final_answer": {"truncated": True},
+        "events": {"kept_events": 50, "dropped_events": 30},
+    }
+    assert decode_telemetry(body) == decode_telemetry(expected_body) == fixed
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    count=st.integers(min_value=40, max_value=120),
+    odd=st.sampled_from(["none", "nul", "deep", "giant", "nan", "long answer"]),
+    where=st.floats(min_value=0, max_value=1, exclude_max=True),
+    depth=st.integers(min_value=60, max_value=70),
+)
+def test_a_close_made_storable_means_what_the_rule_makes_of_it(
+    count: int, odd: str, where: float, depth: int
+) -> None:
+    """A close with 40-120 events and one odd value (NUL, a deep value, an integer past 64 bits, NaN) in
+    an event that is dropped or kept, or a final answer past its limit: the fast paths give exactly what
+    the rule gives, notes included."""
+    events: list[dict[str, Any]] = [{"type": "tool_call", "i": i, "args": {"q": [i]}} for i in range(count)]
+    at = int(where * count)
+    odd_values = {"nul": "a\x00b", "deep": _deep(depth, 1), "giant": 10**30, "nan": float("nan")}
+    if odd in odd_values:
+        events[at]["odd"] = odd_values[odd]
+    answer = "a" * (limits.MAX_TRACE_CHARS + 10) if odd == "long answer" else "done"
+    close = _close(events=events, final_answer=answer)
+    fixed, body = storable(close)
+    expected, expected_body = storable_module._apply_rule(close)
+    assert fixed.limits == expected.limits
+    assert decode_telemetry(body) == decode_telemetry(expected_body)
 
 
 class _Exchange:
