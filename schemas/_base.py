@@ -19,6 +19,9 @@ refuses anything that is not."""
 JsonObject = dict[str, Json]
 
 
+_CONTAINERS: Final = (dict, list, tuple)
+
+
 def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether ``value`` nests containers more than ``limit`` levels deep: a dict, list or tuple at depth
     ``limit`` or more, ``value`` itself at depth 0 (iterative: any depth is safe). Only containers are
@@ -36,9 +39,6 @@ def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
             if isinstance(child, _CONTAINERS):
                 stack.append((child, deeper))  # noqa: PERF401
     return False
-
-
-_CONTAINERS: Final = (dict, list, tuple)
 
 
 def _bounded_depth(value: dict[str, Any]) -> dict[str, Any]:
