@@ -12,17 +12,22 @@
 5. Dead-letter each one alone with its reason (confirmed).
 6. Ack the batch (``multiple=True`` on its last delivery).
 
-The ack is last, so a crash anywhere before it means redelivery, and every step is idempotent. An
-unexpected error (a bug) is isolated to the delivery that causes it, which is dead-lettered with the error,
-so no message can crash the ingestor again on every redelivery.
+Steps 3-6, the batch's *finish*, wait mostly on the disk and the broker, so they run on while the next
+batch's transaction does (:meth:`BatchWriter.settle` waits for them): one finish at a time, in batch
+order, so acks stay in order and one append runs at a time. The ack is last, so a crash anywhere before it
+means redelivery, and every step is idempotent. An unexpected error (a bug) is isolated to the delivery
+that causes it, which is dead-lettered with the error, so no message can crash the ingestor again on every
+redelivery.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 import orjson
 import structlog
@@ -151,9 +156,31 @@ def _take_out(part: list[Decoded], problems: dict[RecordKey, Problem]) -> list[R
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """A batch whose transaction is done (or refused what it could not store): what its finish needs."""
+
+    live: list[Incoming]
+    decoded: int
+    refused: int
+    dead: list[DeadLetter]
+    started: float
+    exported: int
+    oldest: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Finishing:
+    """The previous batch's finish, running; ``broker`` is the one its deliveries came from."""
+
+    stored: _Stored
+    task: asyncio.Task[None]
+    broker: Broker
+
+
 class BatchWriter:
-    """Writes batches for one ingestor: ``await writer.handle(batch, broker)``; never raises for what a
-    message holds."""
+    """Writes batches for one ingestor: ``await writer.handle(batch, broker)``, and ``await writer.settle()``
+    before anything else touches the open file or the epoch ends; never raises for what a message holds."""
 
     def __init__(
         self,
@@ -171,35 +198,76 @@ class BatchWriter:
         self._hold = hold
         self._metrics = metrics
         self._stats = stats
+        self._finishing: _Finishing | None = None
 
     async def handle(self, batch: list[Incoming], broker: Broker) -> None:
-        """Process one batch; whatever goes wrong, the process goes on: a lost channel or the shutdown
-        deadline drops the batch unacked (redelivered), and an unexpected error (a bug) is isolated to the
-        delivery that causes it, which is dead-lettered with the error instead of crashing the ingestor
-        again on every redelivery."""
+        """Process one batch: its transaction now, its finish (append, problems, dead letters, ack) on
+        while the caller collects and writes the next one. Whatever goes wrong, the process goes on: a lost
+        channel or the shutdown deadline drops the batch unacked (redelivered), and an unexpected error (a
+        bug) is isolated to the delivery that causes it, which is dead-lettered with the error instead of
+        crashing the ingestor again on every redelivery."""
         live = [i for i in batch if not is_stale(i.delivery)]
         if len(live) < len(batch):
             _log.warning("batch.stale_deliveries_dropped", count=len(batch) - len(live))
         if not live:
             return
         try:
-            await self._process(live, broker)
+            stored = await self._store_batch(live)
         except (BrokerUnavailable, ShutdownDeadline) as err:
             _log.warning("batch.dropped_unacked", reason=str(err), messages=len(live))
+            return
         except Exception as exc:  # noqa: BLE001 -- a bug must not crash the process on a batch it gets again
-            if len(live) > 1:
-                _log.exception("batch.unexpected_error_isolating", messages=len(live))
-                for one in live:
-                    await self.handle([one], broker)
-                return
-            _log.exception("message.unexpected_error_dead_lettered", message_id=live[0].delivery.message_id)
-            await self._give_up(live[0], exc, broker)
+            await self.settle()
+            await self._isolate(live, broker, exc)
+            return
+        await self.settle()  # the previous batch's finish first: acks in order, one append at a time
+        self._finishing = _Finishing(stored, asyncio.create_task(self._finish(stored, broker)), broker)
 
-    async def _process(self, live: list[Incoming], broker: Broker) -> None:
-        """One batch's life: decode (done as it arrived) -> write what can be stored (Postgres, one
-        transaction; the culprits set aside) -> append the completed sessions' lines and fsync -> note the
-        refused records' reasons -> dead-letter them (confirmed) -> ack the batch. A crash anywhere before
-        the ack means redelivery, and every step is idempotent."""
+    async def settle(self) -> None:
+        """Wait for the running finish, if any; a bug in it isolates that batch's deliveries."""
+        finishing, self._finishing = self._finishing, None
+        if finishing is None:
+            return
+        try:
+            await finishing.task
+        except (BrokerUnavailable, ShutdownDeadline) as err:
+            _log.warning("batch.dropped_unacked", reason=str(err), messages=len(finishing.stored.live))
+        except Exception as exc:  # noqa: BLE001 -- as in handle: isolated, never a crash
+            await self._isolate(finishing.stored.live, finishing.broker, exc)
+
+    def cancel(self) -> None:
+        """Cancel the running finish without waiting (the service is being cancelled: what it held is
+        redelivered)."""
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:
+            finishing.task.cancel()
+
+    async def _isolate(self, live: list[Incoming], broker: Broker, exc: Exception) -> None:
+        """Each delivery of a batch that hit an unexpected error again alone, finished at once; the one
+        that still fails alone is dead-lettered with the error."""
+        if len(live) > 1:
+            _log.error("batch.unexpected_error_isolating", messages=len(live), exc_info=exc)
+            for one in live:
+                await self._handle_alone(one, broker)
+            return
+        message_id = live[0].delivery.message_id
+        _log.error("message.unexpected_error_dead_lettered", message_id=message_id, exc_info=exc)
+        await self._give_up(live[0], exc, broker)
+
+    async def _handle_alone(self, incoming: Incoming, broker: Broker) -> None:
+        if is_stale(incoming.delivery):
+            return
+        try:
+            await self._finish(await self._store_batch([incoming]), broker)
+        except (BrokerUnavailable, ShutdownDeadline) as err:
+            _log.warning("batch.dropped_unacked", reason=str(err), messages=1)
+        except Exception as exc:  # noqa: BLE001 -- dead-lettered with the error (logged with its traceback)
+            _log.exception("message.unexpected_error_dead_lettered", message_id=incoming.delivery.message_id)
+            await self._give_up(incoming, exc, broker)
+
+    async def _store_batch(self, live: list[Incoming]) -> _Stored:
+        """Decode (done as it arrived) -> write what can be stored (Postgres, one transaction; the culprits
+        set aside, each with its dead letter)."""
         decoded: list[Decoded] = []
         dead: list[DeadLetter] = []
         for incoming in live:
@@ -211,19 +279,33 @@ class BatchWriter:
         exported_before = self._stats["exported"]
         refused = await self._write(decoded)
         dead.extend(DeadLetter.refused(r) for r in refused)
-        await self._flush_jsonl()
-        await self._note_problems(dead)
-        await self._dead_letter(broker, dead)
-        await broker.ack_through(live[-1].delivery)
-        self._stats["batches"] += 1
-        self._stats["messages"] += len(decoded) - len(refused)
-        self._stats["dead_lettered"] += len(dead)
-        self._metrics.observe_batch(
-            records=len(decoded) - len(refused),
-            dead=len(dead),
+        return _Stored(
+            live=live,
+            decoded=len(decoded),
+            refused=len(refused),
+            dead=dead,
+            started=started,
             exported=self._stats["exported"] - exported_before,
-            seconds=time.perf_counter() - started,
             oldest=min((d.message.emitted_at for d in decoded), default=None),
+        )
+
+    async def _finish(self, stored: _Stored, broker: Broker) -> None:
+        """Append the completed sessions' lines and fsync -> note the refused records' reasons ->
+        dead-letter them (confirmed) -> ack the batch. A crash anywhere before the ack means redelivery,
+        and every step is idempotent."""
+        await self._flush_jsonl()
+        await self._note_problems(stored.dead)
+        await self._dead_letter(broker, stored.dead)
+        await broker.ack_through(stored.live[-1].delivery)
+        self._stats["batches"] += 1
+        self._stats["messages"] += stored.decoded - stored.refused
+        self._stats["dead_lettered"] += len(stored.dead)
+        self._metrics.observe_batch(
+            records=stored.decoded - stored.refused,
+            dead=len(stored.dead),
+            exported=stored.exported,
+            seconds=time.perf_counter() - stored.started,
+            oldest=stored.oldest,
         )
 
     async def _write(self, items: list[Decoded]) -> list[Refused]:

@@ -125,7 +125,9 @@ class _OpenFile:
 
 
 class RollingJsonl:
-    """The one open file of this ingestor. Used from the service's main loop only (no concurrency)."""
+    """The one open file of this ingestor. One flush (or roll) runs at a time; the next batch's commit may
+    note its assignments while a flush is appending the previous batch's (each flush takes what is pending
+    when it starts)."""
 
     def __init__(
         self,
@@ -193,22 +195,27 @@ class RollingJsonl:
         current.unstreamed.clear()
 
     async def _append(self, current: _OpenFile) -> None:
-        missing = [session_id for session_id, line in current.pending if line is None]
-        read = await self._store.lines(missing) if missing else {}
-        lines = [line if line is not None else read.get(session_id) for session_id, line in current.pending]
-        data = _files.compress(
-            b"".join(x for x in lines if x is not None), _files.compression_of(current.name)
-        )
+        # Taken now: assignments noted while this appends (the next batch's commit) wait for the next flush.
+        taken, current.pending = current.pending, []
         try:
-            current.size = await asyncio.to_thread(_files.append_at, current.tmp, current.size, data)
-        except OSError as err:
-            raise JsonlWriteError(f"cannot append to {current.tmp}: {err}") from err
+            missing = [session_id for session_id, line in taken if line is None]
+            read = await self._store.lines(missing) if missing else {}
+            lines = [line if line is not None else read.get(session_id) for session_id, line in taken]
+            data = _files.compress(
+                b"".join(x for x in lines if x is not None), _files.compression_of(current.name)
+            )
+            try:
+                current.size = await asyncio.to_thread(_files.append_at, current.tmp, current.size, data)
+            except OSError as err:
+                raise JsonlWriteError(f"cannot append to {current.tmp}: {err}") from err
+        except BaseException:
+            current.pending[:0] = taken  # appended again by the retry (cut back to the fsynced size first)
+            raise
         if len(read) != len(missing):
             # Cannot happen (assigned rows are never deleted by the ingestor); if it does, do not trust
             # the tmp: the roll regenerates the file from Postgres instead.
             _log.error("jsonl.missing_lines", file=current.name, expected=len(missing), got=len(read))
             current.trusted = False
-        current.pending.clear()
         current.unstreamed.extend(x for x in lines if x is not None)
 
     def roll_due(self) -> bool:

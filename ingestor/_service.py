@@ -8,8 +8,10 @@ is away is :class:`ingestor._health.Hold`. This module runs them:
 - *Epochs*: one broker connection at a time (``_consumer.Broker``). A lost connection ends the epoch: what
   it held is dropped unacked (redelivered; every write is idempotent) and a new connection is opened with
   backoff, the worker's reconnect model.
-- *Main loop*: batches by size or age, the JSONL roll, the liveness ping, the sweeps (abandoned sessions,
-  unassigned ones, incomplete ones flagged, the accountability gauge).
+- *Main loop*: batches by size or age (a batch's finish, its append and ack, runs on during the next
+  batch's transaction, and is waited for before the roll, a sweep and the epoch's end), the JSONL roll, the
+  liveness ping, the sweeps (abandoned sessions, unassigned ones, incomplete ones flagged, the
+  accountability gauge).
 - *Shutdown* (SIGTERM/SIGINT set the stop event), in this order: stop consuming; flush what is held within
   ``shutdown_grace_s``; finalize the open JSONL file; close the broker, the liveness connection and the
   pool. The whole of it is bounded by the grace even if a database call hangs.
@@ -127,7 +129,12 @@ class Ingestor:
             await self._loop(broker, parts)
             if self._stop.is_set():
                 await self._drain(broker, parts)
+            await parts.writer.settle()  # the last batch's finish acks on this epoch's channel
+        except asyncio.CancelledError:  # the shutdown deadline: what is unacked is redelivered
+            parts.writer.cancel()
+            raise
         finally:
+            await parts.writer.settle()  # after an error: its ack fails, logged, the batch redelivered
             stopper.cancel()
             await asyncio.gather(stopper, return_exceptions=True)
         if broker.lost.is_set() and not self._stop.is_set():
@@ -170,7 +177,10 @@ class Ingestor:
             )
             if batch:
                 await parts.writer.handle(batch, broker)
+            else:
+                await parts.writer.settle()
             if parts.jsonl.roll_due():
+                await parts.writer.settle()  # the roll appends what is pending itself: one append at a time
                 await self._try_roll(parts.jsonl)
             now = time.monotonic()
             if now >= next_ping:
@@ -178,6 +188,7 @@ class Ingestor:
                 await parts.liveness.ping()
             if now >= next_sweep:
                 next_sweep = now + s.sweep_interval_s
+                await parts.writer.settle()  # the sweep assigns and appends too
                 await self._sweep(parts)
 
     async def _drain(self, broker: Broker, parts: _Parts) -> None:
