@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import random
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +21,7 @@ from atlas_common._db import connect_options, pool_options
 from ingestor import IngestorSettings, build_line, read_lines
 from ingestor._batch import merge_batch, task_lock_key
 from ingestor._consumer import collect
-from ingestor._errors import DatabaseUnavailable, JsonlWriteError, MessageRejected
+from ingestor._errors import DatabaseUnavailable, MessageRejected
 from ingestor._files import (
     check_file_name,
     compress,
@@ -432,69 +430,3 @@ def test_pool_options_behind_a_transaction_pooler() -> None:
     options = pool_options("transaction")
     assert options["statement_cache_size"] == 0
     assert callable(options["reset"])
-
-
-class _NoStore:
-    """The store a flush needs only for lines memory does not hold: every line here is in memory."""
-
-    async def lines(self, ids: list[int]) -> dict[int, bytes]:
-        raise AssertionError(f"no line should be read from Postgres: {ids}")
-
-
-async def _append_paused_while(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, fail_first: bool
-) -> tuple[list[bytes], bool]:
-    """Flush session 1's line; while its append runs, note session 2's; flush again. Returns the tmp's
-    lines and whether something was still pending after the first flush."""
-    from ingestor import _files
-    from ingestor._jsonl import RollingJsonl
-
-    entered, release = threading.Event(), threading.Event()
-    real_append = _files.append_at
-    calls = 0
-
-    def paused_append(path: Path, offset: int, data: bytes) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            entered.set()
-            release.wait(10)
-            if fail_first:
-                real_append(path, offset, data[: len(data) // 2])  # half written, then the disk fails
-                raise OSError("disk full")
-        return real_append(path, offset, data)
-
-    monkeypatch.setattr(_files, "append_at", paused_append)
-    settings = IngestorSettings(jsonl_dir=tmp_path, ingestor_id="unit")
-    jsonl = RollingJsonl(settings, cast(Any, _NoStore()))
-    target = jsonl.target("token-1")
-    jsonl.note_assigned(target, [(1, b'{"session":1}\n')])
-    first = asyncio.create_task(jsonl.flush())
-    await asyncio.to_thread(entered.wait, 10)
-    jsonl.note_assigned(target, [(2, b'{"session":2}\n')])  # the next batch's commit, mid-append
-    release.set()
-    with contextlib.suppress(JsonlWriteError):
-        await first
-    pending = jsonl.has_pending
-    await jsonl.flush()
-    return _files.read_lines(_files.tmp_path(tmp_path, target.name)), pending
-
-
-async def test_sessions_assigned_during_an_append_are_appended_by_the_next_flush(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A batch's finish appending while the next batch commits (the overlap in _batches) loses no line:
-    the later assignment stays pending for the next flush, and each line is in the file once."""
-    lines, pending = await _append_paused_while(tmp_path, monkeypatch, fail_first=False)
-    assert pending
-    assert lines == [b'{"session":1}', b'{"session":2}']
-
-
-async def test_a_failed_append_keeps_what_was_assigned_during_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An append that fails halfway while another batch notes its sessions: the retry cuts the half line
-    off and appends both batches' lines, once each, in commit order."""
-    lines, pending = await _append_paused_while(tmp_path, monkeypatch, fail_first=True)
-    assert pending
-    assert lines == [b'{"session":1}', b'{"session":2}']
