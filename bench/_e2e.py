@@ -92,10 +92,12 @@ async def end_to_end(
     workers: int,
     latency_s: float,
     baseline_workers: int | None = None,
+    target: str | None = None,
 ) -> list[Result]:
     """One run of ``n`` tasks: a tasks/s row, then p50 and p99 submit-to-stored rows (ms).
 
-    ``baseline_workers``: the tasks/s row is compared with the row of that many workers (same latency).
+    ``baseline_workers``: the tasks/s row is compared with the row of that many workers (same latency);
+    else with ``target``, the row it should be at least as fast as.
     """
     concurrency = concurrency_for(latency_s)
     stack = stack_run(
@@ -126,15 +128,16 @@ async def end_to_end(
         f"1 ingestor + {workers} x python -m worker --concurrency {concurrency} --demo-latency-s "
         f"{latency_s:g}, {n:,} demo tasks submitted in one burst"
     )
-    baseline = None
+    baseline, at_least_ratio = target, (1.0 if target is not None else None)
     if baseline_workers is not None and baseline_workers != workers:
-        baseline = e2e_name(baseline_workers, latency_s, "throughput")
+        baseline, at_least_ratio = e2e_name(baseline_workers, latency_s, "throughput"), None
     return [
         Result(
             e2e_name(workers, latency_s, "throughput"),
             "tasks/s",
             outcome.throughput,
             baseline=baseline,
+            at_least_ratio=at_least_ratio,
             notes=(
                 f"{setup}; first submit to last stored (sessions.stored_at) = {outcome.seconds:.1f}s; "
                 f"{calls / n:.1f} adapter calls per task; {lines:,} JSONL lines in {files} file(s)"

@@ -42,13 +42,28 @@ class Result:
     at_most: float | None = None
     """A target the row meets when ``value <= at_most``: its notes open with the verdict on the value
     shown (the median when runs are combined, not run 1's)."""
+    at_least: float | None = None
+    """A target the row meets when ``value >= at_least`` (a rate), with its verdict like ``at_most``'s."""
+    at_least_ratio: float | None = None
+    """A target the row meets when its ratio to ``baseline`` (the medians of the same run) is at least
+    this, with its verdict like ``at_most``'s."""
 
-    def verdict(self) -> str:
-        """``target <= 100 ms: met`` (empty without a target)."""
-        if self.at_most is None:
-            return ""
-        met = "met" if self.value <= self.at_most else "NOT met"
-        return f"target <= {self.at_most:g} {self.unit}: {met}"
+    def verdict(self, versus: float | None = None) -> str:
+        """``target <= 100 ms: met``, ``target >= 1x <baseline>: NOT met``, ... (empty without a target);
+        ``versus``: this row's ratio to its baseline."""
+        parts = []
+        if self.at_most is not None:
+            parts.append(f"target <= {self.at_most:g} {self.unit}: {_met(self.value <= self.at_most)}")
+        if self.at_least is not None:
+            parts.append(f"target >= {self.at_least:,g} {self.unit}: {_met(self.value >= self.at_least)}")
+        if self.at_least_ratio is not None and versus is not None:
+            met = _met(versus >= self.at_least_ratio)
+            parts.append(f"target >= {self.at_least_ratio:g}x {self.baseline}: {met}")
+        return "; ".join(parts)
+
+
+def _met(met: bool) -> str:
+    return "met" if met else "NOT met"
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,13 +229,13 @@ def render_table(results: Sequence[Result]) -> str:
         "|---|---:|---|---|---|",
     ]
     for result in results:
-        versus = ""
+        versus, value = "", None
         if result.baseline is not None:
             value = ratio(results, result.name, result.baseline)
             versus = (
                 f"{value:.2f}x {result.baseline}" if value is not None else f"({result.baseline} missing)"
             )
-        notes = "; ".join(part for part in (result.verdict(), result.notes) if part)
+        notes = "; ".join(part for part in (result.verdict(value), result.notes) if part)
         rows.append(
             f"| {_cell(result.name)} | {_number(result.value)} | {result.unit} | {_cell(versus)} "
             f"| {_cell(notes)} |"

@@ -175,6 +175,8 @@ async def atlas(ctx: Context) -> list[Result]:
             workers=workers,
             queue_type=queue_type,
             baseline=CELERY_NAME,
+            # the target: one worker process at least as fast as Celery's bare task leg
+            target_ratio=1.0 if (workers, queue_type) == (1, "quorum") else None,
             poll_s=ctx.sizes.poll_s,
         )
     return results
@@ -193,6 +195,8 @@ async def e2e(ctx: Context) -> list[Result]:
             workers=workers,
             latency_s=latency_s,
             baseline_workers=one,
+            # the target: end to end (ingestor and all) at least as fast as Celery's bare task leg
+            target=CELERY_NAME if latency_s == 0 else None,
         )
     return results
 

@@ -45,10 +45,12 @@ async def atlas_task_leg(
     workers: int = 1,
     queue_type: Literal["quorum", "classic"] = "quorum",
     baseline: str | None = None,
+    target_ratio: float | None = None,
     poll_s: float = 0.05,
 ) -> list[Result]:
-    """``n`` demo tasks through ``workers`` x ``python -m worker --concurrency 64``: the rate row, then
-    (quorum runs) the telemetry-messages-per-task row."""
+    """``n`` demo tasks through ``workers`` x ``python -m worker --concurrency 64``: the rate row (with
+    ``target_ratio``: the rate it should reach against ``baseline``), then (quorum runs) the
+    telemetry-messages-per-task row."""
     prefix = unique("atlas-bench")
     topology = Topology(prefix=prefix, queue_type=queue_type)
     procs = Processes(logdir / prefix)
@@ -96,6 +98,7 @@ async def atlas_task_leg(
             "tasks/s",
             drain.rate,
             baseline=baseline,
+            at_least_ratio=target_ratio,
             notes=(
                 f"python -m worker --concurrency {CONCURRENCY} x {workers} process(es), demo adapter, "
                 f"ledger + telemetry confirmed before ack, {queue_type} queue; "

@@ -103,6 +103,24 @@ def test_a_target_is_judged_on_the_value_shown() -> None:
     assert Result("rate", "tasks/s", 1.0).verdict() == ""
 
 
+def test_rate_targets_are_judged_on_the_value_and_on_the_ratio_to_the_baseline() -> None:
+    """A rate target (at least N/s) and a ratio target (at least Nx its baseline, both medians of the same
+    run) each say met or NOT met in the row's notes."""
+    base = Result("celery", "tasks/s", 2000.0)
+    fast = Result("ours", "tasks/s", 2500.0, baseline="celery", at_least=2400.0, at_least_ratio=1.0)
+    slow = Result("ours", "tasks/s", 1900.0, baseline="celery", at_least=2400.0, at_least_ratio=1.0)
+    assert (
+        "| ours | 2,500 | tasks/s | 1.25x celery | target >= 2,400 tasks/s: met; target >= 1x celery: met |"
+        in render([base, fast], _machine())
+    )
+    assert "| 0.95x celery | target >= 2,400 tasks/s: NOT met; target >= 1x celery: NOT met |" in render(
+        [base, slow], _machine()
+    )
+    share = Result("ingestor", "records/s", 30_000.0, baseline="copy", at_least_ratio=0.2)
+    assert "target >= 0.2x copy: NOT met" in render([Result("copy", "rows/s", 160_000.0), share], _machine())
+    assert "target" not in render([share], _machine())  # no baseline row, no ratio verdict
+
+
 def test_generated_telemetry_is_valid_and_in_session_order() -> None:
     """The ingestor rows' envelopes are encode_telemetry_batch's bytes, one kind each, within the worker's
     limits, and every session's records arrive opened -> steps -> closed."""
