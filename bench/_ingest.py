@@ -2,7 +2,7 @@
 
 The ingestor queue of a fresh prefix is pre-filled (not timed) with the envelopes of N sessions
 (:mod:`bench._sessions`), then ``python -m ingestor run`` starts with its default settings (batches of
-1,000 records; the prefetch it chose is read from its log) on a fresh migrated database,
+``batch_max_messages`` records; the prefetch it chose is read from its log) on a fresh migrated database,
 ``INGESTOR_JSONL_DIR`` in a temp dir. t0 is the first poll (every 20 ms) where the queue holds fewer
 messages than published: consumption started, so start-up is not timed; t1 is ``max(sessions.stored_at)``
 once the queue is empty and every session is stored (``export_file`` set: complete in PostgreSQL and
@@ -27,6 +27,7 @@ from bench._harness import Processes, QueueProbe, python_module, scratch_databas
 from bench._report import Result
 from bench._sessions import RECORDS_PER_SESSION, publish_envelopes, sessions_for
 from bench._stack import delete_topology, jsonl_stats
+from ingestor import IngestorSettings
 from migrations import apply_migrations
 
 
@@ -109,7 +110,8 @@ async def ingestor_alone(
         )
     seconds = t1 - t0
     notes = (
-        f"python -m ingestor run (defaults: batches of 1,000 records; prefetch {prefetch} from its log); "
+        f"python -m ingestor run (defaults: batches of {IngestorSettings().batch_max_messages:,} records; "
+        f"prefetch {prefetch} from its log); "
         f"{total:,} records = {n_sessions:,} demo-shaped sessions x {RECORDS_PER_SESSION} (~1 KB each), "
         f"pre-filled as {messages:,} TelemetryBatch messages (one kind each, <= 500 records / 256 KiB; "
         f"~{published.records_per_message:.0f} records, {published.kib_per_message:.0f} KiB on average); "

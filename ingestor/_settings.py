@@ -53,7 +53,11 @@ class IngestorSettings(BrokerSettings):
     Default: DATABASE_URL."""
     ingestor_id: str = Field(default_factory=default_ingestor_id, pattern=INGESTOR_ID_PATTERN)
 
-    batch_max_messages: int = Field(default=1000, ge=1, le=_MAX_PREFETCH // 2)
+    batch_max_messages: int = Field(default=2500, ge=1, le=_MAX_PREFETCH // 2)
+    """Records per batch at most; a batch is also cut ``flush_interval_s`` after its first delivery, which
+    comes first below 12,500 records/s (2,500 per 200 ms). Each batch pays ~10 statements, a commit and an
+    fsync whatever its size: from a 100,000-record backlog, 2,500 stored ~15% more records/s than 1,000
+    for ~15 MiB more peak RSS; 5,000 a few percent more again for ~60 MiB more."""
     flush_interval_s: float = Field(default=0.2, gt=0, le=60)
     prefetch: int | None = Field(default=None, ge=1, le=_MAX_PREFETCH)
     """Unacked deliveries the broker may send ahead; default twice ``batch_max_messages``, so the next
