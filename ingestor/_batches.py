@@ -161,8 +161,8 @@ class _Stored:
     """A batch whose transaction is done (or refused what it could not store): what its finish needs."""
 
     live: list[Incoming]
-    decoded: int
-    refused: int
+    records: int
+    """Records stored (decoded and not refused)."""
     dead: list[DeadLetter]
     started: float
     exported: int
@@ -261,9 +261,8 @@ class BatchWriter:
             await self._finish(await self._store_batch([incoming]), broker)
         except (BrokerUnavailable, ShutdownDeadline) as err:
             _log.warning("batch.dropped_unacked", reason=str(err), messages=1)
-        except Exception as exc:  # noqa: BLE001 -- dead-lettered with the error (logged with its traceback)
-            _log.exception("message.unexpected_error_dead_lettered", message_id=incoming.delivery.message_id)
-            await self._give_up(incoming, exc, broker)
+        except Exception as exc:  # noqa: BLE001 -- alone, it is dead-lettered with the error
+            await self._isolate([incoming], broker, exc)
 
     async def _store_batch(self, live: list[Incoming]) -> _Stored:
         """Decode (done as it arrived) -> write what can be stored (Postgres, one transaction; the culprits
@@ -281,8 +280,7 @@ class BatchWriter:
         dead.extend(DeadLetter.refused(r) for r in refused)
         return _Stored(
             live=live,
-            decoded=len(decoded),
-            refused=len(refused),
+            records=len(decoded) - len(refused),
             dead=dead,
             started=started,
             exported=self._stats["exported"] - exported_before,
@@ -298,10 +296,10 @@ class BatchWriter:
         await self._dead_letter(broker, stored.dead)
         await broker.ack_through(stored.live[-1].delivery)
         self._stats["batches"] += 1
-        self._stats["messages"] += stored.decoded - stored.refused
+        self._stats["messages"] += stored.records
         self._stats["dead_lettered"] += len(stored.dead)
         self._metrics.observe_batch(
-            records=stored.decoded - stored.refused,
+            records=stored.records,
             dead=len(stored.dead),
             exported=stored.exported,
             seconds=time.perf_counter() - stored.started,

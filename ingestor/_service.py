@@ -129,12 +129,13 @@ class Ingestor:
             await self._loop(broker, parts)
             if self._stop.is_set():
                 await self._drain(broker, parts)
-            await parts.writer.settle()  # the last batch's finish acks on this epoch's channel
         except asyncio.CancelledError:  # the shutdown deadline: what is unacked is redelivered
             parts.writer.cancel()
             raise
         finally:
-            await parts.writer.settle()  # after an error: its ack fails, logged, the batch redelivered
+            # The last batch's finish acks on this epoch's channel (after an error that ack fails, is
+            # logged, and the batch is redelivered).
+            await parts.writer.settle()
             stopper.cancel()
             await asyncio.gather(stopper, return_exceptions=True)
         if broker.lost.is_set() and not self._stop.is_set():
