@@ -45,7 +45,7 @@ _NAMES: Final = {text: name for name, text in vars(_sql).items() if name.isupper
 
 
 class _Timed:
-    """The three connection methods ``write_batch`` calls, each timed under its statement's name."""
+    """The connection methods ``write_batch`` calls, each timed under its statement's name."""
 
     def __init__(self, conn: asyncpg.Connection, into: dict[str, list[float]]) -> None:
         self._conn = conn
@@ -67,6 +67,13 @@ class _Timed:
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await self._run(self._conn.fetchval, sql, args)
+
+    async def copy_records_to_table(self, table: str, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await self._conn.copy_records_to_table(table, **kwargs)
+        finally:
+            self._into.setdefault("COPY_STEPS", []).append((time.perf_counter() - started) * 1000)
 
 
 def _session_records(template: Sequence[TelemetryMessage], now: datetime) -> list[TelemetryMessage]:

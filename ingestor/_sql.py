@@ -55,14 +55,18 @@ RETURNING s.id, s.adapter_session_id, (s.xmax = 0) AS inserted, (s.export_file I
 """
 
 # The sessions the batch names that existed before it (locked by the upsert): what the consistency checks
-# need, and the whole row where the batch's opened or close is not applied yet (``needs``: the merge input).
+# need, the whole row where the batch's opened or close is not applied yet (``needs``: the merge input), and
+# the step ids already stored where the batch brings steps (those are left out of the COPY of the steps).
 EXISTING_SESSIONS: Final = """
 WITH e AS (
-    SELECT s.*, (u.opened AND s.attempt IS NULL) OR (u.closed AND s.steps_expected IS NULL) AS needs
-    FROM unnest($1::text[], $2::bool[], $3::bool[]) AS u(asid, opened, closed)
+    SELECT s.*, (u.opened AND s.attempt IS NULL) OR (u.closed AND s.steps_expected IS NULL) AS needs,
+           CASE WHEN u.stepped THEN array(SELECT r.step_id FROM step_results AS r WHERE r.session_id = s.id)
+           END AS stored_steps
+    FROM unnest($1::text[], $2::bool[], $3::bool[], $4::bool[]) AS u(asid, opened, closed, stepped)
     JOIN sessions AS s ON s.adapter_session_id = u.asid
 )
 SELECT id, adapter_session_id, task_id, steps_expected, (export_file IS NOT NULL) AS assigned, needs,
+       stored_steps,
        CASE WHEN needs THEN task END AS task, CASE WHEN needs THEN status END AS status,
        CASE WHEN needs THEN metadata END AS metadata, CASE WHEN needs THEN final_answer END AS final_answer,
        CASE WHEN needs THEN created_at END AS created_at,
@@ -106,17 +110,22 @@ SELECT u.session_id, u.plan::jsonb FROM unnest($1::int4[], $2::text[]) AS u(sess
 ON CONFLICT (session_id) DO NOTHING
 """
 
-INSERT_STEPS: Final = """
-INSERT INTO step_results (session_id, step_id, trace, output, attempts, metadata, adapter_session_id,
-                          adapter_usage, adapter_events)
-SELECT u.session_id, u.step_id, u.trace, u.output, u.attempts, u.metadata::jsonb, u.asid,
-       u.adapter_usage::jsonb, u.adapter_events::jsonb
-FROM unnest($1::int4[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::text[],
-            $9::text[])
-     AS u(session_id, step_id, trace, output, attempts, metadata, asid, adapter_usage, adapter_events)
-ON CONFLICT (session_id, step_id) DO NOTHING
-RETURNING session_id, step_id
-"""
+# The steps go in by COPY (binary), not INSERT ... unnest: a third of the client CPU (no array encoding) and
+# less server time per row. COPY has no ON CONFLICT, so the batch leaves out before it what is stored already
+# (EXISTING_SESSIONS' stored_steps, read under the session row locks that keep any other writer out: a new
+# session has no steps, and merge_batch keeps one step per (session, step_id)).
+STEP_TABLE: Final = "step_results"
+STEP_COLUMNS: Final = (
+    "session_id",
+    "step_id",
+    "trace",
+    "output",
+    "attempts",
+    "metadata",
+    "adapter_session_id",
+    "adapter_usage",
+    "adapter_events",
+)
 
 # A running session (no close yet) of task T is abandoned when T has a session with a higher
 # (attempt, created_at); completed_at is that newest session's created_at and the reason names its attempt,

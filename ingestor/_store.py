@@ -87,13 +87,22 @@ def classify(err: BaseException, url: str = "") -> IngestorError:
     return DatabaseUnavailable(scrub_secrets(f"{type(err).__name__}: {err}", url))
 
 
-def _dumps(value: object) -> str:
-    return orjson.dumps(value).decode()
+def _encode_jsonb(value: object) -> bytes:
+    return b"\x01" + orjson.dumps(value)  # jsonb's binary form: a version byte, then the JSON text
+
+
+def _decode_jsonb(data: bytes) -> object:
+    return orjson.loads(memoryview(data)[1:])
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    for name in ("jsonb", "json"):
-        await conn.set_type_codec(name, encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
+    # Binary codecs, because COPY (the steps go in by COPY) takes no type with a text codec.
+    await conn.set_type_codec(
+        "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
+    )
+    await conn.set_type_codec(
+        "json", encoder=orjson.dumps, decoder=orjson.loads, schema="pg_catalog", format="binary"
+    )
 
 
 async def connect(settings: IngestorSettings, url: str | None = None) -> asyncpg.Connection:

@@ -6,7 +6,7 @@
 3. The existing ones read back: owner, close and assignment state, and the whole row where the batch
    brings an opened or a close not applied yet. Records that do not fit their stored session (another
    task's, a second close, a step after the close) raise RecordsRejected: nothing is written.
-4. Steps inserted (duplicates ignored), returning the ones this transaction wrote.
+4. Steps copied in, leaving out the ones stored already (a redelivery).
 5. The merged rows written back; a close that completes its session assigns it in the same statement.
 6. Plans; the abandonment rule for the tasks with a new opened; the assignment of sessions completed by
    steps that came after their close (rare: a reordered delivery).
@@ -170,6 +170,7 @@ class _Transaction:
         self._ids: dict[str, int] = {}
         self._inserted: set[str] = set()
         self._existing: list[Record] = []
+        self._stored_steps: dict[str, set[int]] = {}
         self._stepped: set[int] = set()
         self.written = Written()
 
@@ -210,40 +211,46 @@ class _Transaction:
             [c.adapter_session_id for c in names],
             [c.opened is not None for c in names],
             [c.closed is not None for c in names],
+            [c.steps > 0 for c in names],
         )
         problems = misfits(self._existing, self._changes)
         if problems:
             raise RecordsRejected(problems)
         for rec in self._existing:
             self._ids[rec["adapter_session_id"]] = rec["id"]
+            if rec["stored_steps"]:
+                self._stored_steps[rec["adapter_session_id"]] = set(rec["stored_steps"])
 
     async def _insert_steps(self) -> None:
-        """Insert the batch's steps; ``written.steps`` gets the ones this transaction wrote."""
-        if not self._batch.steps:
+        """COPY the batch's steps that are not stored yet; ``written.steps`` gets them, by session id."""
+        stored = self._stored_steps
+        rows = [
+            step_row(s)
+            for s in self._batch.steps
+            if s.adapter_session_id not in stored or s.step_id not in stored[s.adapter_session_id]
+        ]
+        if not rows:
             return
-        rows = [step_row(s) for s in self._batch.steps]
-        session_ids = [self._ids[r["adapter_session_id"]] for r in rows]
-        returned = await self._conn.fetch(
-            _sql.INSERT_STEPS,
-            session_ids,
-            [r["step_id"] for r in rows],
-            [r["trace"] for r in rows],
-            [r["output"] for r in rows],
-            [r["attempts"] for r in rows],
-            [_dumps(r["metadata"]) for r in rows],
-            [r["adapter_session_id"] for r in rows],
-            [_dumps(r["adapter_usage"]) for r in rows],
-            [_dumps(r["adapter_events"]) for r in rows],
-        )
+        ids = self._ids
         steps = self.written.steps
-        if len(returned) == len(rows):  # every step was new (the usual case): no need to match them up
-            for session_id, row in zip(session_ids, rows, strict=True):
-                steps.setdefault(session_id, []).append(row)
-        else:
-            new = {(r["session_id"], r["step_id"]) for r in returned}
-            for session_id, row in zip(session_ids, rows, strict=True):
-                if (session_id, row["step_id"]) in new:
-                    steps.setdefault(session_id, []).append(row)
+        records = []
+        for row in rows:
+            session_id = ids[row["adapter_session_id"]]
+            steps.setdefault(session_id, []).append(row)
+            records.append(
+                (
+                    session_id,
+                    row["step_id"],
+                    row["trace"],
+                    row["output"],
+                    row["attempts"],
+                    row["metadata"],  # jsonb: the connection's codec encodes it
+                    row["adapter_session_id"],
+                    row["adapter_usage"],
+                    row["adapter_events"],
+                )
+            )
+        await self._conn.copy_records_to_table(_sql.STEP_TABLE, records=records, columns=_sql.STEP_COLUMNS)
         self._stepped = set(steps)
 
     async def _write_back(self) -> None:
