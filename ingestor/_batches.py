@@ -12,17 +12,21 @@
 5. Dead-letter each one alone with its reason (confirmed).
 6. Ack the batch (``multiple=True`` on its last delivery).
 
-Steps 3-6, the batch's *finish*, wait mostly on the disk and the broker, so they run on while the next
-batch's transaction does (:meth:`BatchWriter.settle` waits for them): one finish at a time, in batch
-order, so acks stay in order and one append runs at a time. The ack is last, so a crash anywhere before it
-means redelivery, and every step is idempotent. An unexpected error (a bug) is isolated to the delivery
-that causes it, which is dead-lettered with the error, so no message can crash the ingestor again on every
+A batch's transaction waits on PostgreSQL statement by statement, and its *finish* (steps 3-6) on the
+disk and the broker, so up to ``batches_in_flight`` batches are worked on at once: their transactions run
+side by side, each on its own pooled connection (two batches with a task in common queue on its task lock,
+as two ingestors' do), and their finishes run one at a time, in batch order, so acks stay in order and one
+append runs at a time (:meth:`BatchWriter.settle` waits for all of them). The ack is last, so a crash
+anywhere before it means redelivery, and every step is idempotent; a batch given back unacked is requeued
+at once, so no later batch's ack covers it. An unexpected error (a bug) is isolated to the delivery that
+causes it, which is dead-lettered with the error, so no message can crash the ingestor again on every
 redelivery.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import re
 import time
@@ -156,6 +160,13 @@ def _take_out(part: list[Decoded], problems: dict[RecordKey, Problem]) -> list[R
     return out
 
 
+async def _finished(batch: asyncio.Task[None] | None) -> None:
+    """Wait until an earlier batch's task is done, without taking its outcome (it raises nothing but
+    CancelledError) and without cancelling it when the waiter is cancelled."""
+    if batch is not None:
+        await asyncio.wait({batch})
+
+
 @dataclass(frozen=True, slots=True)
 class _Stored:
     """A batch whose transaction is done (or refused what it could not store): what its finish needs."""
@@ -167,15 +178,6 @@ class _Stored:
     started: float
     exported: int
     oldest: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Finishing:
-    """The previous batch's finish, running; ``broker`` is the one its deliveries came from."""
-
-    stored: _Stored
-    task: asyncio.Task[None]
-    broker: Broker
 
 
 class BatchWriter:
@@ -191,6 +193,7 @@ class BatchWriter:
         hold: Hold,
         metrics: IngestorMetrics,
         stats: dict[str, int],
+        in_flight: int,
     ) -> None:
         self._store = store
         self._liveness = liveness
@@ -198,11 +201,13 @@ class BatchWriter:
         self._hold = hold
         self._metrics = metrics
         self._stats = stats
-        self._finishing: _Finishing | None = None
+        self._in_flight = max(1, in_flight)
+        self._batches: collections.deque[asyncio.Task[None]] = collections.deque()
 
     async def handle(self, batch: list[Incoming], broker: Broker) -> None:
-        """Process one batch: its transaction now, its finish (append, problems, dead letters, ack) on
-        while the caller collects and writes the next one. Whatever goes wrong, the process goes on: a lost
+        """Start one batch (its transaction, then its finish: append, problems, dead letters, ack, after
+        the batch before it has finished); returns once fewer than ``in_flight`` batches are unfinished,
+        so the caller collects the next one meanwhile. Whatever goes wrong, the process goes on: a lost
         channel or the shutdown deadline drops the batch unacked (redelivered), and an unexpected error (a
         bug) is isolated to the delivery that causes it, which is dead-lettered with the error instead of
         crashing the ingestor again on every redelivery."""
@@ -211,36 +216,47 @@ class BatchWriter:
             _log.warning("batch.stale_deliveries_dropped", count=len(batch) - len(live))
         if not live:
             return
+        before = self._batches[-1] if self._batches else None
+        self._batches.append(asyncio.create_task(self._run(live, broker, before)))
+        while len(self._batches) >= self._in_flight or (self._batches and self._batches[0].done()):
+            await self._batches.popleft()
+
+    async def settle(self) -> None:
+        """Wait until every batch started is finished (or dropped, or isolated)."""
+        while self._batches:
+            await self._batches.popleft()
+
+    def cancel(self) -> None:
+        """Cancel the unfinished batches without waiting (the service is being cancelled: what they held
+        is redelivered)."""
+        batches, self._batches = self._batches, collections.deque()
+        for task in batches:
+            task.cancel()
+
+    async def _run(self, live: list[Incoming], broker: Broker, before: asyncio.Task[None] | None) -> None:
+        """One batch from its transaction to its ack; ``before`` (the batch started before it) finishes
+        first. Never raises but CancelledError."""
         try:
             stored = await self._store_batch(live)
         except (BrokerUnavailable, ShutdownDeadline) as err:
-            _log.warning("batch.dropped_unacked", reason=str(err), messages=len(live))
+            await self._drop(live, broker, err)
             return
         except Exception as exc:  # noqa: BLE001 -- a bug must not crash the process on a batch it gets again
-            await self.settle()
+            await _finished(before)
             await self._isolate(live, broker, exc)
             return
-        await self.settle()  # the previous batch's finish first: acks in order, one append at a time
-        self._finishing = _Finishing(stored, asyncio.create_task(self._finish(stored, broker)), broker)
-
-    async def settle(self) -> None:
-        """Wait for the running finish, if any; a bug in it isolates that batch's deliveries."""
-        finishing, self._finishing = self._finishing, None
-        if finishing is None:
-            return
+        await _finished(before)  # acks in order, one append at a time
         try:
-            await finishing.task
+            await self._finish(stored, broker)
         except (BrokerUnavailable, ShutdownDeadline) as err:
-            _log.warning("batch.dropped_unacked", reason=str(err), messages=len(finishing.stored.live))
-        except Exception as exc:  # noqa: BLE001 -- as in handle: isolated, never a crash
-            await self._isolate(finishing.stored.live, finishing.broker, exc)
+            await self._drop(live, broker, err)
+        except Exception as exc:  # noqa: BLE001 -- as above: isolated, never a crash
+            await self._isolate(live, broker, exc)
 
-    def cancel(self) -> None:
-        """Cancel the running finish without waiting (the service is being cancelled: what it held is
-        redelivered)."""
-        finishing, self._finishing = self._finishing, None
-        if finishing is not None:
-            finishing.task.cancel()
+    async def _drop(self, live: list[Incoming], broker: Broker, err: Exception) -> None:
+        """Give a batch back unacked (redelivered): requeued now, so that no later batch's ack covers it."""
+        _log.warning("batch.dropped_unacked", reason=str(err), messages=len(live))
+        await broker.requeue(i.delivery for i in live)
 
     async def _isolate(self, live: list[Incoming], broker: Broker, exc: Exception) -> None:
         """Each delivery of a batch that hit an unexpected error again alone, finished at once; the one
@@ -260,7 +276,7 @@ class BatchWriter:
         try:
             await self._finish(await self._store_batch([incoming]), broker)
         except (BrokerUnavailable, ShutdownDeadline) as err:
-            _log.warning("batch.dropped_unacked", reason=str(err), messages=1)
+            await self._drop([incoming], broker, err)
         except Exception as exc:  # noqa: BLE001 -- alone, it is dead-lettered with the error
             await self._isolate([incoming], broker, exc)
 
@@ -275,15 +291,14 @@ class BatchWriter:
             dead.extend(DeadLetter.invalid(incoming.delivery, r) for r in incoming.rejects)
             decoded.extend(Decoded(incoming.delivery, m, incoming.bare) for m in incoming.records)
         started = time.perf_counter()
-        exported_before = self._stats["exported"]
-        refused = await self._write(decoded)
+        refused, exported = await self._write(decoded)
         dead.extend(DeadLetter.refused(r) for r in refused)
         return _Stored(
             live=live,
             records=len(decoded) - len(refused),
             dead=dead,
             started=started,
-            exported=self._stats["exported"] - exported_before,
+            exported=exported,
             oldest=min((d.message.emitted_at for d in decoded), default=None),
         )
 
@@ -306,8 +321,9 @@ class BatchWriter:
             oldest=stored.oldest,
         )
 
-    async def _write(self, items: list[Decoded]) -> list[Refused]:
-        """Write every item that can be stored; returns the others, each with its reason.
+    async def _write(self, items: list[Decoded]) -> tuple[list[Refused], int]:
+        """Write every item that can be stored; returns the others, each with its reason, and how many
+        sessions the writes assigned to a file.
 
         The records at fault are named when they can be (they do not fit their session, or a field holds
         what storage refuses); when Postgres refuses a batch for a reason not traced to a record, the batch
@@ -315,6 +331,7 @@ class BatchWriter:
         work: list[list[Decoded]] = [list(items)] if items else []
         refused: list[Refused] = []
         known: dict[str, str] = {}
+        exported = 0
         while work:
             part = work[-1]
             if not part:
@@ -338,7 +355,7 @@ class BatchWriter:
                 target = self._jsonl.target(token)
                 ids = await self._store.write(merged, target)
             except FileSuperseded:
-                self._jsonl.abandon("finalized by a recoverer")
+                self._jsonl.abandon("finalized by a recoverer", target)
                 continue
             except RecordsRejected as err:
                 taken = _take_out(part, err.problems)
@@ -355,8 +372,9 @@ class BatchWriter:
             self._hold.ok("postgres")
             self._jsonl.note_assigned(target, ids)
             self._stats["exported"] += len(ids)
+            exported += len(ids)
             work.pop()
-        return refused
+        return refused, exported
 
     async def _flush_jsonl(self) -> None:
         while self._jsonl.has_pending:
@@ -402,5 +420,5 @@ class BatchWriter:
             await self._dead_letter(broker, [letter])
             await broker.ack_through(incoming.delivery)
         except BrokerUnavailable as err:
-            _log.warning("batch.dropped_unacked", reason=str(err), messages=1)
+            await self._drop([incoming], broker, err)
         self._stats["dead_lettered"] += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeVar
 
@@ -282,6 +283,16 @@ class Broker(Resource):
             await delivery.ack(multiple=True)
         except BROKER_ERRORS as err:
             raise BrokerUnavailable(f"ack failed: {self._text(err)}") from err
+
+    async def requeue(self, deliveries: Iterable[Delivery]) -> None:
+        """Give deliveries back now (``nack``, requeued, one by one): a batch dropped unacked must not be
+        covered by a later batch's ``multiple=True`` ack on the same channel. Where the channel is gone
+        the broker has requeued them already."""
+        for delivery in deliveries:
+            try:
+                await delivery.nack(requeue=True)
+            except BROKER_ERRORS:
+                return
 
     async def close(self) -> None:
         await self.stop()

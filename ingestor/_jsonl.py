@@ -171,8 +171,12 @@ class RollingJsonl:
         if current.first_assigned is None:
             current.first_assigned = self._clock()
 
-    def abandon(self, reason: str) -> None:
-        """Stop using the open file; a recoverer finalizes it from Postgres once its owner lock is free."""
+    def abandon(self, reason: str, target: FileTarget | None = None) -> None:
+        """Stop using the open file (only if it is ``target``'s: a batch that assigned to a file already
+        abandoned must not abandon the next); a recoverer finalizes it from Postgres once its owner lock
+        is free."""
+        if target is not None and (self._current is None or self._current.name != target.name):
+            return
         current, self._current = self._current, None
         if current is not None and current.assigned:
             _log.warning("jsonl.file_abandoned", file=current.name, reason=reason, sessions=current.assigned)

@@ -14,6 +14,7 @@ process died, and its files would never be recovered. Recoverers test the lock w
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 
@@ -42,6 +43,7 @@ class Liveness(Resource):
         self._generation = 0
         self._conn: asyncpg.Connection | None = None
         self._token: str | None = None
+        self._connecting = asyncio.Lock()  # batches in flight ask at once: one connects, the rest wait
 
     @property
     def token(self) -> str | None:
@@ -53,6 +55,10 @@ class Liveness(Resource):
         token = self.token
         if token is not None:
             return token
+        async with self._connecting:
+            return self.token or await self._connect()
+
+    async def _connect(self) -> str:
         if self._conn is not None:
             _log.warning("liveness.lost", owner_token=self._token)
             self._conn.terminate()

@@ -86,6 +86,7 @@ class Ingestor:
                 hold=self._hold,
                 metrics=self.metrics,
                 stats=self.stats,
+                in_flight=s.batches_in_flight,
             )
             parts = _Parts(store, liveness, jsonl, Recoverer(s, store, liveness, stream), writer)
             try:
@@ -272,7 +273,7 @@ class Ingestor:
             try:
                 jsonl.note_assigned(target, await store.sweep_unassigned(target))
             except FileSuperseded:
-                jsonl.abandon("finalized by a recoverer")
+                jsonl.abandon("finalized by a recoverer", target)
             await jsonl.flush()
         except TransientError as err:
             self._hold.note(err)

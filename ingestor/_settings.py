@@ -59,9 +59,15 @@ class IngestorSettings(BrokerSettings):
     fsync whatever its size: from a 100,000-record backlog, 2,500 stored ~15% more records/s than 1,000
     for ~15 MiB more peak RSS; 5,000 a few percent more again for ~60 MiB more."""
     flush_interval_s: float = Field(default=0.2, gt=0, le=60)
+    batches_in_flight: int = Field(default=3, ge=1, le=8)
+    """Batches worked on at once: their transactions run side by side, each on its own pooled connection,
+    while their finishes (append, dead letters, ack) run one at a time in batch order. A transaction waits
+    on PostgreSQL statement by statement, so one alone leaves the ingestor idle a quarter of the time; 1
+    writes and finishes each batch before the next."""
     prefetch: int | None = Field(default=None, ge=1, le=_MAX_PREFETCH)
-    """Unacked deliveries the broker may send ahead; default twice ``batch_max_messages``, so the next
-    batch fills while one is being written. It also bounds memory while Postgres is down."""
+    """Unacked deliveries the broker may send ahead; default ``batches_in_flight`` times
+    ``batch_max_messages`` (at least twice), so the next batch fills while the others are written. It also
+    bounds memory while Postgres is down."""
     max_in_flight_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
     """Unacked delivery bytes to aim for: the prefetch count adapts to the average message size, so a
     backlog of large envelopes cannot fill memory (the count never exceeds ``prefetch``)."""
@@ -142,4 +148,6 @@ class IngestorSettings(BrokerSettings):
 
     @property
     def prefetch_count(self) -> int:
-        return self.prefetch if self.prefetch is not None else min(2 * self.batch_max_messages, _MAX_PREFETCH)
+        if self.prefetch is not None:
+            return self.prefetch
+        return min(max(2, self.batches_in_flight) * self.batch_max_messages, _MAX_PREFETCH)

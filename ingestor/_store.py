@@ -158,7 +158,8 @@ class Store(Resource):
         self._pool = await asyncpg.create_pool(
             self._settings.database_url,
             min_size=0,
-            max_size=4,
+            # A connection per batch in flight, and two for the rest (problems, owners, sweeps, lines).
+            max_size=self._settings.batches_in_flight + 2,
             init=_init_connection,
             timeout=self._settings.db_connect_timeout_s,
             command_timeout=self._settings.db_command_timeout_s,

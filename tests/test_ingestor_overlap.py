@@ -15,7 +15,7 @@ import pytest
 from ingestor import IngestorSettings
 from ingestor._batches import BatchWriter
 from ingestor._consumer import Incoming
-from ingestor._errors import JsonlWriteError
+from ingestor._errors import JsonlWriteError, ShutdownDeadline
 from ingestor._health import Hold
 from ingestor._jsonl import RollingJsonl
 from ingestor._metrics import IngestorMetrics
@@ -115,13 +115,29 @@ class _Broker:
     async def dead_letter(self, delivery: _Delivery, reason: str, body: bytes | None) -> None:
         self.events.append(("dead", delivery.n))
 
+    async def requeue(self, deliveries: Any) -> None:
+        self.events.extend(("requeue", d.n) for d in deliveries)
+
 
 class _Store:
+    """Writes return at once, or, with ``gate`` set, only once it opens (``writing``: those waiting)."""
+
     def __init__(self, events: list[tuple[str, object]]) -> None:
         self.events = events
+        self.gate: asyncio.Event | None = None
+        self.writing = 0
+        self.unavailable: set[str] = set()
 
     async def write(self, merged: Any, target: Any) -> list[tuple[int, bytes | None]]:
-        self.events.append(("write", tuple(s.adapter_session_id for s in merged.sessions)))
+        names = tuple(s.adapter_session_id for s in merged.sessions)
+        self.events.append(("write", names))
+        if self.gate is not None:
+            self.writing += 1
+            await self.gate.wait()
+            self.writing -= 1
+        if self.unavailable & set(names):
+            raise ShutdownDeadline("gave up after the shutdown grace")
+        self.events.append(("committed", names))
         return []
 
     async def record_problems(self, rows: Any) -> None:
@@ -133,16 +149,19 @@ class _Liveness:
         return "token-1"
 
 
-def _writer(tmp_path: Path, events: list[tuple[str, object]]) -> tuple[BatchWriter, dict[str, int]]:
+def _writer(
+    tmp_path: Path, events: list[tuple[str, object]], in_flight: int = 2, store: _Store | None = None
+) -> tuple[BatchWriter, dict[str, int]]:
     settings = IngestorSettings(jsonl_dir=tmp_path, ingestor_id="unit")
     stats = {"batches": 0, "messages": 0, "dead_lettered": 0, "exported": 0}
     writer = BatchWriter(
-        store=cast(Any, _Store(events)),
+        store=cast(Any, store or _Store(events)),
         liveness=cast(Any, _Liveness()),
         jsonl=RollingJsonl(settings, cast(Any, _NoStore())),
         hold=Hold(settings, asyncio.Event()),
         metrics=IngestorMetrics(),
         stats=stats,
+        in_flight=in_flight,
     )
     return writer, stats
 
@@ -171,10 +190,11 @@ async def test_the_next_batch_is_stored_while_the_previous_one_finishes_and_acks
     one, two = generate(2, retry_share=0.0).sessions
     # Returns with its ack still waiting (a writer that finished inline would time out here).
     await asyncio.wait_for(writer.handle([_incoming(1, one)], cast(Any, broker)), timeout=5)
-    assert events == [("write", (one.adapter_session_id,))]
-    second = asyncio.create_task(writer.handle([_incoming(2, two)], cast(Any, broker)))
     await _until(lambda: len(events) == 2)
-    assert events[1] == ("write", (two.adapter_session_id,))
+    assert events == [("write", (one.adapter_session_id,)), ("committed", (one.adapter_session_id,))]
+    second = asyncio.create_task(writer.handle([_incoming(2, two)], cast(Any, broker)))
+    await _until(lambda: len(events) == 4)
+    assert events[2:] == [("write", (two.adapter_session_id,)), ("committed", (two.adapter_session_id,))]
     assert not second.done()  # the second batch's finish waits for the first's
     broker.acks_open.set()
     await second
@@ -203,3 +223,41 @@ async def test_a_bug_in_a_finish_isolates_its_deliveries_and_the_service_goes_on
     assert [e for e in events if e[0] == "ack"] == [("ack", 1), ("ack", 2)]
     assert stats["batches"] == 2
     assert stats["dead_lettered"] == 0
+
+
+async def test_batches_in_flight_write_side_by_side_and_finish_in_order(tmp_path: Path) -> None:
+    """With three batches in flight, two transactions wait on the database at once while the caller
+    collects the next batch; the one that commits first is still acked second, after its elder."""
+    events: list[tuple[str, object]] = []
+    store = _Store(events)
+    store.gate = asyncio.Event()
+    writer, stats = _writer(tmp_path, events, in_flight=3, store=store)
+    broker = _Broker(events)
+    broker.acks_open.set()
+    one, two = generate(2, retry_share=0.0).sessions
+    await asyncio.wait_for(writer.handle([_incoming(1, one)], cast(Any, broker)), timeout=5)
+    await asyncio.wait_for(writer.handle([_incoming(2, two)], cast(Any, broker)), timeout=5)
+    await _until(lambda: store.writing == 2)  # both transactions open at once
+    store.gate.set()
+    await writer.settle()
+    acks = [e for e in events if e[0] == "ack"]
+    assert acks == [("ack", 1), ("ack", 2)]
+    assert stats["batches"] == 2
+
+
+async def test_a_batch_given_back_is_requeued_before_a_later_batch_acks(tmp_path: Path) -> None:
+    """A batch dropped unacked (the shutdown deadline hit its transaction) while the next one commits: its
+    deliveries are requeued, and only then is the later batch acked (``multiple=True`` would cover them)."""
+    events: list[tuple[str, object]] = []
+    store = _Store(events)
+    writer, stats = _writer(tmp_path, events, in_flight=3, store=store)
+    broker = _Broker(events)
+    broker.acks_open.set()
+    one, two = generate(2, retry_share=0.0).sessions
+    store.unavailable = {one.adapter_session_id}
+    await writer.handle([_incoming(1, one)], cast(Any, broker))
+    await writer.handle([_incoming(2, two)], cast(Any, broker))
+    await writer.settle()
+    settled = [e for e in events if e[0] in {"ack", "requeue"}]
+    assert settled == [("requeue", 1), ("ack", 2)]
+    assert stats["batches"] == 1

@@ -196,14 +196,19 @@ def tmp_path_of(directory: Path, name: str) -> str:
 
 
 def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Prefetch defaults to twice the batch, env names are the documented ones, ids are unique per process."""
+    """Prefetch defaults to a batch per batch in flight (at least two), env names are the documented ones,
+    ids are unique per process."""
     monkeypatch.setenv("INGESTOR_JSONL_DIR", str(tmp_path))
     monkeypatch.setenv("DATABASE_URL", "postgresql://u@h/db")
     monkeypatch.setenv("INGESTOR_BATCH_MAX_MESSAGES", "300")
     settings = IngestorSettings()
     assert settings.jsonl_dir == tmp_path
     assert settings.database_url == "postgresql://u@h/db"
-    assert settings.prefetch_count == 600
+    assert settings.batches_in_flight == 3
+    assert settings.prefetch_count == 900
+    assert IngestorSettings(batch_max_messages=300, batches_in_flight=1).prefetch_count == 600
+    monkeypatch.setenv("INGESTOR_BATCHES_IN_FLIGHT", "4")
+    assert IngestorSettings().prefetch_count == 1200
     assert IngestorSettings(prefetch=7).prefetch_count == 7
     assert settings.ingestor_id != IngestorSettings().ingestor_id
     assert (settings.batch_max_messages, IngestorSettings(batch_max_messages=1000).flush_interval_s) == (
