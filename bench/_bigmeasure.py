@@ -22,7 +22,7 @@ import re
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -51,29 +51,24 @@ class _Timed:
         self._conn = conn
         self._into = into
 
-    async def _run(self, method: Callable[..., Any], sql: str, args: tuple[Any, ...]) -> Any:
+    async def _timed(self, name: str, call: Awaitable[Any]) -> Any:
         started = time.perf_counter()
         try:
-            return await method(sql, *args)
+            return await call
         finally:
-            name = _NAMES.get(sql, "other")
             self._into.setdefault(name, []).append((time.perf_counter() - started) * 1000)
 
     async def execute(self, sql: str, *args: Any) -> Any:
-        return await self._run(self._conn.execute, sql, args)
+        return await self._timed(_NAMES.get(sql, "other"), self._conn.execute(sql, *args))
 
     async def fetch(self, sql: str, *args: Any) -> Any:
-        return await self._run(self._conn.fetch, sql, args)
+        return await self._timed(_NAMES.get(sql, "other"), self._conn.fetch(sql, *args))
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
-        return await self._run(self._conn.fetchval, sql, args)
+        return await self._timed(_NAMES.get(sql, "other"), self._conn.fetchval(sql, *args))
 
     async def copy_records_to_table(self, table: str, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return await self._conn.copy_records_to_table(table, **kwargs)
-        finally:
-            self._into.setdefault("COPY_STEPS", []).append((time.perf_counter() - started) * 1000)
+        return await self._timed("COPY_STEPS", self._conn.copy_records_to_table(table, **kwargs))
 
 
 def _session_records(template: Sequence[TelemetryMessage], now: datetime) -> list[TelemetryMessage]:
