@@ -45,12 +45,17 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """No reset query: see :func:`pool_options`."""
 
 
-def pool_options(pooler: DbPooler) -> dict[str, Any]:
+def pool_options(pooler: DbPooler, *, reset: bool = True) -> dict[str, Any]:
     """``asyncpg.create_pool`` options for ``pooler``: :func:`connect_options`, and behind a transaction
     pooler no reset query on release. asyncpg's reset (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
     RESET ALL``) would run on whichever server connection the pooler picks, not the one this client used:
     it cleans nothing of ours and costs a round trip per release (the pooler cleans server connections
-    itself). An open transaction is still rolled back by asyncpg before the reset hook runs."""
-    if pooler != "transaction":
-        return {}
-    return {**connect_options(pooler), "reset": _keep_session}
+    itself). An open transaction is still rolled back by asyncpg before the reset hook runs.
+
+    ``reset=False`` drops the reset query on a direct connection too, for a pool whose users never leave
+    session state behind (no session advisory lock, cursor, LISTEN or SET outside a transaction): there it
+    is only a round trip on every release, on the path of every call that returns."""
+    options = connect_options(pooler)
+    if pooler == "transaction" or not reset:
+        options["reset"] = _keep_session
+    return options

@@ -435,3 +435,5 @@ def test_pool_options_behind_a_transaction_pooler() -> None:
     options = pool_options("transaction")
     assert options["statement_cache_size"] == 0
     assert callable(options["reset"])
+    # a pool whose users leave no session state skips the reset query on a direct connection too
+    assert callable(pool_options("none", reset=False)["reset"])

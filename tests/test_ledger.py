@@ -202,6 +202,23 @@ async def test_a_heartbeat_with_a_success_of_the_same_task_is_not_a_takeover(led
         await conn.close()
 
 
+async def test_the_ledger_pool_sends_no_reset_query_on_release(ledger_url: str) -> None:
+    """The ledger's pooled connections are not reset on release: its statements leave no session state,
+    and asyncpg's reset (``... RESET ALL``) was a round trip on the path of every group commit."""
+    ledger = await _ledger(ledger_url, "w")
+    try:
+        pool = ledger._pool
+        assert pool is not None
+        async with pool.acquire() as conn:
+            pid = conn.get_server_pid()
+            await conn.execute("SET application_name = 'ledger-reset-probe'")
+        async with pool.acquire() as conn:
+            assert conn.get_server_pid() == pid  # the same server session, handed out again
+            assert await conn.fetchval("SHOW application_name") == "ledger-reset-probe"
+    finally:
+        await ledger.close()
+
+
 async def test_the_ledger_plans_each_group_for_its_own_arrays(ledger_url: str) -> None:
     """The ledger's connections use custom plans: a generic plan cached while the table was nearly empty
     seq-scanned it on every group later (1,000 -> 500 tasks/s over 20,000 tasks in one run)."""

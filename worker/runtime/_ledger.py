@@ -320,8 +320,9 @@ def _plan_options(pooler: DbPooler) -> dict[str, Any]:
     benchmark) a plan made for a near-empty table seq-scans it on every group once it holds thousands of
     rows (measured: 1,000 -> 500 tasks/s over 20,000 tasks). A custom plan reads the table's size each
     time and the groups' arrays are small, so it looks each task up by its key (behind a transaction
-    pooler statements are unnamed, hence planned each time, already)."""
-    options = pool_options(pooler)
+    pooler statements are unnamed, hence planned each time, already). No reset query on release: the
+    ledger's statements leave no session state, and the reset was a round trip in every group commit."""
+    options = pool_options(pooler, reset=False)
     if pooler == "none":
         options["server_settings"] = {"plan_cache_mode": "force_custom_plan"}
     return options
