@@ -81,7 +81,8 @@ SELECT adapter_session_id, task_id FROM sessions WHERE adapter_session_id = ANY(
 """
 
 # The merged rows written back; the statement that completes a session (its close, after every step: the
-# steps are inserted before it) also assigns it to the file, with the rule of ASSIGN.
+# steps are inserted before it) also assigns it to the file, with the rule of ASSIGN. A session completed
+# by its opened (a close stored before it) comes back with the plan stored with that close, for its line.
 UPDATE_SESSIONS: Final = """
 WITH u AS MATERIALIZED (
     SELECT v.*,
@@ -101,7 +102,8 @@ SET task = u.task, status = u.status, metadata = u.metadata::jsonb, final_answer
     stored_at = CASE WHEN s.export_file IS NULL AND u.complete THEN now() ELSE s.stored_at END
 FROM u
 WHERE s.id = u.id
-RETURNING s.id, (s.export_file IS NOT NULL) AS assigned
+RETURNING s.id, (s.export_file IS NOT NULL) AS assigned,
+          CASE WHEN u.complete THEN (SELECT p.plan FROM plans AS p WHERE p.session_id = s.id) END AS plan
 """
 
 INSERT_PLANS: Final = """
@@ -166,6 +168,9 @@ LIMIT $1
 # Complete = opened seen (attempt set), closed succeeded|failed, and every step the close announced is
 # present: nothing about the row changes after that, so its line is final. Runs under the session row locks
 # of the batch, so the assignment happens exactly once, in the transaction that completes the session.
+# Each assigned session comes back with what its line reads (LINE_SESSIONS' columns): a batch whose steps
+# complete a session closed before them (a close delivered, or committed by a batch in flight beside this one,
+# first) builds its line from memory instead of reading it back.
 ASSIGN: Final = """
 UPDATE sessions AS s SET export_file = $2, stored_at = now()
 WHERE s.id = ANY($1::int4[])
@@ -173,7 +178,9 @@ WHERE s.id = ANY($1::int4[])
   AND s.status IN ('succeeded', 'failed')
   AND s.steps_expected IS NOT NULL AND s.attempt IS NOT NULL
   AND (SELECT count(*) FROM step_results AS r WHERE r.session_id = s.id) = s.steps_expected
-RETURNING s.id, s.adapter_session_id
+RETURNING s.id, s.adapter_session_id, s.task, s.status, s.metadata, s.final_answer, s.created_at,
+          s.completed_at, s.adapter_usage, s.adapter_events, s.steps_expected,
+          (SELECT p.plan FROM plans AS p WHERE p.session_id = s.id) AS plan
 """
 
 UNASSIGNED_COMPLETE: Final = """

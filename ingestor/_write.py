@@ -39,7 +39,6 @@ from ingestor._rows import (
     fresh_row,
     step_row,
 )
-from schemas import SessionClosed
 
 _log = structlog.get_logger("ingestor.store")
 
@@ -61,8 +60,8 @@ class Written:
     assigned: list[int] = field(default_factory=list)
     """Sessions assigned to the target file, by id."""
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)
-    """Assigned sessions whose whole row (and plan) this transaction wrote: their line's session part, as
-    ``build_line`` reads it. The others' lines are read from Postgres."""
+    """Assigned sessions whose whole row (and plan) this transaction wrote, or read back as it assigned them:
+    their line's session part, as ``build_line`` reads it. The others' lines are read from Postgres."""
     steps_expected: dict[int, int] = field(default_factory=dict)
     """The step count of each session in ``rows``."""
     steps: dict[int, list[StepRow]] = field(default_factory=dict)
@@ -199,7 +198,8 @@ class _Transaction:
                     self.written.assigned.append(rec["id"])
         for change, row, file in zip(sessions, fresh, files, strict=True):
             if file is not None and change.closed is not None and change.adapter_session_id in self._inserted:
-                self._remember(self._ids[change.adapter_session_id], row, change.closed)
+                closed = change.closed
+                self._remember(self._ids[change.adapter_session_id], row, closed.plan, closed.steps)
 
     async def _read_existing(self) -> None:
         """The sessions that existed before the batch; RecordsRejected for records that do not fit them."""
@@ -267,12 +267,14 @@ class _Transaction:
         returned = await self._conn.fetch(
             _sql.UPDATE_SESSIONS, [i for i, _, _ in updates], *cols[2:], self._target.name
         )
-        assigned = {r["id"] for r in returned if r["assigned"]}
+        assigned = {r["id"]: r["plan"] for r in returned if r["assigned"]}
         for session_id, row, change in updates:
             if session_id in assigned:
                 self.written.assigned.append(session_id)
                 if change.closed is not None:
-                    self._remember(session_id, row, change.closed)
+                    self._remember(session_id, row, change.closed.plan, change.closed.steps)
+                elif row.steps_expected is not None:  # completed by its opened: the close came before
+                    self._remember(session_id, row, assigned[session_id], row.steps_expected)
 
     async def _insert_plans(self) -> None:
         plans = [
@@ -307,14 +309,19 @@ class _Transaction:
             and rec["id"] in self._stepped
         ]
         if late:
-            found = await self._conn.fetch(_sql.ASSIGN, late, self._target.name)
-            self.written.assigned.extend(r["id"] for r in found)
+            for rec in await self._conn.fetch(_sql.ASSIGN, late, self._target.name):
+                session_id = rec["id"]
+                self.written.assigned.append(session_id)
+                line = dict(rec)
+                del line["steps_expected"]
+                self.written.rows[session_id] = line
+                self.written.steps_expected[session_id] = rec["steps_expected"]
 
-    def _remember(self, session_id: int, row: SessionRow, closed: SessionClosed) -> None:
-        """Keep the row of a session this batch wrote and closed, for its line (the close, and so the plan,
-        is in memory; an assigned session's row never changes again)."""
-        self.written.rows[session_id] = line_session(session_id, row, closed.plan)
-        self.written.steps_expected[session_id] = closed.steps
+    def _remember(self, session_id: int, row: SessionRow, plan: object, steps: int) -> None:
+        """Keep the row of a session this batch wrote and assigned, for its line (an assigned session's row
+        never changes again)."""
+        self.written.rows[session_id] = line_session(session_id, row, plan)
+        self.written.steps_expected[session_id] = steps
 
 
 async def count_assigned(conn: asyncpg.Connection, count: int, target: FileTarget, ingestor_id: str) -> None:

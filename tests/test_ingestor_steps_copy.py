@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncpg
 
 from ingestor._batch import merge_batch
-from ingestor._store import _init_connection
+from ingestor._linecache import LineCache
+from ingestor._store import _init_connection, fetch_line_map
 from ingestor._write import FileTarget, Written, write_batch
 from schemas import TelemetryMessage
 from tests._ingest_gen import GenSession, generate
@@ -95,3 +96,50 @@ async def test_jsonb_values_round_trip_through_the_binary_codecs(migrated_databa
     assert events == [{"name": "outil ✓ 工具", "args": {"n": [1, 2.5, None]}}]
     assert echoed == {"k": ["ü", 1]}
     assert as_json == {"a": [1]}
+
+
+async def test_a_session_completed_by_steps_after_its_close_gets_its_line_from_memory(
+    migrated_database: str,
+) -> None:
+    """A close committed before its session's steps (delivered first, or by a batch in flight beside the
+    steps' batch): the batch whose steps complete the session assigns it with its row, so its line is built
+    in memory, byte for byte the line Postgres gives, instead of being read back after the commit."""
+    session = next(s for s in _succeeded(20) if len(s.steps) >= 2)
+    assert session.closed is not None
+    cache = LineCache(max_bytes=1 << 20)
+    conn = await asyncpg.connect(migrated_database)
+    try:
+        await _init_connection(conn)
+        closed_first = await _write(conn, [session.opened, session.closed])
+        completed = await _write(conn, list(session.steps))
+        (session_id,) = completed.assigned
+        stored = (await fetch_line_map(conn, [session_id]))[session_id]
+    finally:
+        await conn.close()
+    assert closed_first.assigned == []
+    assert session_id in completed.rows
+    assert cache.committed(completed) == [(session_id, stored)]
+
+
+async def test_a_session_completed_by_its_late_opened_gets_its_line_from_memory(
+    migrated_database: str,
+) -> None:
+    """Steps and close committed before the session's opened (their batch ran first, beside the opened's):
+    the batch whose opened completes the session gets its plan back with the assignment, so the line is
+    built in memory, byte for byte the line Postgres gives."""
+    session = next(s for s in _succeeded(20) if len(s.steps) >= 2 and s.closed and s.closed.plan)
+    assert session.closed is not None
+    cache = LineCache(max_bytes=1 << 20)
+    conn = await asyncpg.connect(migrated_database)
+    try:
+        await _init_connection(conn)
+        before_opened = await _write(conn, [*session.steps, session.closed])
+        cache.committed(before_opened)
+        completed = await _write(conn, [session.opened])
+        (session_id,) = completed.assigned
+        stored = (await fetch_line_map(conn, [session_id]))[session_id]
+    finally:
+        await conn.close()
+    assert before_opened.assigned == []
+    assert cache.committed(completed) == [(session_id, stored)]
+    assert b'"plan":{' in stored
