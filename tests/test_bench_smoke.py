@@ -18,7 +18,7 @@ from bench._report import Machine, Result, combine_runs, render
 from bench._sessions import RECORDS_PER_SESSION, check_envelopes, envelopes, sessions_for
 from bench._steady import CPU_WHAT, steady_name
 from bench._suite import RSS_LATENCY_S, SMOKE, Context, report, run_suite
-from bench._taskleg import taskleg_name, telemetry_name
+from bench._taskleg import BUSY_CONCURRENCY, taskleg_name, telemetry_name
 from schemas import decode_telemetry_batch
 
 EXPECTED_ROWS = [
@@ -35,6 +35,7 @@ EXPECTED_ROWS = [
     taskleg_name(2),
     telemetry_name(2),
     taskleg_name(1, "classic"),
+    taskleg_name(1, concurrency=BUSY_CONCURRENCY),
     e2e_name(2, 0.0, "throughput"),
     e2e_name(2, 0.0, "p50"),
     e2e_name(2, 0.0, "p99"),
