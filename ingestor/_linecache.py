@@ -6,10 +6,11 @@ commit was a tenth of the ingestor's time and the largest read the database serv
 step rows this process inserted (and committed) until the session's line is built, within a memory bound.
 
 A line is built here only when everything it holds is known to be what Postgres holds: the session row
-and plan written by the completing transaction, and exactly ``steps_expected`` step rows, each inserted by
-this process (``RETURNING``: a duplicate that another process stored first is never taken for the stored
-one). Anything else (a cache entry evicted, steps another ingestor stored, a session completed by a late
-opened) is ``None``: its line is read from Postgres, as recovery and ``export`` always do. The two agree
+and plan the completing transaction wrote or got back as it assigned the session (a session completed by a
+late opened or by late steps), and exactly ``steps_expected`` step rows, each inserted by this process (a
+duplicate that another process stored first is never taken for the stored one). Anything else (a cache
+entry evicted, steps another ingestor stored) is ``None``: its line is read from Postgres, as recovery and
+``export`` always do. The two agree
 byte for byte except where jsonb normalises a number: ``-0.0`` is stored as ``0``, and a float written with
 an exponent (``1e+16``) comes back as the integer it equals.
 """
