@@ -198,8 +198,7 @@ class _Transaction:
                     self.written.assigned.append(rec["id"])
         for change, row, file in zip(sessions, fresh, files, strict=True):
             if file is not None and change.closed is not None and change.adapter_session_id in self._inserted:
-                closed = change.closed
-                self._remember(self._ids[change.adapter_session_id], row, closed.plan, closed.steps)
+                self._remember(self._ids[change.adapter_session_id], row, change.closed.plan)
 
     async def _read_existing(self) -> None:
         """The sessions that existed before the batch; RecordsRejected for records that do not fit them."""
@@ -271,10 +270,9 @@ class _Transaction:
         for session_id, row, change in updates:
             if session_id in assigned:
                 self.written.assigned.append(session_id)
-                if change.closed is not None:
-                    self._remember(session_id, row, change.closed.plan, change.closed.steps)
-                elif row.steps_expected is not None:  # completed by its opened: the close came before
-                    self._remember(session_id, row, assigned[session_id], row.steps_expected)
+                # completed by its close (the plan is in memory), or by its opened: the close came before
+                plan = change.closed.plan if change.closed is not None else assigned[session_id]
+                self._remember(session_id, row, plan)
 
     async def _insert_plans(self) -> None:
         plans = [
@@ -313,15 +311,16 @@ class _Transaction:
                 session_id = rec["id"]
                 self.written.assigned.append(session_id)
                 line = dict(rec)
-                del line["steps_expected"]
+                self.written.steps_expected[session_id] = line.pop("steps_expected")
                 self.written.rows[session_id] = line
-                self.written.steps_expected[session_id] = rec["steps_expected"]
 
-    def _remember(self, session_id: int, row: SessionRow, plan: object, steps: int) -> None:
+    def _remember(self, session_id: int, row: SessionRow, plan: object) -> None:
         """Keep the row of a session this batch wrote and assigned, for its line (an assigned session's row
-        never changes again)."""
+        never changes again; it is complete, so its close set ``steps_expected``)."""
+        if row.steps_expected is None:  # not complete: cannot be assigned; its line is read back if it is
+            return
         self.written.rows[session_id] = line_session(session_id, row, plan)
-        self.written.steps_expected[session_id] = steps
+        self.written.steps_expected[session_id] = row.steps_expected
 
 
 async def count_assigned(conn: asyncpg.Connection, count: int, target: FileTarget, ingestor_id: str) -> None:
