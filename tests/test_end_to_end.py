@@ -99,6 +99,13 @@ async def test_two_thousand_tasks_land_exactly_once(pipeline: PipelineStack) -> 
         await conn.close()
 
 
+_VICTIM_MID_SESSION = """
+SELECT count(*) FROM sessions AS s JOIN task_ledger AS l ON l.task_id = s.task_id
+WHERE s.status = 'running' AND l.state = 'running' AND l.worker_id = 'victim' AND s.attempt = l.attempts
+  AND (SELECT count(*) FROM step_results AS r WHERE r.session_id = s.id) <= 1
+"""
+
+
 async def test_killed_worker_and_ingestor_still_land_exactly_once(pipeline: PipelineStack) -> None:
     """SIGKILL a worker and the ingestor mid-run, restart the ingestor: every task still ends with one
     succeeded session; the cut-off sessions are 'abandoned' in Postgres and absent from the JSONL."""
@@ -112,6 +119,12 @@ async def test_killed_worker_and_ingestor_still_land_exactly_once(pipeline: Pipe
     conn = await asyncpg.connect(pipeline.database_url)
     try:
         await _wait_for(conn, "SELECT count(*) FROM sessions WHERE status = 'succeeded'", 20, 120)
+        # Kill only once the victim is mid-session: a session of its current claim stored as running with
+        # at most its plan step (>= 0.6 s of work left). Killed at an arbitrary moment, the victim may hold
+        # no opened session at all (it started late, or sat between claim and opened), and then nothing
+        # can be abandoned (CI saw that once).
+        cut = await _wait_for(conn, _VICTIM_MID_SESSION, 1, 60)
+        assert cut >= 1, "the victim never had a session in flight"
         victim.send_signal(signal.SIGKILL)
         ingestor.send_signal(signal.SIGKILL)
         victim.wait()
