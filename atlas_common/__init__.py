@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         SOURCE_HEADER,
         dead_letter_headers,
     )
+    from atlas_common._delivery import Consumer, Delivery, consume
     from atlas_common._metrics import DEFAULT_METRICS_HOST, MetricsServerError, serve_metrics
     from atlas_common._publish import persistent_copy, publish_confirmed
     from atlas_common._settings import (
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 
 _LAZY_MODULES: Final = {
     "_broker": ("BROKER_ERRORS", "BrokerConnection", "connect_any", "sleep_unless"),
+    "_delivery": ("Consumer", "Delivery", "consume"),
     "_db": ("DB_ERRORS", "DB_TRANSIENT_ERRORS", "DbPooler", "connect_options", "pool_options"),
     "_deadletter": (
         "DEAD_AT_HEADER",
@@ -129,8 +131,10 @@ __all__ = [
     "BrokerConnection",
     "BrokerSettings",
     "BrokerUnavailable",
+    "Consumer",
     "DatabaseUrl",
     "DbPooler",
+    "Delivery",
     "LogFormat",
     "MetricsServerError",
     "PublishNotConfirmed",
@@ -141,6 +145,7 @@ __all__ = [
     "configure_logging",
     "connect_any",
     "connect_options",
+    "consume",
     "dead_letter_headers",
     "load_settings",
     "persistent_copy",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Final
+from datetime import datetime
+from typing import Final, Protocol
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, FieldValue
+from aio_pika.abc import AbstractExchange, FieldValue
 
 from atlas_common._broker import BROKER_ERRORS
 from atlas_common._errors import PublishNotConfirmed
@@ -35,8 +36,31 @@ async def publish_confirmed(
         raise PublishNotConfirmed(f"publish to {where} not confirmed: {type(confirm).__name__}")
 
 
+class _Delivered(Protocol):
+    """What a copy keeps of a delivery: aio-pika's ``IncomingMessage`` and ``atlas_common.Delivery`` both."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def content_encoding(self) -> str | None: ...
+    @property
+    def priority(self) -> int | None: ...
+    @property
+    def correlation_id(self) -> str | None: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def timestamp(self) -> datetime | None: ...
+    @property
+    def type(self) -> str | None: ...
+    @property
+    def app_id(self) -> str | None: ...
+
+
 def persistent_copy(
-    original: AbstractIncomingMessage, *, headers: dict[str, FieldValue], body: bytes | None = None
+    original: _Delivered, *, headers: dict[str, FieldValue], body: bytes | None = None
 ) -> aio_pika.Message:
     """A persistent copy of a delivery (its body, or ``body``) with ``headers`` and every other property
     kept (id, type, content type and encoding, timestamp, priority, correlation and app id): what a retry,

@@ -33,7 +33,7 @@ from worker.sessions import AdapterConfigError, AdapterError, PythonAdapter, Wor
 
 @dataclass
 class _Message:
-    """Stands in for an aio-pika delivery: records whether it was acked or handed back."""
+    """Stands in for an ``atlas_common.Delivery``: records whether it was acked or handed back."""
 
     body: bytes
     headers: dict[str, Any] = field(default_factory=dict)
@@ -47,7 +47,7 @@ class _Message:
     timestamp: Any = None
     type: str | None = None
     app_id: str | None = None
-    delivery_tag: int | None = 1
+    delivery_tag: int = 1
     acked: int = 0
 
     async def ack(self, multiple: bool = False) -> None:
@@ -154,10 +154,13 @@ class _Quick:
         return "done"
 
 
-def _run(adapter: Any, ledger: _Ledger, batcher: _Batcher, **settings: Any) -> TaskRun:
+def _run(
+    adapter: Any, ledger: _Ledger, batcher: _Batcher, headers: dict[str, Any] | None = None, **settings: Any
+) -> TaskRun:
     registry = AdapterRegistry(adapters={"a": PythonAdapter(adapter, name="a")}, default="a")
     services = Services(WorkerSettings(**settings), registry, ledger, batcher, WorkerMetrics())  # type: ignore[arg-type]
-    return TaskRun(_Message(encode(TaskMessage(task_id="t1", task="x"))), services)  # type: ignore[arg-type]
+    message = _Message(encode(TaskMessage(task_id="t1", task="x")), headers=headers or {})
+    return TaskRun(message, services)  # type: ignore[arg-type]
 
 
 async def test_a_task_over_its_timeout_fails_its_session_and_retries() -> None:
@@ -279,8 +282,7 @@ async def test_a_failed_close_says_whether_a_retry_follows(retries: int, final: 
     """The failed close carries ``final_attempt`` from the retry decision (3 runs in all by default): False
     while a retry follows, True on the run that is dead-lettered; the ledger and outcome agree with it."""
     ledger, batcher = _Ledger(), _Batcher()
-    run = _run(_Failing, ledger, batcher)
-    run._message.headers[RETRY_HEADER] = retries
+    run = _run(_Failing, ledger, batcher, headers={RETRY_HEADER: retries})
     outcome = await run.run()
     close = batcher.records[-1]
     assert (close.kind, close.status) == ("session.closed", "failed")

@@ -16,9 +16,8 @@ import contextlib
 from collections import deque
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 
-from atlas_common import BROKER_ERRORS
+from atlas_common import BROKER_ERRORS, Delivery
 
 log = structlog.get_logger("worker")
 
@@ -29,25 +28,23 @@ class Acks:
 
     def __init__(self) -> None:
         self._running: dict[int, None] = {}
-        self._settled: list[AbstractIncomingMessage] = []
+        self._settled: list[Delivery] = []
         self._flush_scheduled = False
         # Frames go out in the order the flushes made them, one at a time: a multiple ack sent before an
         # earlier flush's single ack of a tag below it would make that one unknown to the broker (a channel
         # error).
-        self._queue: deque[tuple[AbstractIncomingMessage, bool]] = deque()
+        self._queue: deque[tuple[Delivery, bool]] = deque()
         self._sender: asyncio.Task[None] | None = None
         self.frames_sent = 0
 
-    def delivered(self, message: AbstractIncomingMessage) -> None:
-        if message.delivery_tag is not None:
-            self._running[message.delivery_tag] = None
+    def delivered(self, message: Delivery) -> None:
+        self._running[message.delivery_tag] = None
 
-    def forget(self, message: AbstractIncomingMessage) -> None:
+    def forget(self, message: Delivery) -> None:
         """The delivery was settled without this batcher (its own ack or nack was sent already)."""
-        if message.delivery_tag is not None:
-            self._running.pop(message.delivery_tag, None)
+        self._running.pop(message.delivery_tag, None)
 
-    def ack(self, message: AbstractIncomingMessage) -> None:
+    def ack(self, message: Delivery) -> None:
         """Ack ``message`` at the end of this turn of the event loop, with the others settled in it."""
         self.forget(message)
         self._settled.append(message)
@@ -93,5 +90,5 @@ class Acks:
                 await asyncio.wait({self._sender})
 
 
-def _tag(message: AbstractIncomingMessage) -> int:
-    return message.delivery_tag or 0
+def _tag(message: Delivery) -> int:
+    return message.delivery_tag

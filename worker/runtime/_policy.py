@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, FieldValue
+from aio_pika.abc import AbstractExchange, FieldValue
 
 from atlas_common import (
     BROKER_ERRORS,
     DEAD_TASK_ROUTING_KEY,
     LAST_ERROR_HEADER,
     RETRY_HEADER,
+    Delivery,
     Topology,
     dead_letter_headers,
     persistent_copy,
@@ -53,8 +54,8 @@ class DeadLetter:
 Outcome = Ack | Retry | DeadLetter
 
 
-def retries_so_far(message: AbstractIncomingMessage) -> int:
-    value = (message.headers or {}).get(RETRY_HEADER, 0)
+def retries_so_far(message: Delivery) -> int:
+    value = message.headers.get(RETRY_HEADER, 0)
     return value if isinstance(value, int) and value >= 0 else 0
 
 
@@ -80,10 +81,10 @@ class Settler:
         self._dead = dead_exchange
         self._acks = Acks()
 
-    def started(self, message: AbstractIncomingMessage) -> None:
+    def started(self, message: Delivery) -> None:
         self._acks.delivered(message)
 
-    async def hand_back(self, message: AbstractIncomingMessage) -> None:
+    async def hand_back(self, message: Delivery) -> None:
         """Requeue the delivery (best effort: a channel already gone requeues it anyway)."""
         with contextlib.suppress(*BROKER_ERRORS):
             await message.nack(requeue=True)
@@ -92,13 +93,13 @@ class Settler:
     async def close(self) -> None:
         await self._acks.close()
 
-    async def settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+    async def settle(self, message: Delivery, outcome: Outcome) -> None:
         match outcome:
             case Ack():
                 self._acks.ack(message)
             case Retry(reason=reason, retries=retries):
                 delay_ms = self._topology.retry_delay_ms(retries + 1)
-                headers: dict[str, FieldValue] = dict(message.headers or {})
+                headers: dict[str, FieldValue] = dict(message.headers)
                 headers[RETRY_HEADER] = retries + 1
                 headers[LAST_ERROR_HEADER] = reason[:2000]
                 await self._publish(self._retry, message, self._topology.retry_queue(delay_ms), headers)
@@ -108,8 +109,8 @@ class Settler:
                 headers = dead_letter_headers(
                     reason,
                     source="worker",
-                    routing_key=message.routing_key or "",
-                    extra=dict(message.headers or {}),
+                    routing_key=message.routing_key,
+                    extra=dict(message.headers),
                 )
                 await self._publish(self._dead, message, DEAD_TASK_ROUTING_KEY, headers)
                 await message.ack()
@@ -118,7 +119,7 @@ class Settler:
     async def _publish(
         self,
         exchange: AbstractExchange,
-        original: AbstractIncomingMessage,
+        original: Delivery,
         routing_key: str,
         headers: dict[str, FieldValue],
     ) -> None:

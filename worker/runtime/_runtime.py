@@ -19,14 +19,16 @@ from collections.abc import Callable
 from typing import Final
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from atlas_common import (
     BROKER_ERRORS,
     Backoff,
     BrokerConnection,
     BrokerUnavailable,
+    Consumer,
+    Delivery,
     Topology,
+    consume,
     scrub_secrets,
     scrub_text,
     sleep_unless,
@@ -178,13 +180,12 @@ class Worker:
                 dead_exchange=await publish_channel.get_exchange(topology.dead_exchange, ensure=False),
             )
             try:
-                queue = await consume_channel.get_queue(topology.tasks_queue, ensure=False)
-                consumer_tag = await queue.consume(self._on_message)
+                consumer = await consume(consume_channel, topology.tasks_queue, self._on_message)
                 consuming()
                 log.info(
                     "worker.started",
                     worker_id=settings.worker_id,
-                    queue=queue.name,
+                    queue=topology.tasks_queue,
                     concurrency=settings.concurrency,
                     adapters=self._registry.names(),
                     default_adapter=self._registry.default,
@@ -200,17 +201,17 @@ class Worker:
                     log.warning("broker.connection_lost_reconnecting", inflight=len(self._inflight))
                     await self._cancel_inflight("broker connection lost")
                     return
-                await self._shutdown(queue, consumer_tag)
+                await self._shutdown(consumer)
             finally:
                 # The acks still batched go out before the channel closes (after a lost connection they
                 # cannot: the broker redelivers those tasks and the ledger acks them as duplicates).
                 await settler.close()
 
-    async def _shutdown(self, queue: AbstractQueue, consumer_tag: str) -> None:
+    async def _shutdown(self, consumer: Consumer) -> None:
         """Stop intake, drain within the grace period, cancel the rest (they requeue themselves)."""
         self._stopping.set()
         with contextlib.suppress(*BROKER_ERRORS):
-            await queue.cancel(consumer_tag)
+            await consumer.cancel()
         inflight = set(self._inflight)
         log.info("worker.draining", inflight=len(inflight), grace_s=self._settings.shutdown_grace_s)
         if inflight:
@@ -229,7 +230,7 @@ class Worker:
         if tasks:
             await asyncio.wait(tasks, timeout=CLEANUP_TIMEOUT_S * 3)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: Delivery) -> None:
         task = asyncio.current_task()
         if task is None:  # pragma: no cover - aio-pika always runs consumers in a task
             return
@@ -239,7 +240,7 @@ class Worker:
         finally:
             self._inflight.discard(task)
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, message: Delivery) -> None:
         """Run the task, then settle its delivery: the one place that decides ack / retry / dead letter /
         hand back."""
         services, settler = self._services, self._settler
@@ -269,7 +270,7 @@ class Worker:
             return
         self._metrics.observe(outcome, time.perf_counter() - started)
 
-    async def _requeue_after_pause(self, settler: Settler, message: AbstractIncomingMessage) -> None:
+    async def _requeue_after_pause(self, settler: Settler, message: Delivery) -> None:
         # A pause before handing it back, so an outage (or a bug) is not a hot redelivery loop.
         await sleep_unless(self._stopping, _INFRA_BACKOFF_S)
         await settler.hand_back(message)

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from typing import Final
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from structlog.contextvars import bound_contextvars
 
-from atlas_common import BROKER_ERRORS
+from atlas_common import BROKER_ERRORS, Delivery
 from schemas import DecodeError, TaskMessage, cut_chars, decode_task, limits
 from worker.runtime._batcher import TelemetryBatcher
 from worker.runtime._ledger import LedgerUnavailable, TaskLedger
@@ -61,7 +60,7 @@ class Services:
 class TaskRun:
     """``outcome = await TaskRun(message, services).run()``."""
 
-    def __init__(self, message: AbstractIncomingMessage, services: Services) -> None:
+    def __init__(self, message: Delivery, services: Services) -> None:
         self._message = message
         self._services = services
 
