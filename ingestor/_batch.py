@@ -9,7 +9,7 @@ transaction takes its locks in one global order.
 Records that do not fit their session are set aside with the reason, never merged: a record whose
 ``task_id`` differs from its session's (the opened's, else the first record's), a second close with another
 ``seq``, a step numbered at or after its session's close. What the database already holds is checked the
-same way in the transaction (``_store.write_batch``).
+same way in the transaction (``_write.BatchTransaction``).
 """
 
 from __future__ import annotations

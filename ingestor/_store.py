@@ -26,7 +26,7 @@ from ingestor._linecache import Assigned, LineCache
 from ingestor._lines import build_line
 from ingestor._rows import unstorable
 from ingestor._settings import IngestorSettings
-from ingestor._write import FileTarget, assign, write_batch
+from ingestor._write import BatchTransaction, FileTarget, assign
 
 _log = structlog.get_logger("ingestor.store")
 
@@ -207,8 +207,11 @@ class Store(Resource):
         memory holds them (:class:`LineCache`). A batch that fails on its data raises RecordsRejected naming
         the records at fault when they can be told (MessageRejected otherwise: the caller bisects)."""
         try:
+            # Its rows are built first, outside the transaction (see BatchTransaction: its locks are held
+            # only while its statements run).
+            transaction = BatchTransaction(batch)
             async with self.transaction() as conn:
-                written = await write_batch(conn, batch, target, self._settings.ingestor_id)
+                written = await transaction.run(conn, target, self._settings.ingestor_id)
         except MessageRejected as err:
             culprits = _unstorable_records(batch)
             if culprits:
