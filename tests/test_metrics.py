@@ -159,3 +159,40 @@ def test_port_in_use_is_one_line_and_exit_2(pipeline: PipelineStack, service: st
     assert len(lines) == 1, result.stderr
     assert f"127.0.0.1:{port}" in lines[0]
     assert "in use" in lines[0]
+
+
+def test_worker_tallies_render_what_prometheus_client_metrics_would() -> None:
+    """The worker's plain tallies scrape as the same samples prometheus_client's Histogram and Counter give
+    for the same observations (bucket bounds, cumulative counts, a value on a bound, _count, _sum)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from worker.runtime._metrics import _LATENCY_BUCKETS
+
+    metrics = WorkerMetrics()
+    reference = CollectorRegistry()
+    steps = Histogram(
+        "atlas_worker_step_seconds", "x", ["phase"], buckets=_LATENCY_BUCKETS, registry=reference
+    )
+    tasks = Histogram("atlas_worker_task_seconds", "x", buckets=_LATENCY_BUCKETS, registry=reference)
+    outcomes = Counter("atlas_worker_tasks", "x", ["outcome"], registry=reference)
+    publisher = TelemetryPublisher(None, TaskMessage(task="x"), adapter="demo", attempt=1)  # type: ignore[arg-type]
+    seconds = [0.0, 0.005, 0.0051, 0.7, 1.0, 3.0, 1800.0, 5000.0]
+    publisher.step_seconds = [("execute", s) for s in seconds] + [("plan", 0.02)]
+    metrics.observe_session(publisher)
+    for phase, s in publisher.step_seconds:
+        steps.labels(phase=phase).observe(s)
+    for s in seconds:
+        metrics.observe(Ack(), s)
+        tasks.observe(s)
+        outcomes.labels(outcome="succeeded").inc()
+
+    def samples(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for family in registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+            and s.name.startswith(("atlas_worker_step", "atlas_worker_task"))
+        }
+
+    assert samples(metrics.registry) == samples(reference)
