@@ -313,6 +313,7 @@ class BatchWriter:
         self._stats["batches"] += 1
         self._stats["messages"] += stored.records
         self._stats["dead_lettered"] += len(stored.dead)
+        self._stats["exported"] += stored.exported
         self._metrics.observe_batch(
             records=stored.records,
             dead=len(stored.dead),
@@ -371,7 +372,6 @@ class BatchWriter:
                 continue
             self._hold.ok("postgres")
             self._jsonl.note_assigned(target, ids)
-            self._stats["exported"] += len(ids)
             exported += len(ids)
             work.pop()
         return refused, exported
