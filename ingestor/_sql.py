@@ -82,7 +82,8 @@ SELECT adapter_session_id, task_id FROM sessions WHERE adapter_session_id = ANY(
 
 # The merged rows written back; the statement that completes a session (its close, after every step: the
 # steps are inserted before it) also assigns it to the file, with the rule of ASSIGN. A session completed
-# by its opened (a close stored before it) comes back with the plan stored with that close, for its line.
+# without its close in the batch (by its opened: the close was stored before it) comes back with the plan
+# stored with that close, for its line ($13: the batch holds the close, so the plan is in memory).
 UPDATE_SESSIONS: Final = """
 WITH u AS MATERIALIZED (
     SELECT v.*,
@@ -90,9 +91,9 @@ WITH u AS MATERIALIZED (
            AND (SELECT count(*) FROM step_results AS r WHERE r.session_id = v.id) = v.steps_expected
            AS complete
     FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
-                $7::timestamptz[], $8::text[], $9::text[], $10::int4[], $11::int4[])
+                $7::timestamptz[], $8::text[], $9::text[], $10::int4[], $11::int4[], $13::bool[])
          AS v(id, task, status, metadata, final_answer, created_at, completed_at, adapter_usage,
-              adapter_events, attempt, steps_expected)
+              adapter_events, attempt, steps_expected, closed_here)
 )
 UPDATE sessions AS s
 SET task = u.task, status = u.status, metadata = u.metadata::jsonb, final_answer = u.final_answer,
@@ -103,7 +104,8 @@ SET task = u.task, status = u.status, metadata = u.metadata::jsonb, final_answer
 FROM u
 WHERE s.id = u.id
 RETURNING s.id, (s.export_file IS NOT NULL) AS assigned,
-          CASE WHEN u.complete THEN (SELECT p.plan FROM plans AS p WHERE p.session_id = s.id) END AS plan
+          CASE WHEN u.complete AND NOT u.closed_here
+               THEN (SELECT p.plan FROM plans AS p WHERE p.session_id = s.id) END AS plan
 """
 
 INSERT_PLANS: Final = """

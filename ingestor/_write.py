@@ -274,7 +274,11 @@ class BatchTransaction:
             return
         cols = _session_columns([row for _, row, _ in updates])
         returned = await self._conn.fetch(
-            _sql.UPDATE_SESSIONS, [i for i, _, _ in updates], *cols[2:], self._target.name
+            _sql.UPDATE_SESSIONS,
+            [i for i, _, _ in updates],
+            *cols[2:],
+            self._target.name,
+            [change.closed is not None for _, _, change in updates],
         )
         assigned = {r["id"]: r["plan"] for r in returned if r["assigned"]}
         for session_id, row, change in updates:
