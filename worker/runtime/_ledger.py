@@ -94,6 +94,8 @@ class TaskLedger(Resource):
         self._pool_size = pool_size
         self._pooler: DbPooler = pooler
         self._pool: asyncpg.Pool | None = None
+        self._conn: asyncpg.Connection | None = None
+        """The pooled connection the loop commits on, held from one group to the next (see _connection)."""
         self._stopping = stopping or asyncio.Event()
         self._pending = Group()
         self._committing = Group()
@@ -147,6 +149,7 @@ class TaskLedger(Resource):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._fail_waiting(LedgerUnavailable("the task ledger is closed"))
+        await self._drop_connection()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -271,11 +274,13 @@ class TaskLedger(Resource):
                 group.fail(LedgerUnavailable("the task ledger is closed"))
                 return
             try:
+                conn = await self._connection(pool)
                 result = await apply_group(
-                    pool, group, beat, worker_id=self._worker_id, stale_after=self._stale_after
+                    conn, group, beat, worker_id=self._worker_id, stale_after=self._stale_after
                 )
             except DB_TRANSIENT_ERRORS as exc:
                 log.warning("ledger.unreachable_retrying", error=self._text(exc), items=len(group))
+                await self._drop_connection()
                 await pool.expire_connections()  # after a restart every pooled connection is dead
             except asyncpg.PostgresError as exc:
                 if transient(exc):
@@ -295,6 +300,25 @@ class TaskLedger(Resource):
                 return
             group.drop_abandoned()
             await asyncio.sleep(backoff.next())
+
+    async def _connection(self, pool: asyncpg.Pool) -> asyncpg.Connection:
+        """The connection the loop commits its groups on. One group is committed at a time, so the loop
+        holds one pooled connection from group to group instead of taking one from the pool for each
+        statement and giving it back (~70 us of CPU per group, as much as the statement's own at a
+        moderate rate, where most groups hold one operation); it is let go after a connection error."""
+        if self._conn is None:
+            self._conn = await pool.acquire()
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        """Give the held connection back to its pool (which replaces it if it broke); safe twice."""
+        conn, self._conn = self._conn, None
+        pool = self._pool
+        if conn is not None and pool is not None:
+            try:
+                await asyncio.wait_for(pool.release(conn), timeout=5)
+            except (*DB_TRANSIENT_ERRORS, asyncpg.PostgresError):
+                conn.terminate()
 
     def _resolve(self, group: Group, result: GroupResult) -> None:
         for op in group.claims:
