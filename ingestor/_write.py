@@ -166,7 +166,7 @@ class BatchTransaction:
     a task in common (the next batch in flight, nearly always, and another ingestor's) waits on those
     locks for as long as this one holds them, so only the statements and what depends on their answers
     run while it does. Measured on 100,000 records, each batch waited 146 ms on average for the one
-    before to commit, and building these rows was about a sixth of the ingestor's CPU."""
+    before to commit, and building these rows was about a seventh of the ingestor's CPU."""
 
     def __init__(self, batch: MergedBatch) -> None:
         self._batch = batch
