@@ -283,8 +283,9 @@ class TaskLedger(Resource):
                 await self._drop_connection()
                 await pool.expire_connections()  # after a restart every pooled connection is dead
             except asyncpg.PostgresError as exc:
-                if transient(exc):
+                if transient(exc):  # the server may be ending this session (e.g. 57P01): a fresh one
                     log.warning("ledger.unavailable_retrying", error=self._text(exc), items=len(group))
+                    await self._drop_connection()
                 else:  # the statement itself is refused: retrying will not help; the tasks requeue
                     log.exception("ledger.statement_failed", error=self._text(exc), items=len(group))
                     group.fail(LedgerUnavailable(f"ledger statement failed: {self._text(exc)}"))
