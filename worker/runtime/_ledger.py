@@ -191,7 +191,7 @@ class TaskLedger(Resource):
         once instead of waiting for the claim to go stale. Best effort: staleness covers a failure.
 
         Once queued, the release is committed even if its caller stops waiting (cancelled, or past its
-        deadline): a run cut off by a lost broker connection is cancelled twice (aio-pika cancels the
+        deadline): a run cut off by a lost broker connection is cancelled twice (aiormq cancels the
         consumers of the dead channel, then the worker cancels what is in flight), and a release dropped
         with its caller would leave the row running, no longer heartbeated, until it went stale."""
         self._forget(task_id, token)

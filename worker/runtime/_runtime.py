@@ -221,7 +221,7 @@ class Worker:
                 await self._cancel_inflight("shutdown grace expired")
 
     async def _cancel_inflight(self, why: str) -> None:
-        # After a lost connection aio-pika has usually cancelled these already (closing a channel cancels
+        # After a lost connection aiormq has usually cancelled these already (closing a channel cancels
         # its consumers' tasks), so this second cancellation can cut a run's cleanup short: the ledger
         # commits a release whatever happens to its caller (TaskLedger.release).
         tasks = set(self._inflight)
@@ -232,7 +232,7 @@ class Worker:
 
     async def _on_message(self, message: Delivery) -> None:
         task = asyncio.current_task()
-        if task is None:  # pragma: no cover - aio-pika always runs consumers in a task
+        if task is None:  # pragma: no cover - aiormq always runs consumers in a task
             return
         self._inflight.add(task)
         try:
