@@ -9,7 +9,7 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from schemas import SessionClosed, SessionOpened, StepRecorded, Usage
+from schemas import SessionClosed, SessionOpened, StepRecorded, Usage, limits
 from worker.adapters import DemoAdapter
 from worker.sessions import (
     AdapterError,
@@ -182,6 +182,29 @@ async def test_unparsable_plan_falls_back_to_single_step() -> None:
     assert result.plan == {"steps": [{"id": 1, "description": "Do the thing", "depends_on": []}]}
     assert [(s.phase, s.step_id) for s in result.steps] == [("plan", 0), ("execute", 1), ("synthesize", 2)]
     assert result.metadata["plan_fallback"] is True
+
+
+class _HugeCounts:
+    """Every call reports the most tokens a count may hold (each report valid on its own)."""
+
+    def on_step(self, metadata: dict[str, Any]) -> Any:
+        big = limits.MAX_COUNT
+        usage = {"prompt_tokens": big, "completion_tokens": 1, "total_tokens": big}
+        if metadata["phase"] == "plan":
+            return {"output": {"steps": [{"id": 1, "description": "do it"}]}, "usage": usage}
+        return {"output": "done", "usage": usage}
+
+
+async def test_session_totals_are_the_step_sums_saturating_at_the_count_limit() -> None:
+    """The close's totals (and the result's usage) sum the steps' reports, each count saturating at
+    MAX_COUNT instead of breaking the limit; calls count the three step calls."""
+    observer = RecordingObserver()
+    result = await Student(PythonAdapter(_HugeCounts(), name="huge")).run("count", observer=observer)
+    totals = observer.close().totals
+    assert (totals.prompt_tokens, totals.total_tokens) == (limits.MAX_COUNT, limits.MAX_COUNT)
+    assert (totals.completion_tokens, totals.calls) == (3, 3)
+    assert result.usage == totals
+    assert [s.usage.prompt_tokens for s in observer.steps()] == [limits.MAX_COUNT] * 3
 
 
 async def test_plan_as_list_gets_default_ids() -> None:
