@@ -215,10 +215,11 @@ class Run:
         )
 
     def _result(self, status: RunStatus, close_metadata: dict[str, JsonValue]) -> StudentResult:
+        totals = self.totals  # built from the sums on each read: once here
         adapter_session: dict[str, Any] = {
             "adapter_session_id": self.session_id,
             "adapter": self.adapter_name,
-            "usage": self.totals.model_dump(),
+            "usage": totals.model_dump(),
             "events": list(self.events),
             "metadata": to_json_object(self.session.metadata),
             "close_metadata": close_metadata,
@@ -234,6 +235,6 @@ class Run:
             steps=list(self.reports),
             final_answer=self.final_answer,
             status=status,
-            usage=self.totals,
+            usage=totals,
             metadata={"adapter_session": adapter_session, "plan_fallback": self.plan_fallback},
         )
