@@ -2,7 +2,8 @@
 
 The ingestor publishes each session it made final to ``<prefix>.sessions`` (a RabbitMQ stream) as its
 JSONL line; this reads it over AMQP 0-9-1 with aio-pika (the broker's ``x-stream-offset`` consumer
-argument: ``first``, ``last``, ``next``, an offset or a point in time). Why not the stream protocol
+argument: ``first``, ``last``, ``next`` or an offset; a point in time is found by the ingestors' stamps,
+:mod:`feed._seek`). Why not the stream protocol
 (``rstream``): it is faster for a single reader, but a trainer reads a few hundred sessions a second at
 most, aio-pika is already the project's client (one reconnect model, one TLS and URL handling), and the
 stream protocol needs another port (5552) and plugin opened on every broker. What the stream protocol
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 import aio_pika
@@ -41,6 +42,7 @@ from atlas_common import (
 )
 from feed._cursor import StreamCursor, cursor_path
 from feed._handout import Handout
+from feed._seek import offset_at
 from feed._settings import FeedSettings
 
 _log = structlog.get_logger("feed.follow")
@@ -72,9 +74,10 @@ Start = Literal["first", "last", "next"] | int | datetime | Position
 session published, an offset, the first session published at or after a point in time, or right after
 a session's :class:`Position`."""
 
-_TIME_MARGIN: Final = timedelta(seconds=2)
-"""The broker finds a point in time by chunk (a chunk holds the messages written within a few ms), with
-its own clock: start that much earlier and keep only what was published at or after the time asked."""
+_TIME_MARGIN_MS: Final = 2_000
+"""A point in time is found by the ingestors' ``published-ms`` stamps (:mod:`feed._seek`), which are in
+offset order only within an ingestor: the search starts that much earlier, and the follow keeps only what
+was stamped at or after the time asked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +113,11 @@ class FeedSession:
 
 
 def _offset_argument(start: Start) -> tuple[aio_pika.abc.FieldValue, int | None]:
-    """``x-stream-offset`` for ``start`` and, for a point in time, the published-ms to keep from."""
+    """``x-stream-offset`` for ``start`` and, for a point in time, the published-ms to keep from (the
+    offset is then found by :func:`feed._seek.offset_at` once connected; ``first`` until then)."""
     if isinstance(start, datetime):
         at = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
-        return at - _TIME_MARGIN, int(at.timestamp() * 1000)
+        return "first", int(at.timestamp() * 1000)
     if isinstance(start, int) and not isinstance(start, bool):
         if start < 0:
             raise ValueError("a stream offset is >= 0")
@@ -175,6 +179,7 @@ class SessionFollow(Handout[FeedSession]):
         )
         self._cursor = StreamCursor(path, window=self._settings.dedup_window)
         self._since_ms: int | None = None
+        self._seek = False  # the start is a point in time whose offset is not found yet
         if self._cursor.offset is None and isinstance(start, Position):
             self._cursor.offset, self._cursor.index = start.offset, start.index
         if self._cursor.offset is not None:
@@ -183,6 +188,7 @@ class SessionFollow(Handout[FeedSession]):
             _log.info("feed.resuming", consumer=consumer, offset=self._offset, index=self._cursor.index)
         else:
             self._offset, self._since_ms = _offset_argument(start)
+            self._seek = self._since_ms is not None
 
     async def _finish(self, item: FeedSession) -> None:
         self._cursor.done(item.offset, item.index, item.adapter_session_id)
@@ -199,8 +205,15 @@ class SessionFollow(Handout[FeedSession]):
             try:
                 name = f"atlas-feed {self._consumer or ''}"
                 async with BrokerConnection(settings.amqp_url, name=name) as conn:
-                    channel = await conn.channel(publisher_confirms=False, prefetch_count=settings.prefetch)
+                    # A seek's probes read one message each: the follow's prefetch is set after it.
+                    seek = self._since_ms if self._seek else None
+                    prefetch = 1 if seek is not None else settings.prefetch
+                    channel = await conn.channel(publisher_confirms=False, prefetch_count=prefetch)
                     queue = await channel.get_queue(stream, ensure=True)  # passive: the ingestor declares it
+                    if seek is not None:
+                        self._offset = await offset_at(queue, seek - _TIME_MARGIN_MS)
+                        self._seek = False
+                        await channel.set_qos(prefetch_count=settings.prefetch)
                     await queue.consume(inbox.put, arguments={"x-stream-offset": self._offset})
                     backoff.reset()
                     while not stop.is_set():

@@ -4,7 +4,9 @@ the real broker, database and ingestor (replay by time, a follower killed and re
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aio_pika
 import orjson
 import pytest
 
@@ -21,6 +24,8 @@ from bench._ports import stop_processes
 from feed import FeedSettings, Position, follow_files, follow_sessions
 from feed.__main__ import parse_start
 from feed._cursor import StreamCursor, cursor_path
+from feed._seek import Seen
+from feed._seek import search as seek_search
 from ingestor import IngestorSettings, read_lines
 from ingestor._stream import stream_messages
 from tests._ingest_env import (
@@ -151,6 +156,62 @@ async def test_an_error_in_the_loop_hands_the_session_out_again(tmp_path: Path) 
     with pytest.raises(RuntimeError):
         await trainer()
     assert await _take(jsonl, settings, None) == ["a2", "a3"]
+
+
+class _FakeStream:
+    """A probe over an in-memory stream (``last`` is the first message of the last chunk of ``chunk``);
+    counts its calls, and answers nothing after ``fail_after`` of them (a slow broker)."""
+
+    def __init__(
+        self, offsets: list[int], stamps: list[int | None], chunk: int, *, fail_after: int = 1 << 30
+    ) -> None:
+        self.offsets, self.stamps, self.chunk, self.fail_after = offsets, stamps, chunk, fail_after
+        self.calls = 0
+
+    async def __call__(self, at: object) -> Seen | None:
+        self.calls += 1
+        if not self.offsets or self.calls > self.fail_after:
+            return None
+        if at == "first":
+            n = 0
+        elif at == "last":
+            n = (len(self.offsets) - 1) // self.chunk * self.chunk
+        else:
+            n = next((i for i, o in enumerate(self.offsets) if o >= at), -1)  # type: ignore[operator]
+            if n < 0:
+                return None
+        return Seen(self.offsets[n], self.stamps[n])
+
+    def first_at_or_after(self, since: int) -> int | None:
+        pairs = zip(self.offsets, self.stamps, strict=True)
+        return next((o for o, t in pairs if t is not None and t >= since), None)
+
+
+async def test_seek_finds_the_first_message_stamped_at_or_after_a_time() -> None:
+    """The search returns the offset of the first message stamped at or after the time (offsets with gaps,
+    chunks of several messages) in about log2(n) probes; never a later one when probes stop answering
+    or a message has no stamp; ``first`` for an empty stream or one stamped after the time throughout."""
+    rng = random.Random(7)
+    for n in (1, 2, 3, 50, 1000):
+        offsets = sorted(rng.sample(range(5 * n), n))
+        stamps: list[int | None] = [*sorted(rng.randrange(10_000) for _ in range(n))]
+        for since in (-1, 0, 5_000, 9_999, 10_000, *rng.sample(range(10_000), 5)):
+            stream = _FakeStream(offsets, stamps, 7)
+            exact = stream.first_at_or_after(since)
+            start = await seek_search(stream, since)
+            if exact == offsets[0]:
+                assert start == "first"
+            elif exact is None:
+                assert start == offsets[(n - 1) // 7 * 7] + 1  # after the last chunk's first message
+            else:
+                assert isinstance(start, int)
+                assert not [o for o in offsets if start <= o < exact]  # exact is the first message read
+            assert stream.calls <= 3 + math.ceil(math.log2(5 * n + 1))
+            early = await seek_search(_FakeStream(offsets, stamps, 7, fail_after=3), since)
+            assert early == "first" or exact is None or int(early) <= exact  # type: ignore[arg-type]
+    assert await seek_search(_FakeStream([], [], 7), 5) == "first"
+    start = await seek_search(_FakeStream([0, 1, 2, 3, 4], [1, 2, None, 4, 5], 1), 4)
+    assert start == "first" or int(start) <= 3  # type: ignore[arg-type]  # the unstamped one is not skipped
 
 
 # --- against the real broker, database and ingestor --------------------------------------------------
@@ -332,3 +393,56 @@ async def test_a_follower_that_keeps_positions_resumes_exactly_once(
     before, after = ids(kept), ids(out.splitlines(keepends=True))
     assert 0 < len(before) < len(gen.exported())
     assert sorted(before + after) == sorted(gen.exported())
+
+
+async def _publish_stream(amqp_url: str, feed: FeedSettings, groups: list[tuple[list[str], int]]) -> None:
+    """Each group's sessions as one-line stream messages stamped ``published_ms`` + their index, in order."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        topology = feed.topology()
+        await topology.declare_sessions_stream(channel, max_age_s=3600, max_bytes=1 << 30)
+        for ids, published_ms in groups:
+            for n, asid in enumerate(ids):
+                line = orjson.dumps({"adapter_session_id": asid}) + b"\n"
+                for message in stream_messages([line], "f.jsonl", max_bytes=1 << 20, now_ms=published_ms + n):
+                    await channel.default_exchange.publish(message, topology.sessions_stream)
+    finally:
+        await connection.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("skew_s", [-86_400, 3_600, 86_400])
+async def test_replay_by_time_reads_the_ingestors_clock_not_the_brokers(
+    amqp_url: str, tmp_path: Path, skew_s: int
+) -> None:
+    """A replay from a point in time returns the sessions the ingestor stamped at or after it, even when the
+    broker's clock (which indexes the stream's chunks) is hours away from the ingestor's: the CI failure
+    where a broker started before the machine's clock was set, and replaying from a time returned nothing."""
+    feed = FeedSettings(amqp_url=amqp_url, prefix=f"t-feedclock-{os.getpid()}-{skew_s}", cursor_dir=tmp_path)
+    now_ms = int(time.time() * 1000) + skew_s * 1000
+    before = [f"as-a{n}" for n in range(40)]
+    after = [f"as-b{n}" for n in range(25)]
+    await _publish_stream(amqp_url, feed, [(before, now_ms), (after, now_ms + 60_000)])
+    try:
+        between = datetime.fromtimestamp((now_ms + 30_000) / 1000, tz=UTC)
+        replayed = await _follow_stream(feed, start=between)
+        assert [orjson.loads(x)["adapter_session_id"] for x in replayed] == after
+        everything = await _follow_stream(feed, start="first")
+        assert [orjson.loads(x)["adapter_session_id"] for x in everything] == before + after
+    finally:
+        await delete_topology(amqp_url, feed.topology())
+
+
+async def _follow_stream(feed: FeedSettings, *, start: object, idle_s: float = 3.0) -> list[bytes]:
+    got: list[bytes] = []
+    async with follow_sessions(feed, start=start) as sessions:  # type: ignore[arg-type]
+        iterator = aiter(sessions)
+        while True:
+            try:
+                session = await asyncio.wait_for(anext(iterator), idle_s)
+            except TimeoutError:
+                break
+            got.append(session.line)
+    return got
