@@ -217,9 +217,7 @@ async def test_seek_finds_the_first_message_stamped_at_or_after_a_time() -> None
 # --- against the real broker, database and ingestor --------------------------------------------------
 
 
-async def _follow_all(
-    settings: IngestorSettings, feed: FeedSettings, *, start: object, idle_s: float = 3.0
-) -> list[bytes]:
+async def _follow_all(feed: FeedSettings, *, start: object, idle_s: float = 3.0) -> list[bytes]:
     """Every session the follow hands out until none arrives for ``idle_s``."""
     got: list[bytes] = []
     stop = asyncio.Event()
@@ -265,8 +263,8 @@ async def test_stream_replays_every_session_and_from_a_point_in_time(
             await asyncio.sleep(0.2)
             await publish(amqp_url, settings.topology(), bodies(gen_b.in_order()))
             await wait_drained(settings, _merged(gen_a, gen_b))
-        everything = await _follow_all(settings, feed, start="first")
-        replayed = await _follow_all(settings, feed, start=between)
+        everything = await _follow_all(feed, start="first")
+        replayed = await _follow_all(feed, start=between)
     finally:
         await delete_topology(amqp_url, settings.topology())
     ids = [orjson.loads(x)["adapter_session_id"] for x in everything]
@@ -427,22 +425,9 @@ async def test_replay_by_time_reads_the_ingestors_clock_not_the_brokers(
     await _publish_stream(amqp_url, feed, [(before, now_ms), (after, now_ms + 60_000)])
     try:
         between = datetime.fromtimestamp((now_ms + 30_000) / 1000, tz=UTC)
-        replayed = await _follow_stream(feed, start=between)
+        replayed = await _follow_all(feed, start=between)
         assert [orjson.loads(x)["adapter_session_id"] for x in replayed] == after
-        everything = await _follow_stream(feed, start="first")
+        everything = await _follow_all(feed, start="first")
         assert [orjson.loads(x)["adapter_session_id"] for x in everything] == before + after
     finally:
         await delete_topology(amqp_url, feed.topology())
-
-
-async def _follow_stream(feed: FeedSettings, *, start: object, idle_s: float = 3.0) -> list[bytes]:
-    got: list[bytes] = []
-    async with follow_sessions(feed, start=start) as sessions:  # type: ignore[arg-type]
-        iterator = aiter(sessions)
-        while True:
-            try:
-                session = await asyncio.wait_for(anext(iterator), idle_s)
-            except TimeoutError:
-                break
-            got.append(session.line)
-    return got
