@@ -2,10 +2,10 @@
 
 RabbitMQ can attach a stream consumer at a point in time itself (``x-stream-offset`` as a timestamp), but
 it finds it by the chunk timestamps written with *the broker's* clock. When that clock is away from the
-ingestors' (a broker started before the machine's clock was set keeps the clock it started with, since
-Erlang does not warp its time; a broker host whose clock drifts), the broker attaches after every chunk
-(a replay returns nothing) or before them all. Every stream message carries the ``published-ms`` its
-ingestor stamped, so the start is found by those instead: a binary search over offsets, each probe a
+ingestors' (a broker started before the machine's clock was set keeps the clock it started with: Erlang
+does not step its clock by default; a broker host whose clock drifts), the broker attaches after every
+chunk (a replay returns nothing) or before them all. Every stream message carries the ``published-ms``
+its ingestor stamped, so the start is found by those instead: a binary search over offsets, each probe a
 short consumer that reads one message (a few ms on loopback; about log2 of the stream's messages probes).
 
 Correct whatever a probe returns: the search only moves its lower bound past messages it saw stamped
@@ -38,7 +38,7 @@ class Seen:
     published_ms: int | None
 
 
-Probe = Callable[[FieldValue], Awaitable["Seen | None"]]
+Probe = Callable[[FieldValue], Awaitable[Seen | None]]
 """Reads the first message at an ``x-stream-offset`` (or after it): its offset and stamp, None if none."""
 
 
