@@ -54,8 +54,7 @@ from bench._bigmeasure import (
 )
 from bench._report import _cpu_model, _ram_gib, load_average
 from bench._services import ROOT
-from ingestor import IngestorSettings
-from ingestor._prune import Pruned, prune_sessions
+from ingestor import IngestorSettings, Pruned, prune_sessions
 from migrations import apply_migrations
 
 DAY: Final = 86_400.0

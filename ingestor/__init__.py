@@ -2,7 +2,8 @@
 rolling JSONL files for training jobs, exactly once even under SIGKILL.
 
 Run ``atlas-ingestor`` (``python -m ingestor [run]``), or ``atlas-ingestor export --since ISO8601
-[--until ISO8601] --out FILE [--force]``; embed it with ``await Ingestor(IngestorSettings()).run(stop)``.
+[--until ISO8601] --out FILE [--force]``; embed it with ``await Ingestor(IngestorSettings()).run(stop)``;
+retention is ``atlas-ingestor prune --before ISO8601`` or ``await prune_sessions(settings, before=...)``.
 
 What it does, in short (details in the module docstrings):
 
@@ -36,6 +37,7 @@ from ingestor._errors import ConfigError, IngestorError
 from ingestor._export import export_sessions
 from ingestor._files import is_final_name, read_lines
 from ingestor._lines import build_line
+from ingestor._prune import Pruned, prune_sessions
 from ingestor._service import Ingestor
 from ingestor._settings import IngestorSettings
 from ingestor._store import fetch_line_map
@@ -45,9 +47,11 @@ __all__ = [
     "Ingestor",
     "IngestorError",
     "IngestorSettings",
+    "Pruned",
     "build_line",
     "export_sessions",
     "fetch_line_map",
     "is_final_name",
+    "prune_sessions",
     "read_lines",
 ]
