@@ -7,28 +7,15 @@ do not import the worker at all.
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests._imports import imported_modules
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _imported_modules(path: Path) -> set[str]:
-    """Every module ``path`` imports, anywhere in the file (under ``TYPE_CHECKING`` and in functions too);
-    ``from package import name`` counts as importing ``package.name`` as well, since ``name`` may be a
-    submodule."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module is not None and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return found
 
 
 def _within(modules: set[str], packages: tuple[str, ...]) -> list[str]:
@@ -40,7 +27,7 @@ def _offending(package: str, banned: tuple[str, ...]) -> dict[str, list[str]]:
     """File -> the banned modules it imports, over every ``.py`` file under ``package``."""
     offences: dict[str, list[str]] = {}
     for path in sorted((ROOT / package).rglob("*.py")):
-        bad = _within(_imported_modules(path), banned)
+        bad = _within(imported_modules(path), banned)
         if bad:
             offences[str(path.relative_to(ROOT))] = bad
     return offences
@@ -61,7 +48,7 @@ def test_adapters_use_only_the_public_sdk() -> None:
     is in ``worker.sessions.__all__``, as for any adapter."""
     private = {
         str(path.relative_to(ROOT)): sorted(
-            m for m in _imported_modules(path) if m.startswith("worker.sessions._")
+            m for m in imported_modules(path) if m.startswith("worker.sessions._")
         )
         for path in sorted((ROOT / "worker/adapters").rglob("*.py"))
     }
