@@ -422,8 +422,8 @@ async def test_replay_by_time_reads_the_ingestors_clock_not_the_brokers(
     now_ms = int(time.time() * 1000) + skew_s * 1000
     before = [f"as-a{n}" for n in range(40)]
     after = [f"as-b{n}" for n in range(25)]
-    await _publish_stream(amqp_url, feed, [(before, now_ms), (after, now_ms + 60_000)])
     try:
+        await _publish_stream(amqp_url, feed, [(before, now_ms), (after, now_ms + 60_000)])
         between = datetime.fromtimestamp((now_ms + 30_000) / 1000, tz=UTC)
         replayed = await _follow_all(feed, start=between)
         assert [orjson.loads(x)["adapter_session_id"] for x in replayed] == after
