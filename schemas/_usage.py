@@ -38,14 +38,24 @@ class Usage(WireModel):
         _set(usage, "__pydantic_private__", None)
         return usage
 
+    @classmethod
+    def saturated(cls, prompt_tokens: int, completion_tokens: int, total_tokens: int, calls: int) -> Usage:
+        """A Usage from sums of valid counts (non-negative ints), each saturating at ``MAX_COUNT`` (a
+        session's totals never break the limit); built without re-validation (it runs for every step)."""
+        return cls.of(
+            min(prompt_tokens, MAX_COUNT),
+            min(completion_tokens, MAX_COUNT),
+            min(total_tokens, MAX_COUNT),
+            min(calls, MAX_COUNT),
+        )
+
     def __add__(self, other: Usage) -> Usage:
-        """The sum, each count saturating at ``MAX_COUNT`` (a session's totals never break the limit). Both
-        sides are valid, so the sum is too: built without re-validation (it runs for every step)."""
-        return Usage.of(
-            min(self.prompt_tokens + other.prompt_tokens, MAX_COUNT),
-            min(self.completion_tokens + other.completion_tokens, MAX_COUNT),
-            min(self.total_tokens + other.total_tokens, MAX_COUNT),
-            min(self.calls + other.calls, MAX_COUNT),
+        """The sum, each count saturating at ``MAX_COUNT`` (:meth:`saturated`)."""
+        return Usage.saturated(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+            self.calls + other.calls,
         )
 
 

@@ -174,8 +174,7 @@ class Run:
     @property
     def totals(self) -> Usage:
         """The session's usage so far, each count saturating at ``MAX_COUNT`` (as ``Usage + Usage`` does)."""
-        prompt, completion, total, calls = (min(n, limits.MAX_COUNT) for n in self._sums)
-        return Usage.of(prompt, completion, total, calls)
+        return Usage.saturated(*self._sums)
 
     async def _close(self, reason: str | None) -> dict[str, JsonValue]:
         try:
