@@ -75,24 +75,20 @@ def _numbered(first: int, *names: str) -> dict[str, str]:
 _CLAIM_PARAMS: Final = ("ids", "tokens", "worker", "stale")
 _SUCCEED_PARAMS: Final = ("ids", "tokens", "asids", "closes")
 _SETTLE_PARAMS: Final = ("ids", "tokens", "states", "errors")
+_CLAIMS_FIRST: Final = _numbered(1, *_CLAIM_PARAMS)  # the claims come first in both statements that have them
 _GROUP: Final = (
     "WITH "  # noqa: S608 -- built from the constants above only
-    + _CLAIMED.format(**_numbered(1, *_CLAIM_PARAMS))
+    + _CLAIMED.format(**_CLAIMS_FIRST)
     + ", "
     + _SUCCEEDED.format(**_numbered(5, *_SUCCEED_PARAMS))
     + ", "
     + _SETTLED.format(**_numbered(9, *_SETTLE_PARAMS))
     + "\n"
-    + _CLAIM_ROWS.format(**_numbered(1, *_CLAIM_PARAMS))
+    + _CLAIM_ROWS.format(**_CLAIMS_FIRST)
     + "\nUNION ALL SELECT 'succeeded', task_id, NULL, NULL, NULL, NULL, NULL, NULL FROM succeeded"
     + "\nUNION ALL SELECT 'settled', task_id, NULL, NULL, NULL, NULL, NULL, NULL FROM settled"
 )
-_CLAIMS_ONLY: Final = (
-    "WITH "
-    + _CLAIMED.format(**_numbered(1, *_CLAIM_PARAMS))
-    + "\n"
-    + _CLAIM_ROWS.format(**_numbered(1, *_CLAIM_PARAMS))
-)
+_CLAIMS_ONLY: Final = "WITH " + _CLAIMED.format(**_CLAIMS_FIRST) + "\n" + _CLAIM_ROWS.format(**_CLAIMS_FIRST)
 _SUCCEEDS_ONLY: Final = (
     "WITH "
     + _SUCCEEDED.format(**_numbered(1, *_SUCCEED_PARAMS))
