@@ -1,25 +1,17 @@
 """Each package is used through its public surface: no module imports a private module (``_name``) of
-another of the project's packages. The one exception is named with its reason."""
+another of the project's packages. The exceptions are named with their reason."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 from tests._imports import imported_modules
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = (
-    "atlas_common",
-    "bench",
-    "console",
-    "examples",
-    "feed",
-    "ingestor",
-    "migrations",
-    "producer",
-    "schemas",
-    "worker",
-)
+# The project's packages, as pyproject.toml has setuptools find them: a new package is checked too.
+_FIND = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+PACKAGES: tuple[str, ...] = tuple(sorted(pattern.rstrip("*") for pattern in _FIND["include"]))
 WHITE_BOX: dict[str, frozenset[str]] = {
     # Benchmarks that time a package's internals at scale, statement by statement: the ingestor's batch
     # transaction (its statements, batch merge, connection codecs) and the audit's query at 0.5-50 M rows,
