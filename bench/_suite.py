@@ -26,6 +26,13 @@ from bench._inflight import llm_bound_sessions
 from bench._ingest import SESSIONS_NAME, ingestor_alone
 from bench._memory import ingestor_peak_rss, worker_peak_rss
 from bench._report import Machine, Result, collect_machine, combine_runs, load_average, render
+from bench._samework_runs import CELERY_CONCURRENCY as SAME_CELERY_CONCURRENCY
+from bench._samework_runs import (
+    CELERY_SAME_NAME,
+    DRAMATIQ_SAME_NAME,
+    celery_same_work,
+    dramatiq_same_work,
+)
 from bench._steady import steady_open_loop
 from bench._taskleg import BUSY_CONCURRENCY, CONCURRENCY, atlas_task_leg, taskleg_name
 
@@ -210,6 +217,15 @@ async def e2e(ctx: Context) -> list[Result]:
     return results
 
 
+async def samework(ctx: Context) -> list[Result]:
+    """Celery and Dramatiq doing what the atlas end-to-end rows do, in a task body (the mission's bar)."""
+    n = ctx.sizes.e2e_tasks
+    return [
+        await celery_same_work(ctx.amqp_url, ctx.database_url, n, ctx.logdir),
+        await dramatiq_same_work(ctx.amqp_url, ctx.database_url, n, ctx.logdir),
+    ]
+
+
 async def steady(ctx: Context) -> list[Result]:
     """Open loop at half the 1-worker end-to-end throughput of this round, else at the fallback rate."""
     sizes, max_name = ctx.sizes, e2e_name(1, 0.0, "throughput")
@@ -294,6 +310,7 @@ GROUPS: Final[dict[str, Group]] = {
     "baselines": baselines,
     "atlas": atlas,
     "e2e": e2e,
+    "samework": samework,
     "steady": steady,
     "inflight": inflight,
     "ingestor": ingestor,
@@ -314,6 +331,11 @@ EXTRA_RATIOS: Final = (
     # the issue's target: end to end (ingestor and all) at least as fast as Celery's bare task leg
     (e2e_name(1, 0.0, "throughput"), CELERY_NAME),
     (e2e_name(2, 0.0, "throughput"), CELERY_NAME),
+    # the mission's bar: faster than Celery and Dramatiq doing the same work (a session stored per task)
+    (e2e_name(1, 0.0, "throughput"), CELERY_SAME_NAME),
+    (e2e_name(1, 0.0, "throughput"), DRAMATIQ_SAME_NAME),
+    (e2e_name(2, 0.0, "throughput"), CELERY_SAME_NAME),
+    (e2e_name(2, 0.0, "throughput"), DRAMATIQ_SAME_NAME),
     # what the ingestor and the rest of the stack cost on top of the task leg (same worker processes)
     (e2e_name(1, 0.0, "throughput"), taskleg_name(1)),
     (e2e_name(2, 0.0, "throughput"), taskleg_name(2)),
@@ -352,6 +374,17 @@ polled every 20 ms) to the queue empty and every session stored (the last `store
 consumption: a worker with more 50 ms demo tasks queued than it can finish (so `--concurrency` tasks are
 in flight throughout), and an ingestor on a pre-filled backlog that it need not drain (it is stopped with
 SIGTERM).
+
+The same-work baselines (`bench._samework`) are Celery and Dramatiq doing, in a task body, what the
+atlas end-to-end rows do for a task: run its demo adapter session in the process (the atlas worker's
+`Student` and `DemoAdapter`), store it in one PostgreSQL transaction (the `sessions` row, its
+`step_results` rows and its plan, on a scratch database migrated like atlas's; `stored_at = now()`), then
+append its JSONL line (`ingestor.build_line`) to the process's own file; acked after the body returns.
+They skip what atlas adds (no task ledger, no telemetry through the broker, no fsync of the JSONL), and
+their queue is pre-filled (not timed), so their producer does not share the cores: t0 is the first poll
+below N (every 20 ms), t1 the last `stored_at` once all N are stored; the database must then hold every
+step and the files N lines. Celery runs prefork x {celery_same_c} (the body waits on the commit; more
+processes than the no-op row's 2), Dramatiq 2 processes x 8 threads like its no-op row.
 
 The steady-state rows run the same stack (1 ingestor with its defaults, so a 200 ms flush interval, and 1
 worker x 64, demo 0 ms) open loop: once both consume, task i is published at start + i / rate whatever
@@ -459,5 +492,6 @@ def report(results: Sequence[Result], machine: Machine, *, sizes: Sizes) -> str:
         warmup=CONSOLE_WARMUP,
         overview_n=overview_readings(sizes.console_requests),
         target=CONSOLE_TARGET_MS,
+        celery_same_c=SAME_CELERY_CONCURRENCY,
     )
     return render(results, machine, method=f"{sizes_line}\n\n{method}", extra_ratios=EXTRA_RATIOS)

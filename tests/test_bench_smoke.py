@@ -15,6 +15,7 @@ from bench._inflight import inflight_name
 from bench._ingest import RECORDS_NAME, SESSIONS_NAME
 from bench._memory import ingestor_rss_name, worker_rss_name
 from bench._report import Machine, Result, combine_runs, render
+from bench._samework_runs import CELERY_SAME_NAME, DRAMATIQ_SAME_NAME
 from bench._sessions import RECORDS_PER_SESSION, check_envelopes, envelopes, sessions_for
 from bench._steady import CPU_WHAT, steady_name
 from bench._suite import RSS_LATENCY_S, SMOKE, Context, report, run_suite
@@ -39,6 +40,8 @@ EXPECTED_ROWS = [
     e2e_name(2, 0.0, "throughput"),
     e2e_name(2, 0.0, "p50"),
     e2e_name(2, 0.0, "p99"),
+    CELERY_SAME_NAME,
+    DRAMATIQ_SAME_NAME,
     steady_name("p50"),
     steady_name("p99"),
     steady_name("achieved"),
@@ -163,6 +166,8 @@ async def test_smoke_benchmark_measures_every_row(
     assert f"{RECORDS_NAME} vs {copy_name(logged=True)}: " in text
     assert f"{e2e_name(2, 0.0, 'throughput')} vs {taskleg_name(2)}: " in text
     assert f"{e2e_name(2, 0.0, 'throughput')} vs {CELERY_NAME}: " in text
+    assert f"{e2e_name(2, 0.0, 'throughput')} vs {CELERY_SAME_NAME}: " in text
+    assert f"{e2e_name(2, 0.0, 'throughput')} vs {DRAMATIQ_SAME_NAME}: " in text
     assert f"{steady_name('achieved')} vs {steady_name('target')}: " in text
     assert "## Machine" in text
     assert machine.cores > 0
