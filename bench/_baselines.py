@@ -27,6 +27,53 @@ CELERY_NAME: Final = "baseline: celery task leg"
 DRAMATIQ_NAME: Final = "baseline: dramatiq task leg"
 
 
+def celery_worker(
+    app_module: str, amqp_url: str, queue: str, *, concurrency: int
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a Celery worker of ``app_module`` (made by ``make_app``) on
+    ``queue``: prefork x ``concurrency``, prefetch ``PREFETCH`` in all, no heartbeat/gossip/mingle."""
+    argv = python_module(
+        "celery",
+        "-A",
+        app_module,
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(concurrency),
+        "--without-heartbeat",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "WARNING",
+        "-Q",
+        queue,
+        "-n",
+        f"{queue}@%h",
+    )
+    env = {
+        "BENCH_AMQP_URL": amqp_url,
+        "BENCH_CELERY_QUEUE": queue,
+        "BENCH_PREFETCH": str(PREFETCH),
+        "BENCH_CONCURRENCY": str(concurrency),
+    }
+    return argv, env
+
+
+def dramatiq_worker(app_module: str, amqp_url: str, queue: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of Dramatiq's worker for ``app_module``'s actors on ``queue``:
+    ``DRAMATIQ_PROCESSES`` x ``DRAMATIQ_THREADS``, prefetch ``PREFETCH`` per process."""
+    argv = python_module(
+        "dramatiq", app_module, "--processes", str(DRAMATIQ_PROCESSES), "--threads", str(DRAMATIQ_THREADS)
+    )
+    env = {
+        "BENCH_AMQP_URL": amqp_url,
+        "BENCH_DRAMATIQ_QUEUE": queue,
+        "dramatiq_queue_prefetch": str(PREFETCH),
+    }
+    return argv, env
+
+
 def _celery_fill(amqp_url: str, queue: str, n: int) -> None:
     app = make_app(amqp_url, queue, prefetch=PREFETCH, concurrency=CELERY_CONCURRENCY)
     try:
@@ -66,32 +113,8 @@ async def celery_task_leg(amqp_url: str, n: int, logdir: Path, *, poll_s: float 
     queue = unique("atlas-bench-celery")
     procs = Processes(logdir / queue)
     (procs.logdir / "counts").mkdir(parents=True)
-    env = {
-        "BENCH_COUNT_DIR": str(procs.logdir / "counts"),
-        "BENCH_AMQP_URL": amqp_url,
-        "BENCH_CELERY_QUEUE": queue,
-        "BENCH_PREFETCH": str(PREFETCH),
-        "BENCH_CONCURRENCY": str(CELERY_CONCURRENCY),
-    }
-    argv = python_module(
-        "celery",
-        "-A",
-        "bench._celery_app",
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        str(CELERY_CONCURRENCY),
-        "--without-heartbeat",
-        "--without-gossip",
-        "--without-mingle",
-        "--loglevel",
-        "WARNING",
-        "-Q",
-        queue,
-        "-n",
-        f"{queue}@%h",
-    )
+    argv, env = celery_worker("bench._celery_app", amqp_url, queue, concurrency=CELERY_CONCURRENCY)
+    env["BENCH_COUNT_DIR"] = str(procs.logdir / "counts")
     try:
         await asyncio.to_thread(_celery_fill, amqp_url, queue, n)
         async with QueueProbe(amqp_url) as probe:
@@ -119,20 +142,8 @@ async def dramatiq_task_leg(amqp_url: str, n: int, logdir: Path, *, poll_s: floa
     queue = unique("atlas-bench-dramatiq")
     procs = Processes(logdir / queue)
     (procs.logdir / "counts").mkdir(parents=True)
-    env = {
-        "BENCH_COUNT_DIR": str(procs.logdir / "counts"),
-        "BENCH_AMQP_URL": amqp_url,
-        "BENCH_DRAMATIQ_QUEUE": queue,
-        "dramatiq_queue_prefetch": str(PREFETCH),
-    }
-    argv = python_module(
-        "dramatiq",
-        "bench._dramatiq_app",
-        "--processes",
-        str(DRAMATIQ_PROCESSES),
-        "--threads",
-        str(DRAMATIQ_THREADS),
-    )
+    argv, env = dramatiq_worker("bench._dramatiq_app", amqp_url, queue)
+    env["BENCH_COUNT_DIR"] = str(procs.logdir / "counts")
     try:
         await asyncio.to_thread(_dramatiq_fill, amqp_url, queue, n)
         async with QueueProbe(amqp_url) as probe:

@@ -86,6 +86,19 @@ class QueueProbe:
         declared = await self._channel.declare_queue(queue, passive=True)
         return declared.declaration_result.message_count or 0
 
+    async def consumers(self, queue: str) -> int:
+        """Consumers of ``queue``; 0 while it does not exist yet (the failed passive declare closes the
+        channel: the next call opens another)."""
+        if self._connection is None:
+            raise RuntimeError("use 'async with QueueProbe(url)'")
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel()
+        try:
+            declared = await self._channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return 0
+        return declared.declaration_result.consumer_count or 0
+
     async def wait_depth(self, queue: str, expected: int, *, timeout_s: float = 60.0) -> None:
         """Until ``queue`` holds exactly ``expected`` ready messages (publishes without confirms lag)."""
         deadline = time.monotonic() + timeout_s

@@ -1,15 +1,11 @@
 """Same-work baselines: Celery and Dramatiq running the task body of :mod:`bench._samework`.
 
-Method (the ingestor-alone rows' way of timing): a fresh migrated scratch database and a queue of its own;
-the queue is pre-filled with N demo tasks (the producer's ``demo_tasks``, each as the task body's one
-argument; not timed) and seen full; the framework's worker starts; t0 is the first poll (every 20 ms)
-where the queue holds fewer than N (consumption started, so start-up is not timed); t1 is
-``max(sessions.stored_at)`` once every task's session is stored. tasks/s = N / (t1 - t0). Then the
-workers stop, and the database must hold N sessions with their steps and the JSONL files N lines.
-
-The atlas end-to-end rows this is compared with publish their burst while the stack runs (the producer
-shares the two cores with it) and count the wait behind the burst: the pre-filled queue here spares the
-baseline both.
+Method (the atlas end-to-end rows' own): a fresh migrated scratch database and a queue of its own; the
+framework's worker starts, and once it consumes the queue (its consumers seen on it, so start-up is not
+timed) N demo tasks (the producer's ``demo_tasks``, each as the task body's one argument) are published in
+one burst from the bench process, while the worker runs them. tasks/s = N / (last ``stored_at`` - first
+publish). Then the worker stops, and the database must hold N sessions with every step and the JSONL files
+N lines.
 """
 
 from __future__ import annotations
@@ -19,20 +15,20 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 
+from bench._baselines import DRAMATIQ_PROCESSES, DRAMATIQ_THREADS, PREFETCH, celery_worker, dramatiq_worker
 from bench._celery_app import make_app
 from bench._harness import (
     Processes,
     QueueProbe,
     delete_queues,
-    python_module,
     scratch_database,
     unique,
-    wait_consumption,
 )
 from bench._report import Result
 from bench._samework import (
@@ -49,10 +45,7 @@ CELERY_SAME_NAME: Final = "baseline: celery, the same work end to end"
 DRAMATIQ_SAME_NAME: Final = "baseline: dramatiq, the same work end to end"
 CELERY_CONCURRENCY: Final = 8
 """Prefork processes: the task body waits on PostgreSQL's commit; 4 and 8 measured the same (~585 tasks/s
-here), 2 (the no-op baseline's) 27 % less."""
-DRAMATIQ_PROCESSES: Final = 2
-DRAMATIQ_THREADS: Final = 8
-PREFETCH: Final = 64
+on this 2-core VM, from a pre-filled queue), 2 (the no-op baseline's) 27 % less."""
 _WORK: Final = (
     "runs the task's demo session (the atlas worker's Student and DemoAdapter), then one PostgreSQL "
     "transaction (sessions row, step_results rows, plan; stored_at = now()), then appends its JSONL line "
@@ -64,34 +57,70 @@ def _payloads(n: int) -> list[dict[str, object]]:
     return [t.model_dump(mode="json") for t in demo_tasks(n, run_id=uuid.uuid4().hex[:8])]
 
 
-def _celery_fill(amqp_url: str, queue: str, n: int) -> None:
+def _celery_burst(amqp_url: str, queue: str, n: int) -> float:
+    payloads = _payloads(n)
     app = make_app(amqp_url, queue, prefetch=PREFETCH, concurrency=CELERY_CONCURRENCY)
     try:
         with app.producer_pool.acquire(block=True) as producer:
-            for payload in _payloads(n):
+            first = time.time()  # as for atlas's producer: connecting is in the burst's time
+            for payload in payloads:
                 app.send_task(CELERY_TASK_NAME, args=(payload,), producer=producer)
     finally:
         app.close()
+    return first
 
 
-def _dramatiq_fill(amqp_url: str, queue: str, n: int) -> None:
+def _dramatiq_burst(amqp_url: str, queue: str, n: int) -> float:
     import dramatiq
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
+    messages: list[dramatiq.Message[Any]] = [
+        dramatiq.Message(queue_name=queue, actor_name=DRAMATIQ_ACTOR_NAME, args=(p,), kwargs={}, options={})
+        for p in _payloads(n)
+    ]
     broker = RabbitmqBroker(url=amqp_url)
     try:
-        for payload in _payloads(n):
-            broker.enqueue(
-                dramatiq.Message(
-                    queue_name=queue, actor_name=DRAMATIQ_ACTOR_NAME, args=(payload,), kwargs={}, options={}
-                )
-            )
+        first = time.time()  # its connection is made by the first enqueue: inside the burst's time
+        for message in messages:
+            broker.enqueue(message)
     finally:
         broker.close()
+    return first
 
 
 def _jsonl_lines(directory: Path) -> int:
     return sum(p.read_bytes().count(b"\n") for p in directory.glob(f"{FILE_PREFIX}*.jsonl"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Framework:
+    """One framework's worker for a same-work run, on a queue of its own."""
+
+    name: str
+    queue: str
+    burst: Callable[[str, str, int], float]
+    """Publishes N tasks to the queue (in a thread: the frameworks' clients block); returns the time of
+    the first publish."""
+    consumers: int
+    """Consumers on the queue once the worker is ready."""
+    argv: list[str]
+    env: dict[str, str]
+    queues: list[str]
+    """What the run leaves on the broker (deleted afterwards), exchanges in ``exchanges``."""
+    exchanges: list[str]
+
+
+async def _wait_consumers(
+    probe: QueueProbe, queue: str, want: int, procs: Processes, *, timeout_s: float = 60.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while await probe.consumers(queue) < want:
+        procs.check_running()
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{queue}: fewer than {want} consumers after {timeout_s}s; logs in {procs.logdir}"
+            )
+        await asyncio.sleep(0.05)
 
 
 async def _same_work(
@@ -99,41 +128,42 @@ async def _same_work(
     admin_database_url: str,
     n: int,
     logdir: Path,
+    framework: _Framework,
     *,
-    name: str,
-    queue: str,
-    fill: Callable[[str, str, int], None],
-    argv: list[str],
-    env: dict[str, str],
-    timeout_s: float,
+    timeout_s: float = 600.0,
 ) -> float:
-    """One run: the tasks/s of ``argv`` (the framework's worker) over ``n`` pre-filled tasks."""
+    """One run: the tasks/s of the framework's worker over ``n`` pre-filled tasks."""
+    queue = framework.queue
     procs = Processes(logdir / queue)
-    async with scratch_database(admin_database_url) as database_url:
-        await apply_migrations(database_url)
-        conn = await asyncpg.connect(database_url)
-        try:
-            with tempfile.TemporaryDirectory(prefix="atlas-bench-samework-") as jsonl_dir:
-                await asyncio.to_thread(fill, amqp_url, queue, n)
-                async with QueueProbe(amqp_url) as probe:
-                    await probe.wait_depth(queue, n)
-                    env = {**env, DATABASE_URL_ENV: database_url, JSONL_DIR_ENV: jsonl_dir}
-                    procs.spawn(name, argv, env)
-                    t0 = await wait_consumption(probe, queue, n, procs)
+    try:
+        async with scratch_database(admin_database_url) as database_url:
+            await apply_migrations(database_url)
+            conn = await asyncpg.connect(database_url)
+            try:
+                with tempfile.TemporaryDirectory(prefix="atlas-bench-samework-") as jsonl_dir:
+                    async with QueueProbe(amqp_url) as probe:
+                        env = {**framework.env, DATABASE_URL_ENV: database_url, JSONL_DIR_ENV: jsonl_dir}
+                        procs.spawn(framework.name, framework.argv, env)
+                        await _wait_consumers(probe, queue, framework.consumers, procs)
+                    t0 = await asyncio.to_thread(framework.burst, amqp_url, queue, n)
                     deadline = time.monotonic() + timeout_s
                     while await conn.fetchval("SELECT count(*) FROM sessions") < n:
                         procs.check_running()
                         if time.monotonic() > deadline:
-                            raise TimeoutError(f"{queue}: not every session stored in {timeout_s}s")
+                            raise TimeoutError(
+                                f"{queue}: not all stored in {timeout_s}s; logs in {procs.logdir}"
+                            )
                         await asyncio.sleep(0.2)
                     t1 = (await conn.fetchval("SELECT max(stored_at) FROM sessions")).timestamp()
+                    await asyncio.to_thread(procs.stop)
+                    steps = await conn.fetchval("SELECT count(*) FROM step_results")
+                    expected = await conn.fetchval("SELECT sum(steps_expected) FROM sessions")
+                    lines = await asyncio.to_thread(_jsonl_lines, Path(jsonl_dir))
+            finally:
                 await asyncio.to_thread(procs.stop)
-                steps = await conn.fetchval("SELECT count(*) FROM step_results")
-                expected = await conn.fetchval("SELECT sum(steps_expected) FROM sessions")
-                lines = await asyncio.to_thread(_jsonl_lines, Path(jsonl_dir))
-        finally:
-            await asyncio.to_thread(procs.stop)
-            await conn.close()
+                await conn.close()
+    finally:
+        await delete_queues(amqp_url, framework.queues, framework.exchanges)
     if lines != n or steps != expected:
         raise RuntimeError(
             f"{queue}: {lines} JSONL lines for {n} sessions, {steps} of {expected} steps; "
@@ -145,94 +175,25 @@ async def _same_work(
 async def celery_same_work(amqp_url: str, admin_database_url: str, n: int, logdir: Path) -> Result:
     """Celery, prefork x ``CELERY_CONCURRENCY``, acks_late, prefetch 64, the same-work task body."""
     queue = unique("atlas-bench-celery-samework")
-    argv = python_module(
-        "celery",
-        "-A",
-        "bench._celery_samework",
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        str(CELERY_CONCURRENCY),
-        "--without-heartbeat",
-        "--without-gossip",
-        "--without-mingle",
-        "--loglevel",
-        "WARNING",
-        "-Q",
-        queue,
-        "-n",
-        f"{queue}@%h",
+    argv, env = celery_worker("bench._celery_samework", amqp_url, queue, concurrency=CELERY_CONCURRENCY)
+    celery = _Framework("celery", queue, _celery_burst, 1, argv, env, [queue], [queue])
+    rate = await _same_work(amqp_url, admin_database_url, n, logdir, celery)
+    notes = (
+        f"celery worker, prefork --concurrency {CELERY_CONCURRENCY}, acks_late, prefetch {PREFETCH}, "
+        f"classic queue; {n:,} tasks published in one burst once it consumed; each task {_WORK}"
     )
-    env = {
-        "BENCH_AMQP_URL": amqp_url,
-        "BENCH_CELERY_QUEUE": queue,
-        "BENCH_PREFETCH": str(PREFETCH),
-        "BENCH_CONCURRENCY": str(CELERY_CONCURRENCY),
-    }
-    try:
-        rate = await _same_work(
-            amqp_url,
-            admin_database_url,
-            n,
-            logdir,
-            name="celery",
-            queue=queue,
-            fill=_celery_fill,
-            argv=argv,
-            env=env,
-            timeout_s=600.0,
-        )
-    finally:
-        await delete_queues(amqp_url, [queue], [queue])
-    return Result(
-        CELERY_SAME_NAME,
-        "tasks/s",
-        rate,
-        notes=(
-            f"celery worker, prefork --concurrency {CELERY_CONCURRENCY}, acks_late, prefetch {PREFETCH}, "
-            f"classic queue; {n:,} tasks pre-filled; each task {_WORK}"
-        ),
-    )
+    return Result(CELERY_SAME_NAME, "tasks/s", rate, notes=notes)
 
 
 async def dramatiq_same_work(amqp_url: str, admin_database_url: str, n: int, logdir: Path) -> Result:
     """Dramatiq, 2 processes x 8 threads, prefetch 64 per process, the same-work actor."""
     queue = unique("atlas-bench-dramatiq-samework")
-    argv = python_module(
-        "dramatiq",
-        "bench._dramatiq_samework",
-        "--processes",
-        str(DRAMATIQ_PROCESSES),
-        "--threads",
-        str(DRAMATIQ_THREADS),
+    argv, env = dramatiq_worker("bench._dramatiq_samework", amqp_url, queue)
+    queues = [queue, f"{queue}.DQ", f"{queue}.XQ"]
+    dramatiq = _Framework("dramatiq", queue, _dramatiq_burst, DRAMATIQ_PROCESSES, argv, env, queues, [])
+    rate = await _same_work(amqp_url, admin_database_url, n, logdir, dramatiq)
+    notes = (
+        f"dramatiq, {DRAMATIQ_PROCESSES} processes x {DRAMATIQ_THREADS} threads, prefetch {PREFETCH} per "
+        f"process, classic queue; {n:,} tasks published in one burst once it consumed; each task {_WORK}"
     )
-    env = {
-        "BENCH_AMQP_URL": amqp_url,
-        "BENCH_DRAMATIQ_QUEUE": queue,
-        "dramatiq_queue_prefetch": str(PREFETCH),
-    }
-    try:
-        rate = await _same_work(
-            amqp_url,
-            admin_database_url,
-            n,
-            logdir,
-            name="dramatiq",
-            queue=queue,
-            fill=_dramatiq_fill,
-            argv=argv,
-            env=env,
-            timeout_s=600.0,
-        )
-    finally:
-        await delete_queues(amqp_url, [queue, f"{queue}.DQ", f"{queue}.XQ"])
-    return Result(
-        DRAMATIQ_SAME_NAME,
-        "tasks/s",
-        rate,
-        notes=(
-            f"dramatiq, {DRAMATIQ_PROCESSES} processes x {DRAMATIQ_THREADS} threads, prefetch {PREFETCH} per "
-            f"process, classic queue; {n:,} tasks pre-filled; each task {_WORK}"
-        ),
-    )
+    return Result(DRAMATIQ_SAME_NAME, "tasks/s", rate, notes=notes)
