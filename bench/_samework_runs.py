@@ -62,7 +62,7 @@ def _celery_burst(amqp_url: str, queue: str, n: int) -> float:
     app = make_app(amqp_url, queue, prefetch=PREFETCH, concurrency=CELERY_CONCURRENCY)
     try:
         with app.producer_pool.acquire(block=True) as producer:
-            first = time.time()  # as for atlas's producer: connecting is in the burst's time
+            first = time.time()  # t0, as the atlas rows' first submit
             for payload in payloads:
                 app.send_task(CELERY_TASK_NAME, args=(payload,), producer=producer)
     finally:
@@ -80,7 +80,7 @@ def _dramatiq_burst(amqp_url: str, queue: str, n: int) -> float:
     ]
     broker = RabbitmqBroker(url=amqp_url)
     try:
-        first = time.time()  # its connection is made by the first enqueue: inside the burst's time
+        first = time.time()  # t0 (the broker connects on the first enqueue: inside the burst's time)
         for message in messages:
             broker.enqueue(message)
     finally:
@@ -132,7 +132,7 @@ async def _same_work(
     *,
     timeout_s: float = 600.0,
 ) -> float:
-    """One run: the tasks/s of the framework's worker over ``n`` pre-filled tasks."""
+    """One run: the tasks/s of the framework's worker over a burst of ``n`` tasks."""
     queue = framework.queue
     procs = Processes(logdir / queue)
     try:
