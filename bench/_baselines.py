@@ -8,8 +8,10 @@ framework's own cost per task: receive, decode, dispatch to a pool, run nothing,
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from bench._celery_app import TASK_NAME, make_app
 from bench._counts import total_runs
@@ -74,28 +76,38 @@ def dramatiq_worker(app_module: str, amqp_url: str, queue: str) -> tuple[list[st
     return argv, env
 
 
-def _celery_fill(amqp_url: str, queue: str, n: int) -> None:
+def celery_send(amqp_url: str, queue: str, task_name: str, args: Sequence[tuple[Any, ...]]) -> float:
+    """Send one ``task_name`` task per ``args`` to ``queue`` with Celery's own client (no publisher
+    confirms); returns the time of the first send (the pool connects on it)."""
     app = make_app(amqp_url, queue, prefetch=PREFETCH, concurrency=CELERY_CONCURRENCY)
     try:
         with app.producer_pool.acquire(block=True) as producer:
-            for _ in range(n):
-                app.send_task(TASK_NAME, producer=producer)
+            first = time.time()
+            for one in args:
+                app.send_task(task_name, args=one, producer=producer)
     finally:
         app.close()
+    return first
 
 
-def _dramatiq_fill(amqp_url: str, queue: str, n: int) -> None:
+def dramatiq_send(amqp_url: str, queue: str, actor_name: str, args: Sequence[tuple[Any, ...]]) -> float:
+    """Enqueue one ``actor_name`` message per ``args`` on ``queue`` with Dramatiq's own client (the
+    messages are built first); returns the time of the first enqueue (the broker connects on it)."""
     import dramatiq
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
+    messages: list[dramatiq.Message[Any]] = [
+        dramatiq.Message(queue_name=queue, actor_name=actor_name, args=one, kwargs={}, options={})
+        for one in args
+    ]
     broker = RabbitmqBroker(url=amqp_url)
     try:
-        for _ in range(n):
-            broker.enqueue(
-                dramatiq.Message(queue_name=queue, actor_name=ACTOR_NAME, args=(), kwargs={}, options={})
-            )
+        first = time.time()
+        for message in messages:
+            broker.enqueue(message)
     finally:
         broker.close()
+    return first
 
 
 def _checked(name: str, drain: Drain, logdir: Path) -> Drain:
@@ -116,7 +128,7 @@ async def celery_task_leg(amqp_url: str, n: int, logdir: Path, *, poll_s: float 
     argv, env = celery_worker("bench._celery_app", amqp_url, queue, concurrency=CELERY_CONCURRENCY)
     env["BENCH_COUNT_DIR"] = str(procs.logdir / "counts")
     try:
-        await asyncio.to_thread(_celery_fill, amqp_url, queue, n)
+        await asyncio.to_thread(celery_send, amqp_url, queue, TASK_NAME, [()] * n)
         async with QueueProbe(amqp_url) as probe:
             await probe.wait_depth(queue, n)
             procs.spawn("celery", argv, env)
@@ -145,7 +157,7 @@ async def dramatiq_task_leg(amqp_url: str, n: int, logdir: Path, *, poll_s: floa
     argv, env = dramatiq_worker("bench._dramatiq_app", amqp_url, queue)
     env["BENCH_COUNT_DIR"] = str(procs.logdir / "counts")
     try:
-        await asyncio.to_thread(_dramatiq_fill, amqp_url, queue, n)
+        await asyncio.to_thread(dramatiq_send, amqp_url, queue, ACTOR_NAME, [()] * n)
         async with QueueProbe(amqp_url) as probe:
             await probe.wait_depth(queue, n)
             procs.spawn("dramatiq", argv, env)

@@ -17,12 +17,19 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import asyncpg
 
-from bench._baselines import DRAMATIQ_PROCESSES, DRAMATIQ_THREADS, PREFETCH, celery_worker, dramatiq_worker
-from bench._celery_app import make_app
+from bench._baselines import (
+    DRAMATIQ_PROCESSES,
+    DRAMATIQ_THREADS,
+    PREFETCH,
+    celery_send,
+    celery_worker,
+    dramatiq_send,
+    dramatiq_worker,
+)
 from bench._harness import (
     Processes,
     QueueProbe,
@@ -58,34 +65,11 @@ def _payloads(n: int) -> list[dict[str, object]]:
 
 
 def _celery_burst(amqp_url: str, queue: str, n: int) -> float:
-    payloads = _payloads(n)
-    app = make_app(amqp_url, queue, prefetch=PREFETCH, concurrency=CELERY_CONCURRENCY)
-    try:
-        with app.producer_pool.acquire(block=True) as producer:
-            first = time.time()  # t0, as the atlas rows' first submit
-            for payload in payloads:
-                app.send_task(CELERY_TASK_NAME, args=(payload,), producer=producer)
-    finally:
-        app.close()
-    return first
+    return celery_send(amqp_url, queue, CELERY_TASK_NAME, [(p,) for p in _payloads(n)])
 
 
 def _dramatiq_burst(amqp_url: str, queue: str, n: int) -> float:
-    import dramatiq
-    from dramatiq.brokers.rabbitmq import RabbitmqBroker
-
-    messages: list[dramatiq.Message[Any]] = [
-        dramatiq.Message(queue_name=queue, actor_name=DRAMATIQ_ACTOR_NAME, args=(p,), kwargs={}, options={})
-        for p in _payloads(n)
-    ]
-    broker = RabbitmqBroker(url=amqp_url)
-    try:
-        first = time.time()  # t0 (the broker connects on the first enqueue: inside the burst's time)
-        for message in messages:
-            broker.enqueue(message)
-    finally:
-        broker.close()
-    return first
+    return dramatiq_send(amqp_url, queue, DRAMATIQ_ACTOR_NAME, [(p,) for p in _payloads(n)])
 
 
 def _jsonl_lines(directory: Path) -> int:
