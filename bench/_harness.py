@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aio_pika
+import aiormq
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
@@ -77,27 +78,26 @@ class QueueProbe:
         if self._connection is not None:
             await self._connection.close()
 
-    async def depth(self, queue: str) -> int:
-        """Messages ready in ``queue`` (not counting delivered-but-unacked ones)."""
+    async def _declared(self, queue: str) -> aiormq.spec.Queue.DeclareOk:
+        """A passive declare of ``queue`` (a missing one closes the channel: the next call opens another)."""
         if self._connection is None:
             raise RuntimeError("use 'async with QueueProbe(url)'")
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel()
         declared = await self._channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.message_count or 0
+        return declared.declaration_result
+
+    async def depth(self, queue: str) -> int:
+        """Messages ready in ``queue`` (not counting delivered-but-unacked ones)."""
+        return (await self._declared(queue)).message_count or 0
 
     async def consumers(self, queue: str) -> int:
-        """Consumers of ``queue``; 0 while it does not exist yet (the failed passive declare closes the
-        channel: the next call opens another)."""
-        if self._connection is None:
-            raise RuntimeError("use 'async with QueueProbe(url)'")
-        if self._channel is None or self._channel.is_closed:
-            self._channel = await self._connection.channel()
+        """Consumers of ``queue``; 0 while it does not exist yet."""
         try:
-            declared = await self._channel.declare_queue(queue, passive=True)
+            declared = await self._declared(queue)
         except aio_pika.exceptions.ChannelClosed:
             return 0
-        return declared.declaration_result.consumer_count or 0
+        return declared.consumer_count or 0
 
     async def wait_depth(self, queue: str, expected: int, *, timeout_s: float = 60.0) -> None:
         """Until ``queue`` holds exactly ``expected`` ready messages (publishes without confirms lag)."""
