@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Final
 # them (Backoff, URL scrubbing) without loading the broker client, the database driver or pydantic.
 from atlas_common._errors import BrokerUnavailable, PublishNotConfirmed
 from atlas_common._logging import LogFormat, configure_logging
-from atlas_common._loop import run
+from atlas_common._loop import loop_factory, run
 from atlas_common._resource import Resource
 from atlas_common._retry import Backoff
 from atlas_common._urls import (
@@ -148,6 +148,7 @@ __all__ = [
     "consume",
     "dead_letter_headers",
     "load_settings",
+    "loop_factory",
     "persistent_copy",
     "pool_options",
     "publish_confirmed",

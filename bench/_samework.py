@@ -32,6 +32,7 @@ from typing import IO, Any, Final
 import asyncpg
 import orjson
 
+from atlas_common import loop_factory
 from ingestor import build_line
 from schemas import TaskMessage
 from worker import Student
@@ -69,12 +70,8 @@ _local = threading.local()
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
+    """The atlas services' loop (uvloop when installed), else the standard one."""
+    return (loop_factory() or asyncio.new_event_loop)()
 
 
 def _thread_state() -> _ThreadState:
