@@ -38,11 +38,11 @@ def _iso(value: datetime | None) -> str | None:
 
 def _plan_steps(plan: Any) -> dict[int, Mapping[str, Any]]:
     """The plan's steps by id (the first of a repeated id; anything that is not a step is skipped)."""
-    steps = plan.get("steps") if isinstance(plan, Mapping) else None
+    steps = plan.get("steps") if isinstance(plan, dict) else None
     by_id: dict[int, Mapping[str, Any]] = {}
     if isinstance(steps, list):
         for item in steps:
-            if isinstance(item, Mapping):
+            if isinstance(item, dict):
                 step_id = item.get("id")
                 if isinstance(step_id, int) and not isinstance(step_id, bool):
                     by_id.setdefault(step_id, item)
@@ -63,7 +63,10 @@ def _tool(events: Any, plan_step: Mapping[str, Any] | None) -> tuple[str | None,
     argument string a model wrote that is not JSON, stays in the step's ``adapter_events``)."""
     source: Mapping[str, Any] | None = None
     if isinstance(events, list):
-        source = next((e for e in events if isinstance(e, Mapping) and e.get("type") == _TOOL_CALL), None)
+        for event in events:  # a plain loop: a generator and an ABC isinstance were most of a line's time
+            if isinstance(event, dict) and event.get("type") == _TOOL_CALL:
+                source = event
+                break
     if source is None and plan_step is not None and plan_step.get("tool") is not None:
         source = plan_step
     if source is None:
@@ -141,7 +144,7 @@ def _final_attempt(status: Any, stored: Mapping[str, Any]) -> bool | None:
     metadata; a succeeded session always is (a task that succeeded is never run again); None when a failed
     session's close does not say (a close from a worker older than the flag)."""
     close_metadata = stored.get("close_metadata")
-    flag = close_metadata.get("final_attempt") if isinstance(close_metadata, Mapping) else None
+    flag = close_metadata.get("final_attempt") if isinstance(close_metadata, dict) else None
     if isinstance(flag, bool):
         return flag
     return True if status == _SUCCEEDED else None
