@@ -18,17 +18,25 @@ an exponent (``1e+16``) comes back as the integer it equals.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
 from ingestor._lines import build_line
 from ingestor._rows import StepRow
+from ingestor._turns import in_turns
 from ingestor._write import Written
 
 Assigned = tuple[int, bytes | None]
 """A session assigned to a file and its line (None: to be read from Postgres)."""
 
+_LINES_PER_TURN: Final = 32
+"""Lines built per turn of the event loop (~1.5 ms of work for demo-sized sessions)."""
+
 _ROW_OVERHEAD_BYTES: Final = 600
 """What a cached step row costs besides its trace and output (dicts, metadata, usage, a few events)."""
+
+
+def _line(known: tuple[dict[str, Any], list[StepRow]]) -> bytes:
+    return build_line(*known)
 
 
 def _size(rows: Iterable[StepRow]) -> int:
@@ -51,26 +59,32 @@ class LineCache:
     def __len__(self) -> int:
         return len(self._steps)
 
-    def committed(self, written: Written) -> list[Assigned]:
+    async def committed(self, written: Written) -> list[Assigned]:
         """After a batch committed: keep its new step rows, and build the lines of the sessions it
-        assigned that memory holds entirely."""
+        assigned that memory holds entirely. The cache is updated at once; the lines are built in turns of
+        the event loop (``_turns``), so the other batches' transactions are not kept waiting."""
         assigned = set(written.assigned)
         for session_id, rows in written.steps.items():
             if session_id not in assigned:
                 self._add(session_id, rows)
-        out: list[Assigned] = []
+        known: list[tuple[dict[str, Any], list[StepRow]]] = []
+        has_line: list[bool] = []
         for session_id in written.assigned:
             steps = self._pop(session_id) + written.steps.get(session_id, [])
             session = written.rows.get(session_id)
-            line = None
-            if (
+            whole = (
                 session is not None
-                and len({s["step_id"] for s in steps}) == written.steps_expected[session_id]
-            ):
-                line = build_line(session, steps)
-            out.append((session_id, line))
+                and len({s["step_id"] for s in steps}) == (written.steps_expected[session_id])
+            )
+            if session is not None and whole:
+                known.append((session, steps))
+            has_line.append(whole)
         self._evict()
-        return out
+        lines = iter(await in_turns(known, _line, _LINES_PER_TURN))
+        return [
+            (session_id, next(lines) if whole else None)
+            for session_id, whole in zip(written.assigned, has_line, strict=True)
+        ]
 
     def _add(self, session_id: int, rows: list[StepRow]) -> None:
         if self._max_bytes <= 0:

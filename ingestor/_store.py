@@ -209,7 +209,7 @@ class Store(Resource):
         try:
             # Its rows are built first, outside the transaction (see BatchTransaction: its locks are held
             # only while its statements run).
-            transaction = BatchTransaction(batch)
+            transaction = await BatchTransaction.prepare(batch)
             async with self.transaction() as conn:
                 written = await transaction.run(conn, target, self._settings.ingestor_id)
         except MessageRejected as err:
@@ -222,7 +222,7 @@ class Store(Resource):
             if culprits:
                 raise RecordsRejected(culprits) from err
             raise MessageRejected(f"cannot build rows: {err}") from err
-        return self._lines.committed(written)  # only now: what a rolled-back attempt wrote is not kept
+        return await self._lines.committed(written)  # only now: what a rolled-back attempt wrote is not kept
 
     async def owners(self, adapter_session_ids: Iterable[str]) -> dict[str, str]:
         """The stored task of each of these sessions that the database holds."""

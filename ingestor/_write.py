@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import orjson
@@ -39,8 +39,12 @@ from ingestor._rows import (
     fresh_row,
     step_row,
 )
+from ingestor._turns import in_turns
 
 _log = structlog.get_logger("ingestor.store")
+
+_ROWS_PER_TURN: Final = 256
+"""Rows built per turn of the event loop (~1 ms of work)."""
 
 Record = Any  # asyncpg.Record (asyncpg ships no type information)
 
@@ -155,31 +159,38 @@ async def write_batch(
     conn: asyncpg.Connection, batch: MergedBatch, target: FileTarget, ingestor_id: str
 ) -> Written:
     """The batch transaction's body (see the module's docstring for the order of its statements)."""
-    return await BatchTransaction(batch).run(conn, target, ingestor_id)
+    return await (await BatchTransaction.prepare(batch)).run(conn, target, ingestor_id)
 
 
 class BatchTransaction:
     """One batch transaction, its statements in order in :meth:`run`.
 
     The rows that need nothing from the database (every new session's whole row and its JSON columns,
-    every step's row) are built when it is made, before its connection takes the task locks: a batch with
-    a task in common (the next batch in flight, nearly always, and another ingestor's) waits on those
-    locks for as long as this one holds them, so only the statements and what depends on their answers
-    run while it does. Measured on 100,000 records, each batch waited 146 ms on average for the one
-    before to commit, and building these rows was about a seventh of the ingestor's CPU."""
+    every step's row) are built when it is made (:meth:`prepare`, in turns of the event loop: see
+    ``_turns``), before its connection takes the task locks: a batch with a task in common (the next batch
+    in flight, nearly always, and another ingestor's) waits on those locks for as long as this one holds
+    them, so only the statements and what depends on their answers run while it does. Measured on 100,000
+    records, each batch waited 146 ms on average for the one before to commit, and building these rows was
+    about a seventh of the ingestor's CPU."""
 
-    def __init__(self, batch: MergedBatch) -> None:
+    def __init__(self, batch: MergedBatch, fresh: list[SessionRow], step_rows: list[StepRow]) -> None:
         self._batch = batch
         self._changes = {c.adapter_session_id: c for c in batch.sessions}
-        self._fresh = [fresh_row(c) for c in batch.sessions]
-        self._fresh_columns = _session_columns(self._fresh)
-        self._step_rows = [step_row(s) for s in batch.steps]
+        self._fresh = fresh
+        self._fresh_columns = _session_columns(fresh)
+        self._step_rows = step_rows
         self._ids: dict[str, int] = {}
         self._inserted: set[str] = set()
         self._existing: list[Record] = []
         self._stored_steps: dict[str, set[int]] = {}
         self._stepped: set[int] = set()
         self.written = Written()
+
+    @classmethod
+    async def prepare(cls, batch: MergedBatch) -> BatchTransaction:
+        """The transaction of ``batch`` with its rows built."""
+        fresh = await in_turns(batch.sessions, fresh_row, _ROWS_PER_TURN)
+        return cls(batch, fresh, await in_turns(batch.steps, step_row, _ROWS_PER_TURN))
 
     async def run(self, conn: asyncpg.Connection, target: FileTarget, ingestor_id: str) -> Written:
         """The statements, on ``conn`` inside its transaction; once (a retry makes a new one)."""

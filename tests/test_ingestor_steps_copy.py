@@ -118,7 +118,7 @@ async def test_a_session_completed_by_steps_after_its_close_gets_its_line_from_m
         await conn.close()
     assert closed_first.assigned == []
     assert session_id in completed.rows
-    assert cache.committed(completed) == [(session_id, stored)]
+    assert await cache.committed(completed) == [(session_id, stored)]
 
 
 async def test_a_session_completed_by_its_late_opened_gets_its_line_from_memory(
@@ -134,12 +134,12 @@ async def test_a_session_completed_by_its_late_opened_gets_its_line_from_memory(
     try:
         await _init_connection(conn)
         before_opened = await _write(conn, [*session.steps, session.closed])
-        cache.committed(before_opened)
+        await cache.committed(before_opened)
         completed = await _write(conn, [session.opened])
         (session_id,) = completed.assigned
         stored = (await fetch_line_map(conn, [session_id]))[session_id]
     finally:
         await conn.close()
     assert before_opened.assigned == []
-    assert cache.committed(completed) == [(session_id, stored)]
+    assert await cache.committed(completed) == [(session_id, stored)]
     assert b'"plan":{' in stored
