@@ -1,7 +1,7 @@
 """The life of one batch, top to bottom (:meth:`BatchWriter.handle`).
 
-1. The deliveries were decoded as they arrived; a body that is not a valid envelope and a record that
-   breaks the contract are set aside for the dead-letter queue at once.
+1. The deliveries were decoded as the batch was collected; a body that is not a valid envelope and a
+   record that breaks the contract are set aside for the dead-letter queue at once.
 2. Write: one PostgreSQL transaction for what can be stored. Records that do not fit their session (another
    task's, after its close) or that storage refuses are named and set aside (``RecordsRejected``); a batch
    PostgreSQL refuses for a reason not traced to a record is bisected until the culprit is alone
@@ -281,8 +281,8 @@ class BatchWriter:
             await self._isolate([incoming], broker, exc)
 
     async def _store_batch(self, live: list[Incoming]) -> _Stored:
-        """Decode (done as it arrived) -> write what can be stored (Postgres, one transaction; the culprits
-        set aside, each with its dead letter)."""
+        """Decode (done as the batch was collected) -> write what can be stored (Postgres, one transaction;
+        the culprits set aside, each with its dead letter)."""
         decoded: list[Decoded] = []
         dead: list[DeadLetter] = []
         for incoming in live:

@@ -1,8 +1,9 @@
 """The broker side: one connection per epoch, the ingestor queue, time/size batching, dead letters, acks.
 
 A delivery carries a :class:`schemas.TelemetryBatch` envelope (workers coalesce records of one kind) or,
-leniently, one bare record; it is decoded as it arrives (:func:`parse`) and a batch is cut by the number
-of *records* it holds (``batch_max_messages``).
+leniently, one bare record; it waits in the sink as it arrived (:class:`Arrival`) and is decoded when the
+next batch takes it (:func:`parse`, from :func:`collect`), so a batch is cut by the number of *records* it
+holds (``batch_max_messages``).
 
 Deliveries go into an in-memory queue; the broker sends at most ``prefetch`` unacked ones, which bounds
 memory whatever happens downstream (nothing is acked while Postgres is down, so consumption stops by
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeVar
 
@@ -46,6 +47,15 @@ Delivery = AbstractIncomingMessage
 
 
 @dataclass(frozen=True, slots=True)
+class Arrival:
+    """One delivery as it arrived, not decoded yet."""
+
+    delivery: Delivery
+    received_at: float
+    """When it arrived (``time.monotonic``)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Incoming:
     """One delivery, decoded: its good records, its bad records, or why the whole body is invalid."""
 
@@ -56,21 +66,21 @@ class Incoming:
     bare: bool = False
     """The body was one bare record, not an envelope."""
     received_at: float = field(default_factory=time.monotonic)
-    """When it arrived (``time.monotonic``): a batch is due ``flush_interval_s`` after its oldest delivery
-    arrived, not after the collector got to it (see :func:`collect`)."""
+    """When it arrived (``time.monotonic``)."""
 
     @property
     def weight(self) -> int:
         return max(1, len(self.records) + len(self.rejects))
 
 
-def parse(delivery: Delivery, *, max_bytes: int) -> Incoming:
+def parse(arrival: Arrival, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Incoming:
+    delivery, received_at = arrival.delivery, arrival.received_at
     try:
         decoded = decode_telemetry_batch(delivery.body, max_bytes=max_bytes)
     except DecodeError as err:
-        return Incoming(delivery, [], [], err)
+        return Incoming(delivery, [], [], err, received_at=received_at)
     bare = len(decoded.records) == 1 and not decoded.rejects and b'"records"' not in delivery.body
-    return Incoming(delivery, decoded.records, decoded.rejects, None, bare)
+    return Incoming(delivery, decoded.records, decoded.rejects, None, bare, received_at)
 
 
 def prefetch_for(avg_message_bytes: float, max_in_flight_bytes: int, max_prefetch: int) -> int:
@@ -79,14 +89,17 @@ def prefetch_for(avg_message_bytes: float, max_in_flight_bytes: int, max_prefetc
     return max(_MIN_PREFETCH, min(want, max_prefetch))
 
 
-class Weighted(Protocol):
-    @property
-    def weight(self) -> int: ...
-
+class Arrived(Protocol):
     @property
     def received_at(self) -> float: ...
 
 
+class Weighted(Protocol):
+    @property
+    def weight(self) -> int: ...
+
+
+A = TypeVar("A", bound=Arrived)
 W = TypeVar("W", bound=Weighted)
 
 
@@ -100,33 +113,52 @@ def is_stale(delivery: Delivery) -> bool:
 
 
 async def collect(
-    sink: asyncio.Queue[W], *, max_messages: int, flush_interval_s: float, wait_s: float
+    sink: asyncio.Queue[A],
+    decode: Callable[[A], W],
+    *,
+    max_messages: int,
+    flush_interval_s: float,
+    wait_s: float,
 ) -> list[W]:
-    """The next batch: waits up to ``wait_s`` for a first delivery, then fills until it holds
-    ``max_messages`` records or its first delivery is ``flush_interval_s`` old, whichever comes first.
-    [] when nothing came.
+    """The next batch, each delivery decoded as it is taken: waits up to ``wait_s`` for a first delivery,
+    then fills until it holds ``max_messages`` records or its first delivery is ``flush_interval_s`` old,
+    whichever comes first. [] when nothing came.
 
     The age counts from when the first delivery *arrived*: deliveries that came while the previous batch
     was being written have waited already, and made to wait a whole interval more they would be stored
-    one write plus one interval late (measured: p99 submit-to-stored 558 ms at 390 tasks/s)."""
+    one write plus one interval late (measured: p99 submit-to-stored 558 ms at 390 tasks/s).
+
+    Decoding here, one delivery per turn of the event loop, and not as each delivery arrives, keeps the
+    batch transactions moving: each holds its tasks' locks while it waits on PostgreSQL statement by
+    statement, and the next batch waits on those locks, so whenever a transaction's next statement waits
+    for the loop, the whole chain of batches waits. An ack lets the broker send a dozen envelopes at once
+    (~2.5 ms of decoding each), and decoded on arrival they ran back to back. Measured on 100,000 records
+    with PostgreSQL's statement log: inside the batch transactions, 3.6 s passed between one statement's
+    end and the next one's start, against 3.0 s of PostgreSQL work; decoded here, with rows and lines
+    built in turns too (``_turns``), 2.2 s, and the ingestor stored ~13 % more records/s for ~12 % less CPU
+    per record and ~50 MiB less peak memory (fewer decoded records alive at once)."""
     try:
         first = sink.get_nowait() if not sink.empty() else await asyncio.wait_for(sink.get(), wait_s)
     except TimeoutError:
         return []
-    batch = [first]
-    weight = first.weight
     deadline = first.received_at + flush_interval_s
+    batch = [decode(first)]
+    weight = batch[0].weight
     while weight < max_messages:
-        while weight < max_messages and not sink.empty():
-            batch.append(sink.get_nowait())
-            weight += batch[-1].weight
-        remaining = deadline - time.monotonic()
-        if weight >= max_messages or remaining <= 0:
-            break
-        try:
-            batch.append(await asyncio.wait_for(sink.get(), remaining))
-        except TimeoutError:
-            break
+        if sink.empty():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                item = await asyncio.wait_for(sink.get(), remaining)
+            except TimeoutError:
+                break
+        else:
+            await asyncio.sleep(0)  # the others' turn (a transaction's next statement) before a decode
+            if sink.empty():
+                continue
+            item = sink.get_nowait()
+        batch.append(decode(item))
         weight += batch[-1].weight
     return batch
 
@@ -139,7 +171,7 @@ class Broker(Resource):
 
     def __init__(self, settings: IngestorSettings) -> None:
         self._settings = settings
-        self.sink: asyncio.Queue[Incoming] = asyncio.Queue()
+        self.sink: asyncio.Queue[Arrival] = asyncio.Queue()
         self._connection = BrokerConnection(
             settings.amqp_url, name=f"atlas-ingestor {settings.ingestor_id}", connect_timeout_s=10.0
         )
@@ -192,8 +224,9 @@ class Broker(Resource):
         )
 
     async def _on_message(self, delivery: Delivery) -> None:
-        # Only decode, hand over and count: re-subscribing is the adapter task's job, never a callback's.
-        self.sink.put_nowait(parse(delivery, max_bytes=MAX_MESSAGE_BYTES))
+        # Only hand over and count (the collector decodes it: see collect); re-subscribing is the adapter
+        # task's job, never a callback's.
+        self.sink.put_nowait(Arrival(delivery, time.monotonic()))
         size = len(delivery.body)
         self._avg_bytes = size if self._avg_bytes is None else 0.95 * self._avg_bytes + 0.05 * size
         self._seen += 1

@@ -29,7 +29,7 @@ import structlog
 
 from atlas_common import Backoff, BrokerUnavailable, sleep_unless
 from ingestor._batches import BatchWriter
-from ingestor._consumer import Broker, collect
+from ingestor._consumer import Broker, collect, parse
 from ingestor._errors import ConfigError, FileSuperseded, ShutdownDeadline, TransientError
 from ingestor._health import Hold
 from ingestor._jsonl import RollingJsonl
@@ -173,6 +173,7 @@ class Ingestor:
         while not self._stop.is_set() and not broker.lost.is_set():
             batch = await collect(
                 broker.sink,
+                parse,
                 max_messages=s.batch_max_messages,
                 flush_interval_s=s.flush_interval_s,
                 wait_s=_IDLE_WAIT_S,
@@ -198,7 +199,7 @@ class Ingestor:
         sink = broker.sink
         while not sink.empty() and (self._hold.grace_left() or 0) > 0:
             batch = await collect(
-                sink, max_messages=self._settings.batch_max_messages, flush_interval_s=0, wait_s=0
+                sink, parse, max_messages=self._settings.batch_max_messages, flush_interval_s=0, wait_s=0
             )
             await parts.writer.handle(batch, broker)
         if not sink.empty():

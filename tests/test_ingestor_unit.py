@@ -35,6 +35,7 @@ from ingestor._files import (
 from ingestor._linecache import LineCache
 from ingestor._rows import StepRow, apply_change, fresh_row, output_text, step_row
 from ingestor._store import classify
+from ingestor._turns import in_turns
 from ingestor._write import Written
 from schemas import TelemetryMessage
 from tests._ingest_gen import generate
@@ -326,30 +327,70 @@ def _steps(*ids: int) -> list[StepRow]:
     return [cast(StepRow, _step(i, phases.get(i, "execute"))) for i in ids]
 
 
-def test_line_cache_builds_a_line_only_from_a_whole_session() -> None:
+async def test_line_cache_builds_a_line_only_from_a_whole_session() -> None:
     """Steps kept from earlier batches complete a line in memory, equal to the line built from all rows;
     a session with a step missing, or evicted past the memory bound, is left to Postgres (None)."""
     session = _session_row()
     whole = build_line(session, _steps(0, 1, 2, 3))
     cache = LineCache(max_bytes=1 << 20)
-    assert cache.committed(Written(steps={42: _steps(0, 1), 43: _steps(0)})) == []
+    assert await cache.committed(Written(steps={42: _steps(0, 1), 43: _steps(0)})) == []
     assert len(cache) == 2
     done = Written(assigned=[42], rows={42: session}, steps_expected={42: 4}, steps={42: _steps(2, 3)})
-    assert cache.committed(done) == [(42, whole)]
+    assert await cache.committed(done) == [(42, whole)]
     assert len(cache) == 1  # 42's rows are released once its line is built
 
     partial = LineCache(max_bytes=1 << 20)
-    partial.committed(Written(steps={42: _steps(0, 1)}))
+    await partial.committed(Written(steps={42: _steps(0, 1)}))
     gap = Written(assigned=[42], rows={42: session}, steps_expected={42: 4}, steps={42: _steps(3)})
-    assert partial.committed(gap) == [(42, None)]
+    assert await partial.committed(gap) == [(42, None)]
     assert partial.size_bytes == 0
 
     tiny = LineCache(max_bytes=1)  # every step row is evicted after its batch
-    tiny.committed(Written(steps={42: _steps(0, 1)}))
+    await tiny.committed(Written(steps={42: _steps(0, 1)}))
     assert (len(tiny), tiny.size_bytes) == (0, 0)
-    assert tiny.committed(done) == [(42, None)]
+    assert await tiny.committed(done) == [(42, None)]
     not_written_here = Written(assigned=[42], steps_expected={}, steps={42: _steps(0, 1, 2, 3)})
-    assert LineCache(max_bytes=1 << 20).committed(not_written_here) == [(42, None)]
+    assert await LineCache(max_bytes=1 << 20).committed(not_written_here) == [(42, None)]
+
+
+async def test_line_cache_keeps_each_line_beside_its_session_across_many_turns() -> None:
+    """A batch assigning more sessions than one turn builds (some whole in memory, some not): every
+    session gets its own line, or None, in the order the batch assigned them."""
+    assigned = list(range(100, 170))
+    whole = {sid for sid in assigned if sid % 3}
+    rows = {sid: {**_session_row(), "id": sid} for sid in whole}
+    cache = LineCache(max_bytes=1 << 20)
+    done = Written(
+        assigned=assigned,
+        rows=rows,
+        steps_expected=dict.fromkeys(whole, 4),
+        steps={sid: _steps(0, 1, 2, 3) for sid in assigned},
+    )
+    expected = [
+        (sid, build_line(rows[sid], _steps(0, 1, 2, 3)) if sid in whole else None) for sid in assigned
+    ]
+    assert await cache.committed(done) == expected
+
+
+async def test_in_turns_builds_everything_in_order_and_lets_others_run_between_slices() -> None:
+    """in_turns gives what a list comprehension gives, and a ready coroutine runs between two slices."""
+    log: list[str] = []
+
+    def build(x: int) -> int:
+        log.append("build")
+        return x * x
+
+    async def other() -> None:
+        for _ in range(3):
+            log.append("other")
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other())
+    assert await in_turns(list(range(10)), build, per_turn=4) == [x * x for x in range(10)]
+    await task
+    first_other = log.index("other")
+    assert log[:first_other] == ["build"] * 4, log  # the first slice ran whole, then the other's turn
+    assert log.count("build") == 10
 
 
 def test_error_classification() -> None:
@@ -376,17 +417,30 @@ class _Item:
     received_at: float = field(default_factory=time.monotonic)
 
 
+def _same(item: _Item) -> _Item:
+    return item
+
+
 async def test_collect_flushes_on_size_or_age() -> None:
     """A batch closes at batch_max_messages records or flush_interval_s after its first, whichever first."""
     sink: asyncio.Queue[_Item] = asyncio.Queue()
     for i in range(7):
         sink.put_nowait(_Item(i, 2 if i == 1 else 1))
-    assert [x.n for x in await collect(sink, max_messages=5, flush_interval_s=10, wait_s=1)] == [0, 1, 2, 3]
+    assert [x.n for x in await collect(sink, _same, max_messages=5, flush_interval_s=10, wait_s=1)] == [
+        0,
+        1,
+        2,
+        3,
+    ]
     loop = asyncio.get_running_loop()
     started = loop.time()
-    assert [x.n for x in await collect(sink, max_messages=5, flush_interval_s=0.1, wait_s=1)] == [4, 5, 6]
+    assert [x.n for x in await collect(sink, _same, max_messages=5, flush_interval_s=0.1, wait_s=1)] == [
+        4,
+        5,
+        6,
+    ]
     assert 0.09 <= loop.time() - started < 1
-    assert await collect(sink, max_messages=5, flush_interval_s=0.1, wait_s=0.05) == []
+    assert await collect(sink, _same, max_messages=5, flush_interval_s=0.1, wait_s=0.05) == []
 
 
 async def test_a_batch_is_due_an_interval_after_its_first_delivery_arrived() -> None:
@@ -398,12 +452,37 @@ async def test_a_batch_is_due_an_interval_after_its_first_delivery_arrived() -> 
     for i in range(2):
         sink.put_nowait(_Item(i, 1, received_at=waited))
     started = time.monotonic()
-    assert [x.n for x in await collect(sink, max_messages=5, flush_interval_s=0.2, wait_s=1)] == [0, 1]
+    assert [x.n for x in await collect(sink, _same, max_messages=5, flush_interval_s=0.2, wait_s=1)] == [0, 1]
     assert time.monotonic() - started < 0.05
     sink.put_nowait(_Item(2, 1))
     started = time.monotonic()
-    assert [x.n for x in await collect(sink, max_messages=5, flush_interval_s=0.2, wait_s=1)] == [2]
+    assert [x.n for x in await collect(sink, _same, max_messages=5, flush_interval_s=0.2, wait_s=1)] == [2]
     assert 0.15 <= time.monotonic() - started < 1
+
+
+async def test_collect_decodes_one_delivery_per_turn_of_the_loop() -> None:
+    """A coroutine that is ready while a backlog is collected (a batch transaction with its next statement
+    to send) runs between two decodes, not after the whole batch was decoded."""
+    log: list[str] = []
+    sink: asyncio.Queue[_Item] = asyncio.Queue()
+    for i in range(4):
+        sink.put_nowait(_Item(i, 1))
+
+    def decode(item: _Item) -> _Item:
+        log.append(f"decode {item.n}")
+        return item
+
+    async def transaction() -> None:
+        for statement in range(3):
+            log.append(f"statement {statement}")
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(transaction())
+    batch = await collect(sink, decode, max_messages=4, flush_interval_s=10, wait_s=1)
+    await other
+    assert [x.n for x in batch] == [0, 1, 2, 3]
+    decodes = [i for i, entry in enumerate(log) if entry.startswith("decode")]
+    assert all(b - a > 1 for a, b in itertools.pairwise(decodes[:3])), log
 
 
 def test_prefetch_follows_message_size() -> None:
