@@ -72,13 +72,11 @@ class LineCache:
         for session_id in written.assigned:
             steps = self._pop(session_id) + written.steps.get(session_id, [])
             session = written.rows.get(session_id)
-            whole = (
-                session is not None
-                and len({s["step_id"] for s in steps}) == (written.steps_expected[session_id])
-            )
-            if session is not None and whole:
-                known.append((session, steps))
-            has_line.append(whole)
+            if session is None or len({s["step_id"] for s in steps}) != written.steps_expected[session_id]:
+                has_line.append(False)
+                continue
+            known.append((session, steps))
+            has_line.append(True)
         self._evict()
         lines = iter(await in_turns(known, _line, _LINES_PER_TURN))
         return [

@@ -63,7 +63,7 @@ def _tool(events: Any, plan_step: Mapping[str, Any] | None) -> tuple[str | None,
     argument string a model wrote that is not JSON, stays in the step's ``adapter_events``)."""
     source: Mapping[str, Any] | None = None
     if isinstance(events, list):
-        for event in events:  # a plain loop: a generator and an ABC isinstance were most of a line's time
+        for event in events:  # a plain loop and a dict test: a generator and an ABC test cost ~15 % of a line
             if isinstance(event, dict) and event.get("type") == _TOOL_CALL:
                 source = event
                 break
