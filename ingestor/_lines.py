@@ -76,32 +76,33 @@ def _tool(events: Any, plan_step: Mapping[str, Any] | None) -> tuple[str | None,
     return (name if isinstance(name, str) else None), (params if isinstance(params, dict) else None)
 
 
-def _context(prior: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def _context(prior: list[dict[str, Any]]) -> dict[str, Any]:
     """The prior steps' results as the Atlas SDK hands them to a step (``output_text``, ``status``), newest
     ``MAX_CONTEXT_RESULTS`` only and each output cut to ``MAX_CONTEXT_RESULT_CHARS``: every step's whole
     output is in its own record, and an uncapped context would make a line quadratic in its steps.
+    ``prior`` holds the entries already made (:func:`_prior_entry`, once per step): rebuilding them for every
+    later step was nearly half of a step record's cost.
 
     A list, not the SDK's mapping keyed by step id: keys that differ from session to session break the
     schema a JSON loader infers (Hugging Face ``datasets`` refuses a later file whose keys differ)."""
     kept = prior[-MAX_CONTEXT_RESULTS:] if MAX_CONTEXT_RESULTS > 0 else []
+    return {"prior_results": kept, "omitted_results": len(prior) - len(kept)}
+
+
+def _prior_entry(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A step record as the later steps' ``context`` lists it (one dict, shared by those lists)."""
     return {
-        "prior_results": [
-            {
-                "step_id": p["step_id"],
-                "phase": p["phase"],
-                "status": p["status"],
-                "output_text": cut_chars(p["output"], MAX_CONTEXT_RESULT_CHARS),
-            }
-            for p in kept
-        ],
-        "omitted_results": len(prior) - len(kept),
+        "step_id": record["step_id"],
+        "phase": record["phase"],
+        "status": str(record["metadata"].get("status") or ""),
+        "output_text": cut_chars(record["output"], MAX_CONTEXT_RESULT_CHARS),
     }
 
 
 def step_record(
     step: Mapping[str, Any],
     plan_step: Mapping[str, Any] | None = None,
-    prior: Sequence[Mapping[str, Any]] = (),
+    prior: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One step record: Atlas's core keys, ``phase``, and the adapter fields at the top level and in
     ``metadata`` (where the Atlas SDK puts them). ``prior``: the earlier steps' ``context`` entries."""
@@ -126,7 +127,7 @@ def step_record(
         "depends_on": depends_on if isinstance(depends_on, list) else None,
         "tool": tool,
         "tool_params": tool_params,
-        "context": _context(prior),
+        "context": _context(prior if prior is not None else []),
         # No judge runs in the pipeline: present and null, for a reward model or a judge to fill.
         "validation": None,
         "guidance": None,
@@ -159,14 +160,7 @@ def session_record(session: Mapping[str, Any], steps: Sequence[Mapping[str, Any]
     for step in sorted(steps, key=lambda s: int(s["step_id"])):
         record = step_record(step, plan_steps.get(int(step["step_id"])), prior)
         records.append(record)
-        prior.append(
-            {
-                "step_id": record["step_id"],
-                "phase": record["phase"],
-                "status": str(record["metadata"].get("status") or ""),
-                "output": record["output"],
-            }
-        )
+        prior.append(_prior_entry(record))
     # Only the top level is changed here, so a copy of that dict does (the row's values are not mutated;
     # a deep copy per line cost a noticeable share of the ingestor's CPU).
     stored: dict[str, Any] = dict(session["metadata"] or {})
