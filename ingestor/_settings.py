@@ -59,11 +59,14 @@ class IngestorSettings(BrokerSettings):
     fsync whatever its size: from a 100,000-record backlog, 2,500 stored ~15% more records/s than 1,000
     for ~15 MiB more peak RSS; 5,000 a few percent more again for ~60 MiB more."""
     flush_interval_s: float = Field(default=0.2, gt=0, le=60)
-    batches_in_flight: int = Field(default=3, ge=1, le=8)
+    batches_in_flight: int = Field(default=5, ge=1, le=8)
     """Batches worked on at once: their transactions run side by side, each on its own pooled connection,
     while their finishes (append, dead letters, ack) run one at a time in batch order. A transaction waits
     on PostgreSQL statement by statement, so one alone leaves the ingestor idle a quarter of the time; 1
-    writes and finishes each batch before the next."""
+    writes and finishes each batch before the next. From a 100,000-record backlog, 5 stored ~13 % more
+    records/s than 3 (8 of 8 alternating runs, bench-shaped and worker-made telemetry alike; 8 no more
+    than 5) for ~65 MiB more peak RSS and two more pooled connections; at a steady load a batch is rarely
+    more than one flush interval behind the next, so it changes nothing there."""
     prefetch: int | None = Field(default=None, ge=1, le=_MAX_PREFETCH)
     """Unacked deliveries the broker may send ahead; default ``batches_in_flight`` times
     ``batch_max_messages`` (at least twice), so the next batch fills while the others are written. It also

@@ -205,8 +205,8 @@ def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     settings = IngestorSettings()
     assert settings.jsonl_dir == tmp_path
     assert settings.database_url == "postgresql://u@h/db"
-    assert settings.batches_in_flight == 3
-    assert settings.prefetch_count == 900
+    assert settings.batches_in_flight == 5
+    assert settings.prefetch_count == 1500
     assert IngestorSettings(batch_max_messages=300, batches_in_flight=1).prefetch_count == 600
     monkeypatch.setenv("INGESTOR_BATCHES_IN_FLIGHT", "4")
     assert IngestorSettings().prefetch_count == 1200
