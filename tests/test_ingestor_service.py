@@ -44,7 +44,13 @@ pytestmark = pytest.mark.integration
 async def test_duplicated_reordered_invalid(make_database, amqp_url: str, tmp_path: Path, cleanup) -> None:
     """Shuffled, 30%-duplicated, partly invalid telemetry: in-order tables, reasoned DLQ, one line each."""
     gen = generate(200, seed=11)
-    settings = await fresh_settings(make_database, amqp_url, tmp_path / "jsonl", jsonl_max_bytes=64 * 1024)
+    # A file rolls between batches, once what was appended reaches the limit. Shuffled, a session is
+    # complete only near the end of the stream; with 5 batches in flight the last ones could all be
+    # admitted before any line was appended (a loaded machine), so everything went to one file. With 2,
+    # the roll is due while most sessions are still to come, and two transactions still overlap.
+    settings = await fresh_settings(
+        make_database, amqp_url, tmp_path / "jsonl", jsonl_max_bytes=64 * 1024, batches_in_flight=2
+    )
     cleanup.append(settings.topology())
     items = bodies(
         gen.in_order(),
